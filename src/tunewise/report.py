@@ -1,0 +1,133 @@
+"""What a run prints: the plan, evaluations and before/after samples."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+if TYPE_CHECKING:
+    from tunewise.run import Prepared
+
+PLAN_KEYS = [
+    "training.precision",
+    "training.learning_rate",
+    "training.lr_scheduler_type",
+    "training.warmup_steps",
+    "training.per_device_train_batch_size",
+    "training.gradient_accumulation_steps",
+    "training.total_steps",
+    "training.optim",
+    "training.weight_decay",
+    "training.max_grad_norm",
+    "training.logging_steps",
+    "training.eval_steps",
+    "training.save_steps",
+    "model.torch_dtype",
+    "quantization.load_in_4bit",
+    "quantization.bnb_4bit_compute_dtype",
+    "data.max_seq_length",
+    "data.packing",
+    "training.seed",
+]
+
+
+def plan_summary(prep: Prepared) -> dict:
+    """The plan as plain data: `tunewise plan --json` prints this, the console view renders it."""
+    cfg, plan, data = prep.config, prep.steps.plan, prep.data
+    lengths = list(data.train["length"])
+    tokens = sum(lengths)
+    effective = plan.effective_batch_size
+    return {
+        "model": cfg.model.model_name_or_path,
+        "model_dir": str(prep.model_dir),
+        "method": cfg.adapter.method,
+        "device": prep.hardware.device_type,
+        "world_size": prep.hardware.world_size,
+        "format": data.format,
+        "train_rows": len(data.train),
+        "validation_rows": 0 if data.validation is None else len(data.validation),
+        "dropped_no_targets": data.train_report.dropped_no_targets,
+        "truncated": data.train_report.truncated,
+        "skipped_rows": data.load_report.skipped,
+        "train_tokens": tokens,
+        "mean_tokens_per_example": round(tokens / max(len(lengths), 1), 1),
+        "steps_per_epoch": plan.steps_per_epoch,
+        "num_epochs": plan.num_epochs,
+        "total_steps": plan.total_steps,
+        "warmup_steps": prep.steps.warmup_steps,
+        "effective_batch_size": effective,
+        "effective_batch_tokens": round(effective * tokens / max(len(lengths), 1)),
+        "trainable_parameters": prep.trainable_parameters,
+        "total_parameters": prep.total_parameters,
+        "trainable_percent": round(100 * prep.trainable_parameters / max(prep.total_parameters, 1), 3),
+        "precision": cfg.training.precision,
+        "learning_rate": cfg.training.learning_rate,
+        "model_config_overrides": prep.config_overrides,
+        "choices": {
+            k: {"value": c.value, "source": c.source, "reason": c.reason}
+            for k, c in prep.resolution.choices.items()
+        },
+        "notes": prep.resolution.notes + prep.notes,
+    }
+
+
+def print_plan(console: Console, prep: Prepared) -> None:
+    s = plan_summary(prep)
+    console.rule("[bold]plan")
+    console.print(
+        f"model [bold]{s['model']}[/] ({s['total_parameters']:,} parameters) - method [bold]{s['method']}[/], "
+        f"trainable [bold]{s['trainable_parameters']:,}[/] ({s['trainable_percent']}%) - device {s['device']}"
+        f" x{s['world_size']}"
+    )
+    console.print(
+        f"data: {s['train_rows']} train / {s['validation_rows']} validation rows ({s['format']}), "
+        f"{s['train_tokens']:,} train tokens, {s['mean_tokens_per_example']} per example; "
+        f"{s['truncated']} truncated, {s['dropped_no_targets']} dropped (no targets), {s['skipped_rows']} bad rows skipped"
+    )
+    console.print(
+        f"steps: {s['steps_per_epoch']}/epoch x {s['num_epochs']} epochs = [bold]{s['total_steps']}[/] optimizer steps, "
+        f"{s['warmup_steps']} warmup; effective batch {s['effective_batch_size']} sequences "
+        f"(~{s['effective_batch_tokens']:,} tokens)"
+    )
+    table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
+    for col in ("setting", "value", "source", "why"):
+        table.add_column(col)
+    for key in PLAN_KEYS:
+        choice = prep.resolution.choices.get(key)
+        if choice is not None:
+            table.add_row(key, str(choice.value), choice.source, choice.reason)
+        else:
+            section, name = key.split(".")
+            table.add_row(key, str(getattr(getattr(prep.config, section), name)), "", "")
+    if prep.config_overrides:
+        table.add_row("model config", str(prep.config_overrides), "user", "dropout overrides")
+    console.print(table)
+    for note in s["notes"]:
+        console.print(f"[yellow]note[/]: {note}")
+
+
+def print_eval(console: Console, title: str, metrics: dict) -> None:
+    shown = {k: v for k, v in metrics.items() if not k.startswith("_")}
+    if not shown:
+        console.print(f"[dim]{title}: no validation data[/]")
+        return
+    parts = [
+        f"{k} {v:.2%}" if k in ("exact_match", "json_exact_match") else f"{k} {v:.4f}"
+        for k, v in shown.items()
+    ]
+    console.print(f"[bold]eval {title}[/]: " + ", ".join(parts))
+
+
+def print_samples(console: Console, samples: list[dict]) -> None:
+    for i, s in enumerate(samples, 1):
+        console.rule(f"held-out prompt {i}")
+        console.print(Text(s["prompt"]))
+        for label, style, text in (
+            ("expected", "bold", s["reference"]),
+            ("before", "bold red", s["before"]),
+            ("after", "bold green", s["after"]),
+        ):
+            console.print(Text(f"{label:<9}", style=style) + Text(text[:300]))

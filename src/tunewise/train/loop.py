@@ -1,0 +1,283 @@
+"""The training loop: one readable function over optimizer steps.
+
+One optimizer step = one accumulation window of micro-batches. The loss of every micro-batch is
+its summed target cross-entropy divided by the number of target tokens in the whole window
+(across all ranks under DDP), so accumulation and data parallelism give exactly the gradient of
+one big batch, as transformers does since 4.46.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from tunewise.data.collate import batch_indices, collate_packed, collate_padded, iterate_batches
+from tunewise.data.tokenize import IGNORE
+from tunewise.train.progress import TrainProgress
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    per_device_batch_size: int
+    gradient_accumulation_steps: int
+    total_steps: int
+    steps_per_epoch: int
+    max_steps_overrides: bool
+    logging_steps: int
+    eval_steps: int | None
+    save_steps: int | None
+    max_grad_norm: float | None
+    data_seed: int
+    pad_token_id: int
+    packing: bool = False
+    padding: str = "longest"
+    padding_side: str = "right"
+    max_seq_length: int = 512
+    pad_to_multiple_of: int | None = None
+    group_by_length: bool = False
+    metric_for_best_model: str = "eval_loss"
+    greater_is_better: bool = False
+    early_stopping_patience: int | None = None
+    early_stopping_threshold: float = 0.0
+    nonfinite_patience: int = 3
+
+
+@dataclass
+class LoopState:
+    """Everything that, with model/optimizer/scheduler/RNG, defines where training is."""
+
+    step: int = 0
+    epoch: int = 0
+    window: int = 0  # next accumulation window within `epoch`
+    tokens: int = 0  # non-padding input tokens seen
+    target_tokens: int = 0
+    best_metric: float | None = None
+    best_step: int | None = None
+    evals_without_improvement: int = 0
+    consecutive_nonfinite: int = 0
+    skipped_steps: list[int] = field(default_factory=list)
+    stop_reason: str | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Hooks:
+    """What the loop calls out to; each is optional."""
+
+    evaluate: Callable[[int], dict] | None = None
+    save: Callable[[LoopState], None] | None = None
+    log: Callable[[dict], None] | None = None
+    should_stop: Callable[[], bool] = lambda: False
+
+
+def epoch_windows(
+    settings: LoopSettings, lengths: list[int], epoch: int, rank: int, world: int
+) -> list[list[list[int]]]:
+    """This rank's micro-batch indices for `epoch`, grouped into accumulation windows."""
+    batches = batch_indices(
+        lengths,
+        settings.per_device_batch_size * world,
+        shuffle=True,
+        seed=settings.data_seed + epoch,
+        group_by_length=settings.group_by_length,
+    )
+    mine = [b[rank::world] for b in batches]
+    k = settings.gradient_accumulation_steps
+    return [mine[i : i + k] for i in range(0, len(mine), k)]
+
+
+def make_collate(settings: LoopSettings) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
+    if settings.packing:
+        return partial(collate_packed, pad_to_multiple_of=settings.pad_to_multiple_of)
+    return partial(
+        collate_padded,
+        pad_token_id=settings.pad_token_id,
+        padding_side=settings.padding_side,
+        pad_to_length=settings.max_seq_length if settings.padding == "max_length" else None,
+        pad_to_multiple_of=settings.pad_to_multiple_of,
+    )
+
+
+def _improved(value: float, best: float | None, greater: bool, threshold: float) -> bool:
+    if best is None:
+        return True
+    return value > best + threshold if greater else value < best - threshold
+
+
+def global_sum(accelerator: Accelerator, value: int) -> int:
+    if accelerator.num_processes == 1:
+        return value
+    t = torch.tensor([value], device=accelerator.device, dtype=torch.long)
+    return int(accelerator.reduce(t, reduction="sum").item())
+
+
+def train_step(
+    accelerator: Accelerator,
+    loss_module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    window: list[dict[str, torch.Tensor]],
+    max_grad_norm: float | None,
+) -> tuple[float, float, int]:
+    """Forward/backward every micro-batch of one window, then clip. Returns (loss, grad_norm, targets)."""
+    local_targets = sum(int((b["targets"] != IGNORE).sum()) for b in window)
+    window_targets = global_sum(accelerator, local_targets)
+    loss_sum = torch.zeros((), device=accelerator.device)
+    for i, batch in enumerate(window):
+        last = i == len(window) - 1
+        with accelerator.no_sync(loss_module) if not last else nullcontext(), accelerator.autocast():
+            summed = loss_module(**{k: v.to(accelerator.device) for k, v in batch.items()})
+            # DDP averages gradients over ranks, hence the world-size factor.
+            accelerator.backward(summed * accelerator.num_processes / max(window_targets, 1))
+        loss_sum += summed.detach()
+    limit = max_grad_norm if max_grad_norm else float("inf")
+    grad_norm = accelerator.clip_grad_norm_(loss_module.parameters(), limit)
+    loss = global_sum_float(accelerator, loss_sum) / max(window_targets, 1)
+    return loss, float(grad_norm), window_targets
+
+
+def global_sum_float(accelerator: Accelerator, value: torch.Tensor) -> float:
+    if accelerator.num_processes > 1:
+        value = accelerator.reduce(value.clone(), reduction="sum")
+    return float(value)
+
+
+def windows_from(
+    settings: LoopSettings, dataset: object, lengths: list[int], state: LoopState, rank: int, world: int
+) -> Iterator[tuple[int, int, list[list[int]], list[dict[str, torch.Tensor]]]]:
+    """(epoch, window index, example ids, collated micro-batches), resuming at `state`."""
+    collate = make_collate(settings)
+    epoch, start = state.epoch, state.window
+    while True:
+        windows = epoch_windows(settings, lengths, epoch, rank, world)
+        for w in range(start, len(windows)):
+            batches = list(iterate_batches(dataset, windows[w], collate))
+            yield epoch, w, [ids for ids, _ in batches], [b for _, b in batches]
+        epoch, start = epoch + 1, 0
+
+
+def fit(
+    accelerator: Accelerator,
+    loss_module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    train_dataset: object,
+    settings: LoopSettings,
+    state: LoopState,
+    hooks: Hooks,
+    progress: TrainProgress | None = None,
+) -> LoopState:
+    lengths = list(train_dataset["length"])  # type: ignore[index]
+    loss_module.train()
+    started = time.perf_counter()
+    tokens_at_start = state.tokens
+    windows = windows_from(
+        settings, train_dataset, lengths, state, accelerator.process_index, accelerator.num_processes
+    )
+    while state.step < settings.total_steps and state.stop_reason is None:
+        epoch, w, example_ids, window = next(windows)
+        loss, grad_norm, targets = train_step(
+            accelerator, loss_module, optimizer, window, settings.max_grad_norm
+        )
+        state.epoch, state.window = epoch, w + 1
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            _skip_nonfinite(accelerator, optimizer, state, example_ids, loss, grad_norm, settings, hooks)
+            continue
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.consecutive_nonfinite = 0
+        state.step += 1
+        state.tokens += global_sum(accelerator, sum(int(b["input_ids"].numel()) - _pads(b) for b in window))
+        state.target_tokens += targets
+        elapsed = time.perf_counter() - started
+        row = {
+            "step": state.step,
+            "epoch": round(epoch + (w + 1) / settings.steps_per_epoch, 4),
+            "loss": loss,
+            "learning_rate": scheduler.get_last_lr()[0],
+            "grad_norm": grad_norm,
+            "tokens": state.tokens,
+            "tokens_per_second": (state.tokens - tokens_at_start) / max(elapsed, 1e-9),
+        }
+        if progress:
+            progress.update(state.step, row)
+        if hooks.log and (state.step % settings.logging_steps == 0 or state.step == settings.total_steps):
+            hooks.log(row)
+        if settings.eval_steps and state.step % settings.eval_steps == 0 and hooks.evaluate:
+            _evaluate(state, settings, hooks)
+        if state.step >= settings.total_steps and state.stop_reason is None:
+            state.stop_reason = "max_steps" if settings.max_steps_overrides else "epochs"
+        if hooks.should_stop() and state.stop_reason is None:
+            state.stop_reason = "interrupted"
+        if hooks.save and (
+            state.stop_reason or (settings.save_steps and state.step % settings.save_steps == 0)
+        ):
+            hooks.save(state)
+    return state
+
+
+def _pads(batch: dict[str, torch.Tensor]) -> int:
+    mask = batch.get("attention_mask")
+    return 0 if mask is None else int((mask == 0).sum())
+
+
+def _evaluate(state: LoopState, settings: LoopSettings, hooks: Hooks) -> None:
+    assert hooks.evaluate is not None
+    metrics = hooks.evaluate(state.step)
+    value = metrics.get(settings.metric_for_best_model)
+    if value is None:
+        return
+    if _improved(value, state.best_metric, settings.greater_is_better, settings.early_stopping_threshold):
+        state.best_metric, state.best_step, state.evals_without_improvement = value, state.step, 0
+    else:
+        state.evals_without_improvement += 1
+        patience = settings.early_stopping_patience
+        if patience and state.evals_without_improvement >= patience:
+            state.stop_reason = "early_stopping"
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+def _skip_nonfinite(
+    accelerator: Accelerator,
+    optimizer: torch.optim.Optimizer,
+    state: LoopState,
+    example_ids: list[list[int]],
+    loss: float,
+    grad_norm: float,
+    settings: LoopSettings,
+    hooks: Hooks,
+) -> None:
+    """Drop the update of a non-finite step; give up after `nonfinite_patience` in a row."""
+    optimizer.zero_grad(set_to_none=True)
+    state.consecutive_nonfinite += 1
+    state.skipped_steps.append(state.step + 1)
+    ids = sorted(i for batch in example_ids for i in batch)
+    record = {
+        "step": state.step + 1,
+        "skipped": True,
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "example_ids": ids,
+    }
+    if hooks.log:
+        hooks.log(json.loads(json.dumps(record, default=str)))
+    if state.consecutive_nonfinite >= settings.nonfinite_patience:
+        raise NonFiniteError(
+            f"{state.consecutive_nonfinite} consecutive steps had a non-finite loss or gradient norm "
+            f"(last: loss={loss}, grad_norm={grad_norm}, examples {ids[:20]}). Lower training.learning_rate, "
+            "use bf16 instead of fp16, or check those examples; the last checkpoint holds no such values."
+        )
