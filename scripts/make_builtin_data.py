@@ -34,10 +34,7 @@ TEMPLATES = [
     "Please send {quantity} {item} to {name}, {city}, by {day}.",
     "It was {day} when {name} picked up {quantity} {item} in {city}.",
 ]
-INSTRUCTION = (
-    "Extract the customer's name, city, item, quantity and day from the sentence. "
-    'Answer with JSON only, keys in this order: "name", "city", "item", "quantity", "day".'
-)
+INSTRUCTION = "Extract name, city, item, quantity and day as JSON."
 
 
 def make_row(rng: random.Random) -> tuple[str, dict]:
@@ -53,7 +50,7 @@ def make_row(rng: random.Random) -> tuple[str, dict]:
 
 def to_row(sentence: str, fields: dict) -> dict:
     answer = json.dumps(fields, separators=(", ", ": "))
-    return {"instruction": INSTRUCTION, "input": f"Sentence: {sentence}", "output": answer}
+    return {"instruction": INSTRUCTION, "input": sentence, "output": answer}
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ DEFAULT_EFFECTIVE_BATCH_SIZE = 16
 Auto = Literal["auto"]
 PositiveInt = Annotated[int, Field(ge=1)]
 NonEmptyStr = Annotated[str, Field(min_length=1)]
-NonEmptyList = Annotated[list[str], Field(min_length=1)]
+NonEmptyList = Annotated[list[NonEmptyStr], Field(min_length=1)]
 SEED_MAX = 2**32 - 1
 """numpy.random.seed, which HF's set_seed calls, accepts seeds in [0, 2**32 - 1]."""
 

@@ -1,0 +1,86 @@
+"""Tiny models and data built in-process, for tests, examples and benchmarks (no download).
+
+The tokenizer is byte-level BPE with no merges: every UTF-8 string encodes, so any test text works,
+and the ChatML special tokens are single tokens as in SmolLM2.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {token: i for i, token in enumerate(SPECIAL + sorted(alphabet))}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=SPECIAL,
+    )
+    tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+def build_tiny_model(vocab_size: int, seed: int = 0, **overrides: object) -> LlamaForCausalLM:
+    settings: dict = {
+        "vocab_size": vocab_size,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 1024,
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+    }
+    settings.update(overrides)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**settings))
+
+
+def save_tiny_model(path: Path, seed: int = 0, **overrides: object) -> Path:
+    """Write a tiny llama + tokenizer as a HF model directory; returns `path`."""
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(len(tokenizer), seed, **overrides)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+WORDS = "red blue green cat dog bird one two three sun moon star tree rock river cloud".split()
+
+
+def tiny_chat_rows(n: int, seed: int = 0, min_words: int = 2, max_words: int = 12) -> list[dict]:
+    """Chat rows whose answer is the prompt's words reversed: learnable, variable length."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(min_words, max_words))]
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": "reverse: " + " ".join(words)},
+                    {"role": "assistant", "content": " ".join(reversed(words))},
+                ]
+            }
+        )
+    return rows

@@ -1,0 +1,49 @@
+"""Shared fixtures: a tiny llama and a tokenizer built in-process, and data written to tmp files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tunewise.testing import save_tiny_model, tiny_chat_rows
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def chat_files(tmp_path: Path) -> tuple[Path, Path]:
+    train = write_jsonl(tmp_path / "train.jsonl", tiny_chat_rows(64, seed=1))
+    validation = write_jsonl(tmp_path / "validation.jsonl", tiny_chat_rows(16, seed=2))
+    return train, validation
+
+
+@pytest.fixture
+def tiny_config(tiny_model_dir: Path, chat_files: tuple[Path, Path], tmp_path: Path) -> dict:
+    """A complete config for a few fast steps on the tiny model."""
+    train, validation = chat_files
+    return {
+        "model": {"model_name_or_path": str(tiny_model_dir)},
+        "data": {"dataset": str(train), "validation_file": str(validation), "max_seq_length": 128},
+        "adapter": {"method": "lora", "r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
+        "training": {
+            "output_dir": str(tmp_path / "run"),
+            "max_steps": 12,
+            "per_device_train_batch_size": 8,
+            "gradient_accumulation_steps": 1,
+            "learning_rate": 5e-3,
+            "warmup_steps": 0,
+            "logging_steps": 1,
+        },
+        "generation": {"max_new_tokens": 16},
+        "evaluation": {"num_sample_prompts": 2, "max_eval_samples": 8},
+    }
