@@ -34,17 +34,35 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from tunewise.config.load import ConfigError
     from tunewise.data.load import DataError
     from tunewise.models.load import ModelLoadError
+    from tunewise.train.checkpoint import CheckpointError
+    from tunewise.train.loop import NonFiniteError
+    from tunewise.train.resume import ResumeError
 
-    return (ConfigError, DataError, ModelLoadError)
+    return (ConfigError, DataError, ModelLoadError, CheckpointError, NonFiniteError, ResumeError)
 
 
 @app.command()
-def train(config: ConfigArg = None, set_: SetOpt = None) -> None:
+def train(
+    config: ConfigArg = None,
+    set_: SetOpt = None,
+    resume: Annotated[
+        Optional[str],
+        typer.Option(
+            "--resume",
+            is_flag=False,
+            flag_value="latest",
+            help="Continue from the newest valid checkpoint in output_dir, or from --resume PATH.",
+        ),
+    ] = None,
+    force_resume: Annotated[
+        bool, typer.Option("--force-resume", help="Resume even though the config changed.")
+    ] = False,
+) -> None:
     """Fine-tune: plan, evaluate, train, evaluate again, save the run directory."""
     from tunewise.run import train as run_train
 
     try:
-        run_train(config, set_ or [], console)
+        run_train(config, set_ or [], console, resume=resume or False, force_resume=force_resume)
     except _user_errors() as exc:
         _fail(exc)
 

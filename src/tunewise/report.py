@@ -34,6 +34,41 @@ PLAN_KEYS = [
 ]
 
 
+def plan_lints(prep: Prepared) -> list[dict]:
+    """Config warnings/infos and plan lints, as {severity, key, message, fix}."""
+    from tunewise.config.lints import PlanFacts, lint
+    from tunewise.config.load import check_config
+
+    cfg, t, steps = prep.config, prep.config.training, prep.steps
+    pretrained = getattr(getattr(prep.model, "config", None), "dtype", None)
+    facts = PlanFacts(
+        method=cfg.adapter.method,
+        learning_rate=float(t.learning_rate),
+        total_steps=steps.plan.total_steps,
+        warmup_steps=steps.warmup_steps,
+        logging_steps=steps.logging_steps,
+        eval_steps=steps.eval_steps,
+        save_steps=steps.save_steps,
+        per_device_train_batch_size=int(t.per_device_train_batch_size),
+        gradient_accumulation_steps=int(t.gradient_accumulation_steps),
+        max_seq_length=cfg.data.max_seq_length,
+        device_type=prep.hardware.device_type,
+        precision=t.precision,
+        model_pretrained_dtype=prep.pretrained_dtype or (str(pretrained).removeprefix("torch.") if pretrained else None),
+        r=cfg.adapter.r,
+        lora_alpha=cfg.adapter.lora_alpha,
+        use_rslora=cfg.adapter.use_rslora,
+        has_validation=prep.data.validation is not None,
+        pad_to_multiple_of=cfg.data.pad_to_multiple_of,
+    )
+    out = [
+        {"severity": p.severity, "key": p.path, "message": p.message, "fix": ""}
+        for p in check_config(prep.user_config)
+        if p.severity != "error"
+    ]
+    return out + [{"severity": x.severity, "key": x.key, "message": x.message, "fix": x.fix} for x in lint(facts)]
+
+
 def plan_summary(prep: Prepared) -> dict:
     """The plan as plain data: `tunewise plan --json` prints this, the console view renders it."""
     cfg, plan, data = prep.config, prep.steps.plan, prep.data
@@ -71,6 +106,7 @@ def plan_summary(prep: Prepared) -> dict:
             for k, c in prep.resolution.choices.items()
         },
         "notes": prep.resolution.notes + prep.notes,
+        "lints": plan_lints(prep),
     }
 
 
@@ -107,6 +143,10 @@ def print_plan(console: Console, prep: Prepared) -> None:
     console.print(table)
     for note in s["notes"]:
         console.print(f"[yellow]note[/]: {note}")
+    for item in s["lints"]:
+        color = "yellow" if item["severity"] == "warning" else "cyan"
+        fix = f" -> {item['fix']}" if item["fix"] else ""
+        console.print(f"[{color}]{item['severity']}[/] {item['key']}: ", Text(item["message"] + fix))
 
 
 def print_eval(console: Console, title: str, metrics: dict) -> None:

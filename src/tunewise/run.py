@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator, PartialState
 from rich.console import Console
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
+from transformers import PreTrainedTokenizerBase, set_seed
 
 from tunewise.config.load import dump_config, load_config
 from tunewise.config.resolve import (
@@ -34,10 +34,18 @@ from tunewise.eval.metrics import choose_task_metric, eval_loss, score
 from tunewise.infer.generate import SamplingSettings, generate, prompt_messages
 from tunewise.models.adapters import LoraSettings, apply_method, count_parameters, quantization_config
 from tunewise.models.load import load_model, load_tokenizer, materialize, model_overrides, resolve_source
-from tunewise.train.loop import Hooks, LoopSettings, LoopState, fit
+from tunewise.train.loop import Hooks, LoopSettings, LoopState, NonFiniteError, fit
 from tunewise.train.loss import CausalLMLoss
 from tunewise.train.optim import build_optimizer
 from tunewise.train.progress import TrainProgress
+from tunewise.train.resume import (
+    GracefulStop,
+    RunCheckpointer,
+    find_resume_checkpoint,
+    load_model_tensors,
+    restore,
+    scale_learning_rate,
+)
 from tunewise.train.schedule import build_scheduler
 
 
@@ -53,6 +61,8 @@ class Prepared:
     total_parameters: int
     model_dir: Path
     config_overrides: dict[str, float]
+    user_config: TunewiseConfig  # as the user wrote it, before resolution
+    pretrained_dtype: str | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -130,8 +140,20 @@ def prepare(
     data = prepare_data(res.config, tokenizer)
     steps = resolve_steps(res, len(data.train), world_size)
     trainable, total = count_parameters(model)
+    pretrained = json.loads((model_dir / "config.json").read_text()).get("torch_dtype")
     return Prepared(
-        res, hardware, model, tokenizer, data, steps, trainable, total, model_dir, config_overrides
+        res,
+        hardware,
+        model,
+        tokenizer,
+        data,
+        steps,
+        trainable,
+        total,
+        model_dir,
+        config_overrides,
+        cfg,
+        pretrained,
     )
 
 
@@ -193,6 +215,17 @@ class RunWriter:
             with open(self.dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
 
+    def truncate_metrics(self, after_step: int) -> None:
+        """Drop rows a crashed run logged after the checkpoint we resume from."""
+        path = self.dir / "metrics.jsonl"
+        if self.enabled and path.is_file():
+            rows = [
+                line
+                for line in path.read_text().splitlines()
+                if json.loads(line).get("step", 0) <= after_step
+            ]
+            path.write_text("".join(row + "\n" for row in rows))
+
     def text(self, name: str, content: str) -> None:
         if self.enabled:
             (self.dir / name).write_text(content)
@@ -232,27 +265,9 @@ def save_final(prep: Prepared, output_dir: Path) -> None:
     prep.tokenizer.save_pretrained(output_dir)
 
 
-def train(
-    config: str | Path | dict | TunewiseConfig | None = None,
-    overrides: list[str] | tuple[str, ...] = (),
-    console: Console | None = None,
-) -> dict:
-    """Fine-tune as the config says and return the run summary (also written to summary.json)."""
-    from tunewise.report import print_eval, print_plan, print_samples
-
-    console = console or Console()
-    state = PartialState()
-    prep = prepare(config, overrides, world_size=state.num_processes)
-    cfg = prep.config
-    t = cfg.training
-    mixed = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[t.precision]
-    accelerator = Accelerator(mixed_precision=mixed, cpu=prep.hardware.device_type == "cpu")
-    main = accelerator.is_main_process
-    output_dir = Path(t.output_dir)
-    writer = RunWriter(output_dir, main)
-    writer.text("config.yaml", dump_config(cfg))
-
-    optimizer, optim_notes = build_optimizer(
+def build_optimization(prep: Prepared) -> tuple[torch.optim.Optimizer, Any]:
+    t = prep.config.training
+    optimizer, notes = build_optimizer(
         prep.model,
         t.optim,
         float(t.learning_rate),
@@ -262,7 +277,7 @@ def train(
         t.adam_epsilon,
         prep.hardware.device_type,
     )
-    prep.notes += optim_notes
+    prep.notes += notes
     scheduler = build_scheduler(
         optimizer,
         t.lr_scheduler_type,
@@ -270,35 +285,115 @@ def train(
         prep.steps.plan.total_steps,
         t.lr_scheduler_kwargs,
     )
+    return optimizer, scheduler
+
+
+def train(
+    config: str | Path | dict | TunewiseConfig | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    console: Console | None = None,
+    resume: str | bool = False,
+    force_resume: bool = False,
+) -> dict:
+    """Fine-tune as the config says and return the run summary (also written to summary.json).
+
+    `resume=True` continues from the newest valid checkpoint in output_dir, `resume=PATH` from that one.
+    """
+    from tunewise.report import print_eval, print_plan, print_samples
+
+    console = console or Console()
+    prep = prepare(config, overrides, world_size=PartialState().num_processes)
+    cfg, t = prep.config, prep.config.training
+    mixed = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[t.precision]
+    accelerator = Accelerator(mixed_precision=mixed, cpu=prep.hardware.device_type == "cpu")
+    main = accelerator.is_main_process
+    output_dir = Path(t.output_dir)
+    writer = RunWriter(output_dir, main)
+    config_yaml = dump_config(cfg)
+
+    optimizer, scheduler = build_optimization(prep)
     loss_module, optimizer = accelerator.prepare(CausalLMLoss(prep.model), optimizer)
+    checkpointer = RunCheckpointer(
+        output_dir, prep.model, optimizer, scheduler, config_yaml, t.save_total_limit, accelerator.scaler
+    )
+    state = LoopState()
+    if resume:
+        path = find_resume_checkpoint(output_dir, resume)
+        state, ck = restore(
+            path,
+            model=prep.model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            current_config_yaml=config_yaml,
+            force=force_resume,
+            scaler=accelerator.scaler,
+        )
+        before = ck.trainer_state.get("eval_before", {})
+        writer.truncate_metrics(after_step=state.step)
+        if main:
+            console.print(f"[bold]resuming[/] from {path} (step {state.step}, epoch {state.epoch})")
+    writer.text("config.yaml", config_yaml)
     if main:
         print_plan(console, prep)
-
-    before = evaluate_all(prep, loss_module, accelerator.device, with_task=True)
+    if not resume:
+        before = evaluate_all(prep, loss_module, accelerator.device, with_task=True)
+        writer.metrics({"step": 0, **_public(before)})
     if main:
         print_eval(console, "before training", before)
-        writer.metrics({"step": 0, **_public(before)})
+    checkpointer.extra_state = {
+        "eval_before": _public(before) | {k: v for k, v in before.items() if k == "_answers"}
+    }
 
     def on_eval(step: int) -> dict:
         metrics = evaluate_all(prep, loss_module, accelerator.device, with_task=False)
         writer.metrics({"step": step, **_public(metrics)})
         return metrics
 
-    hooks = Hooks(evaluate=on_eval if prep.data.validation is not None else None, log=writer.metrics)
+    def on_save(s: LoopState) -> None:
+        if main:
+            checkpointer.save(s)
+        accelerator.wait_for_everyone()
+
+    def on_rollback(s: LoopState) -> LoopState:
+        return roll_back(s, checkpointer, accelerator, config_yaml, console if main else None)
+
     started = time.perf_counter()
-    with TrainProgress(prep.steps.plan.total_steps, console) if main else _null() as progress:
-        state_ = fit(
+    with (
+        GracefulStop() as stop,
+        TrainProgress(prep.steps.plan.total_steps, console, state.step) if main else _null() as progress,
+    ):
+        hooks = Hooks(
+            evaluate=on_eval if prep.data.validation is not None else None,
+            save=on_save,
+            log=writer.metrics,
+            should_stop=lambda: stop.requested,
+            rollback=on_rollback if t.nonfinite_policy == "rollback" else None,
+        )
+        state = fit(
             accelerator,
             loss_module,
             optimizer,
             scheduler,
             prep.data.train,
             loop_settings(prep),
-            LoopState(),
+            state,
             hooks,
             progress,
         )
     train_seconds = time.perf_counter() - started
+    if state.stop_reason == "interrupted":
+        if main:
+            console.print(
+                f"[bold yellow]stopped[/] at step {state.step}; checkpoint saved. Resume with:\n"
+                f"  tunewise train {config if isinstance(config, (str, Path)) else 'CONFIG'} --resume"
+            )
+        return {"stop_reason": "interrupted", "step": state.step, "output_dir": str(output_dir.resolve())}
+    if t.load_best_model_at_end and state.best_step is not None:
+        load_best(prep.model, output_dir / f"checkpoint-{state.best_step}")
+        if main:
+            console.print(
+                f"loaded the best checkpoint (step {state.best_step}, {t.metric_for_best_model} {state.best_metric:.4f})"
+            )
     after = evaluate_all(prep, loss_module, accelerator.device, with_task=True)
     summary = {
         "eval_before": _public(before),
@@ -307,21 +402,62 @@ def train(
         "train_seconds": round(train_seconds, 2),
         "peak_memory_bytes": peak_memory_bytes(accelerator.device),
         "output_dir": str(output_dir.resolve()),
-        "total_steps": state_.step,
-        "tokens": state_.tokens,
-        "best_step": state_.best_step,
-        "best_metric": state_.best_metric,
-        "stop_reason": state_.stop_reason,
+        "total_steps": state.step,
+        "tokens": state.tokens,
+        "best_step": state.best_step,
+        "best_metric": state.best_metric,
+        "stop_reason": state.stop_reason,
+        "skipped_steps": state.skipped_steps,
         "samples": _samples(prep, before, after, cfg.evaluation.num_sample_prompts),
     }
     if main:
-        writer.metrics({"step": state_.step, **_public(after)})
+        writer.metrics({"step": state.step, **_public(after)})
         save_final(prep, output_dir)
         writer.text("summary.json", json.dumps(summary, indent=2))
         print_eval(console, "after training", after)
         print_samples(console, summary["samples"])
         console.print(f"\n[bold green]Run written to[/] {output_dir.resolve()}")
     return summary
+
+
+def load_best(model: torch.nn.Module, path: Path) -> None:
+    from tunewise.train.checkpoint import load_checkpoint
+
+    load_model_tensors(model, load_checkpoint(path).model_tensors)
+
+
+def roll_back(
+    state: LoopState,
+    checkpointer: RunCheckpointer,
+    accelerator: Accelerator,
+    config_yaml: str,
+    console: Console | None,
+) -> LoopState:
+    """nonfinite_policy: rollback: back to the newest checkpoint, with half the learning rate."""
+    from tunewise.train.checkpoint import find_latest_valid
+
+    latest = find_latest_valid(checkpointer.output_dir).path
+    if latest is None:
+        raise NonFiniteError(
+            f"{state.consecutive_nonfinite} consecutive non-finite steps and no checkpoint to roll back to yet; "
+            "set training.save_steps so one exists, or lower training.learning_rate"
+        )
+    rollbacks = state.rollbacks + 1
+    new_state, _ = restore(
+        latest,
+        model=checkpointer.model,
+        optimizer=checkpointer.optimizer,
+        scheduler=checkpointer.scheduler,
+        current_config_yaml=config_yaml,
+        scaler=accelerator.scaler,
+    )
+    factor = 0.5**rollbacks
+    scale_learning_rate(checkpointer.optimizer, checkpointer.scheduler, factor)
+    new_state.rollbacks = rollbacks
+    new_state.skipped_steps = state.skipped_steps
+    if console:
+        console.print(f"[yellow]rolled back[/] to {latest.name}; learning rate x{factor}")
+    return new_state
 
 
 def _public(metrics: dict) -> dict:

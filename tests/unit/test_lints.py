@@ -50,7 +50,7 @@ def test_sane_plans_give_no_lints() -> None:
                 "warning",
                 "training.learning_rate",
                 "learning rate 0.01 is above the usual range for LoRA (5e-05 to 0.001)",
-                "set learning_rate: auto (0.0002 for LoRA), or keep it if you tested it",
+                "set learning_rate: auto (the LoRA default), or keep it if you tested it",
             ),
         ),
         (
@@ -59,7 +59,7 @@ def test_sane_plans_give_no_lints() -> None:
                 "warning",
                 "training.learning_rate",
                 "learning rate 0.0002 is above the usual range for full fine-tuning (5e-06 to 0.0001)",
-                "set learning_rate: auto (2e-05 for full fine-tuning), or keep it if you tested it",
+                "set learning_rate: auto (the full fine-tuning default), or keep it if you tested it",
             ),
         ),
         (
@@ -68,7 +68,7 @@ def test_sane_plans_give_no_lints() -> None:
                 "warning",
                 "training.learning_rate",
                 "learning rate 1e-05 is below the usual range for QLoRA (5e-05 to 0.001)",
-                "set learning_rate: auto (0.0002 for QLoRA), or keep it if you tested it",
+                "set learning_rate: auto (the QLoRA default), or keep it if you tested it",
             ),
         ),
         (

@@ -11,10 +11,9 @@ from typing import Literal
 
 # Usual peak learning rates. Full fine-tuning: 1e-5 to 5e-5 is the norm (Alpaca 2e-5, LIMA 1e-5,
 # Zephyr SFT 2e-5), up to 1e-4 for small models; below 5e-6 barely moves in a short run. LoRA/QLoRA:
-# 1e-4 to 3e-4 (QLoRA 1e-4 to 2e-4, the LoRA paper 2e-4 to 5e-4 on GPT-2), up to 1e-3 for small
+# 1e-4 to 3e-4 (QLoRA 1e-4 to 2e-4, the LoRA paper 2e-4 to 5e-4), up to 1e-3 for small
 # models; below 5e-5 the adapters, which start at zero, barely learn.
 LR_RANGE = {"full": (5e-6, 1e-4), "lora": (5e-5, 1e-3), "qlora": (5e-5, 1e-3)}
-LR_DEFAULT = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4}  # what `learning_rate: auto` picks
 MAX_WARMUP_FRACTION = 0.2  # recipes use 3-10%; past 20% a short run spends much of itself ramping up
 ALPHA_RATIO_RANGE = (0.5, 4.0)  # common practice: lora_alpha = r or 2r (PEFT's default alpha 8, r 8)
 TENSOR_CORE_MULTIPLE = 8  # NVIDIA: fp16/bf16 matmul dimensions in multiples of 8 keep tensor cores busy
@@ -80,7 +79,7 @@ def _learning_rate(f: PlanFacts) -> list[Lint]:
     side = "below" if f.learning_rate < low else "above"
     name = {"full": "full fine-tuning", "lora": "LoRA", "qlora": "QLoRA"}[f.method]
     message = f"learning rate {f.learning_rate:g} is {side} the usual range for {name} ({low:g} to {high:g})"
-    fix = f"set learning_rate: auto ({LR_DEFAULT[f.method]:g} for {name}), or keep it if you tested it"
+    fix = f"set learning_rate: auto (the {name} default), or keep it if you tested it"
     return [Lint("warning", "training.learning_rate", message, fix)]
 
 

@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from tunewise.config.schema import TunewiseConfig
+from tunewise.config.load import LOWER_IS_BETTER, user_set_paths
+from tunewise.config.schema import DEFAULT_EFFECTIVE_BATCH_SIZE, TunewiseConfig
 from tunewise.train.schedule import StepPlan, compute_step_plan, resolve_interval, resolve_warmup_steps
 
 
@@ -44,13 +45,10 @@ class Resolution:
     config: TunewiseConfig
     choices: dict[str, Choice] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    user: set[str] = field(default_factory=set)  # paths the user set, taken before any resolution
 
     def record(self, path: str, value: Any, source: str, reason: str = "") -> None:
         self.choices[path] = Choice(value, source, reason)
-
-
-def user_set_paths(cfg: TunewiseConfig) -> set[str]:
-    return {f"{name}.{key}" for name in cfg.model_fields_set for key in getattr(cfg, name).model_fields_set}
 
 
 # ---------------------------------------------------------------- rules (pure, value + reason)
@@ -97,9 +95,9 @@ def choose_warmup_ratio() -> tuple[float, str]:
 
 def resolve_static(cfg: TunewiseConfig, hw: Hardware) -> Resolution:
     """Resolve everything that does not depend on the dataset."""
-    cfg = cfg.model_copy(deep=True)
-    res = Resolution(cfg)
     user = user_set_paths(cfg)
+    cfg = cfg.model_copy(deep=True)
+    res = Resolution(cfg, user=user)
     t, a, q = cfg.training, cfg.adapter, cfg.quantization
 
     def keep(path: str, value: Any) -> None:
@@ -126,7 +124,7 @@ def resolve_static(cfg: TunewiseConfig, hw: Hardware) -> Resolution:
         keep("training.learning_rate", t.learning_rate)
 
     if t.per_device_train_batch_size == "auto" or t.gradient_accumulation_steps == "auto":
-        effective = t.effective_batch_size or 16
+        effective = t.effective_batch_size or DEFAULT_EFFECTIVE_BATCH_SIZE
         cap = 8 if hw.device_type == "cpu" else 16
         if t.per_device_train_batch_size != "auto":
             cap = t.per_device_train_batch_size
@@ -134,6 +132,7 @@ def resolve_static(cfg: TunewiseConfig, hw: Hardware) -> Resolution:
         t.per_device_train_batch_size, t.gradient_accumulation_steps = per_device, accumulation
         res.record("training.per_device_train_batch_size", per_device, "auto", why)
         res.record("training.gradient_accumulation_steps", accumulation, "auto", why)
+        t.effective_batch_size = None  # now spelled out by the two keys above, as config.yaml records
     else:
         keep("training.per_device_train_batch_size", t.per_device_train_batch_size)
         keep("training.gradient_accumulation_steps", t.gradient_accumulation_steps)
@@ -157,7 +156,7 @@ def resolve_static(cfg: TunewiseConfig, hw: Hardware) -> Resolution:
         t.data_seed = t.seed
         res.record("training.data_seed", t.seed, "auto", "same as seed")
     if t.greater_is_better is None:
-        t.greater_is_better = not t.metric_for_best_model.endswith("loss")
+        t.greater_is_better = t.metric_for_best_model not in LOWER_IS_BETTER
     return res
 
 
@@ -172,7 +171,7 @@ class StepsResolution:
 
 def resolve_steps(res: Resolution, num_train_examples: int, world_size: int) -> StepsResolution:
     t = res.config.training
-    user = user_set_paths(res.config)
+    user = res.user
     plan = compute_step_plan(
         num_train_examples,
         int(t.per_device_train_batch_size),
@@ -181,7 +180,10 @@ def resolve_steps(res: Resolution, num_train_examples: int, world_size: int) -> 
         t.num_train_epochs,
         t.max_steps,
     )
-    if t.warmup_steps is None and t.warmup_ratio is None:
+    if t.warmup_steps is None and t.warmup_ratio is None and t.lr_scheduler_type == "constant":
+        warmup = 0
+        res.record("training.warmup_steps", 0, "auto", "the `constant` schedule has no warmup (HF)")
+    elif t.warmup_steps is None and t.warmup_ratio is None:
         ratio, why = choose_warmup_ratio()
         warmup = math.ceil(ratio * plan.total_steps)
         res.record("training.warmup_steps", warmup, "auto", f"{why}: ceil({ratio} x {plan.total_steps})")
@@ -194,13 +196,7 @@ def resolve_steps(res: Resolution, num_train_examples: int, world_size: int) -> 
         intervals[key] = value
         source = "user" if f"training.{key}" in user else "default"
         res.record(f"training.{key}", value, source)
-    res.record("training.total_steps", plan.total_steps, "auto", plan_reason(plan))
+    res.record("training.total_steps", plan.total_steps, "auto", plan.reason)
     return StepsResolution(
         plan, warmup, intervals["logging_steps"] or 1, intervals["eval_steps"], intervals["save_steps"]
     )
-
-
-def plan_reason(plan: StepPlan) -> str:
-    if plan.max_steps_overrides:
-        return "max_steps > 0 overrides num_train_epochs (HF semantics)"
-    return f"{plan.steps_per_epoch} steps/epoch x {plan.num_epochs} epochs"

@@ -8,14 +8,13 @@ one big batch, as transformers does since 4.46.
 
 from __future__ import annotations
 
-import json
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import partial
-from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -23,6 +22,8 @@ from accelerate import Accelerator
 from tunewise.data.collate import batch_indices, collate_packed, collate_padded, iterate_batches
 from tunewise.data.tokenize import IGNORE
 from tunewise.train.progress import TrainProgress
+
+log = logging.getLogger("tunewise")
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,8 @@ class LoopState:
     evals_without_improvement: int = 0
     consecutive_nonfinite: int = 0
     skipped_steps: list[int] = field(default_factory=list)
+    fp16_overflows: int = 0
+    rollbacks: int = 0
     stop_reason: str | None = None
 
     def to_json(self) -> dict:
@@ -79,6 +82,7 @@ class Hooks:
     save: Callable[[LoopState], None] | None = None
     log: Callable[[dict], None] | None = None
     should_stop: Callable[[], bool] = lambda: False
+    rollback: Callable[[LoopState], LoopState] | None = None  # nonfinite_policy: rollback
 
 
 def epoch_windows(
@@ -161,9 +165,20 @@ def windows_from(
     while True:
         windows = epoch_windows(settings, lengths, epoch, rank, world)
         for w in range(start, len(windows)):
-            batches = list(iterate_batches(dataset, windows[w], collate))
+            batches = [_micro_batch(dataset, ids, collate, settings.pad_token_id) for ids in windows[w]]
             yield epoch, w, [ids for ids, _ in batches], [b for _, b in batches]
         epoch, start = epoch + 1, 0
+
+
+def _micro_batch(
+    dataset: object, ids: list[int], collate: Callable, pad_token_id: int
+) -> tuple[list[int], dict[str, torch.Tensor]]:
+    if ids:
+        return next(iterate_batches(dataset, [ids], collate))
+    # A rank whose share of the epoch's last global batch is empty still runs forward and backward
+    # (DDP needs every rank in the gradient all-reduce), on one pad token that has no target.
+    one = torch.tensor([[pad_token_id]])
+    return ids, {"input_ids": one, "attention_mask": torch.ones_like(one), "targets": torch.full_like(one, IGNORE)}
 
 
 def fit(
@@ -190,11 +205,25 @@ def fit(
             accelerator, loss_module, optimizer, window, settings.max_grad_norm
         )
         state.epoch, state.window = epoch, w + 1
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            _skip_nonfinite(accelerator, optimizer, state, example_ids, loss, grad_norm, settings, hooks)
+        scaled = accelerator.scaler is not None  # fp16: the loss scaler owns overflowing gradients
+        if not math.isfinite(loss) or (not math.isfinite(grad_norm) and not scaled):
+            if _skip_nonfinite(optimizer, state, example_ids, loss, grad_norm, settings, hooks):
+                state = _give_up_or_roll_back(state, hooks)
+                windows = windows_from(
+                    settings,
+                    train_dataset,
+                    lengths,
+                    state,
+                    accelerator.process_index,
+                    accelerator.num_processes,
+                )
             continue
+        learning_rate = scheduler.get_last_lr()[0]  # the rate this update uses, as HF logs it
         optimizer.step()
-        scheduler.step()
+        if scaled and accelerator.optimizer_step_was_skipped:
+            _note_overflow(state)
+        else:
+            scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.consecutive_nonfinite = 0
         state.step += 1
@@ -205,7 +234,7 @@ def fit(
             "step": state.step,
             "epoch": round(epoch + (w + 1) / settings.steps_per_epoch, 4),
             "loss": loss,
-            "learning_rate": scheduler.get_last_lr()[0],
+            "learning_rate": learning_rate,
             "grad_norm": grad_norm,
             "tokens": state.tokens,
             "tokens_per_second": (state.tokens - tokens_at_start) / max(elapsed, 1e-9),
@@ -252,7 +281,6 @@ class NonFiniteError(RuntimeError):
 
 
 def _skip_nonfinite(
-    accelerator: Accelerator,
     optimizer: torch.optim.Optimizer,
     state: LoopState,
     example_ids: list[list[int]],
@@ -260,24 +288,48 @@ def _skip_nonfinite(
     grad_norm: float,
     settings: LoopSettings,
     hooks: Hooks,
-) -> None:
-    """Drop the update of a non-finite step; give up after `nonfinite_patience` in a row."""
+) -> bool:
+    """Drop the update of a non-finite step and log it; True once `nonfinite_patience` ran out."""
     optimizer.zero_grad(set_to_none=True)
     state.consecutive_nonfinite += 1
     state.skipped_steps.append(state.step + 1)
     ids = sorted(i for batch in example_ids for i in batch)
-    record = {
-        "step": state.step + 1,
-        "skipped": True,
-        "loss": loss,
-        "grad_norm": grad_norm,
-        "example_ids": ids,
-    }
     if hooks.log:
-        hooks.log(json.loads(json.dumps(record, default=str)))
-    if state.consecutive_nonfinite >= settings.nonfinite_patience:
+        hooks.log(
+            {
+                "step": state.step + 1,
+                "skipped": True,
+                "loss": str(loss),
+                "grad_norm": str(grad_norm),
+                "example_ids": ids,
+            }
+        )
+    log.warning(
+        "step %d: non-finite loss %s / grad_norm %s; update skipped (examples %s)",
+        state.step + 1,
+        loss,
+        grad_norm,
+        ids[:20],
+    )
+    return state.consecutive_nonfinite >= settings.nonfinite_patience
+
+
+def _give_up_or_roll_back(state: LoopState, hooks: Hooks) -> LoopState:
+    if hooks.rollback is None:
         raise NonFiniteError(
             f"{state.consecutive_nonfinite} consecutive steps had a non-finite loss or gradient norm "
-            f"(last: loss={loss}, grad_norm={grad_norm}, examples {ids[:20]}). Lower training.learning_rate, "
-            "use bf16 instead of fp16, or check those examples; the last checkpoint holds no such values."
+            f"(skipped steps {state.skipped_steps[-state.consecutive_nonfinite :]}; their example ids are in "
+            "metrics.jsonl). Lower training.learning_rate, use bf16 instead of fp16, check those examples, "
+            "or set training.nonfinite_policy: rollback. No checkpoint holds non-finite values."
+        )
+    return hooks.rollback(state)
+
+
+def _note_overflow(state: LoopState) -> None:
+    state.fp16_overflows += 1
+    if state.fp16_overflows in (10, 100, 1000):
+        log.warning(
+            "fp16 loss scaling has skipped %d updates for overflow; bf16 (training.precision: bf16) has fp32's "
+            "range and needs no loss scaling, if your GPU supports it",
+            state.fp16_overflows,
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from types import TracebackType
+from typing import Self
 
 from rich.console import Console
 from rich.progress import (
@@ -41,7 +42,7 @@ class TrainProgress:
             tps=f"{row['tokens_per_second']:.0f}",
         )
 
-    def __enter__(self) -> TrainProgress:
+    def __enter__(self) -> Self:
         self._progress.start()
         return self
 

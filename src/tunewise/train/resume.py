@@ -1,0 +1,220 @@
+"""Checkpoints of a live run, exact resume, and graceful stops on SIGTERM / Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any, Self
+
+import torch
+import yaml
+from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+
+from tunewise.train.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    find_latest_valid,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from tunewise.train.loop import LoopState
+
+log = logging.getLogger("tunewise")
+
+# Keys that may differ between a checkpoint's config and the resumed run's: they change how long
+# or how often, never what a step computes.
+RESUMABLE_CHANGES = {
+    "training.max_steps",
+    "training.num_train_epochs",
+    "training.save_steps",
+    "training.save_total_limit",
+    "training.logging_steps",
+    "training.eval_steps",
+    "training.early_stopping_patience",
+    "training.early_stopping_threshold",
+    "training.nonfinite_patience",
+    "training.nonfinite_policy",
+    "training.load_best_model_at_end",
+}
+RESUMABLE_SECTIONS = ("generation.", "evaluation.")
+
+
+class ResumeError(RuntimeError):
+    """The run cannot be resumed as asked; the message says why and what to do."""
+
+
+def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    if isinstance(model, PeftModel):
+        return get_peft_model_state_dict(model)
+    return model.state_dict()
+
+
+def load_model_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    if isinstance(model, PeftModel):
+        result = set_peft_model_state_dict(model, tensors)
+        missing = list(getattr(result, "unexpected_keys", []))
+        if missing:
+            raise ResumeError(f"checkpoint adapter has tensors this model lacks: {missing[:5]}")
+    else:
+        model.load_state_dict(tensors)
+
+
+def _adapter_files(model: torch.nn.Module) -> tuple[str, dict[str, bytes]]:
+    if not isinstance(model, PeftModel):
+        return "model.safetensors", {}
+    config = model.peft_config["default"].to_dict()
+    config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+    return "adapter_model.safetensors", {
+        "adapter_config.json": json.dumps(config, indent=2, default=str).encode()
+    }
+
+
+def _all_finite(tensors: dict[str, torch.Tensor]) -> bool:
+    return all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point())
+
+
+@dataclass
+class RunCheckpointer:
+    """Saves checkpoints of this run; remembers the best one so rotation never deletes it."""
+
+    output_dir: Path
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    config_yaml: str
+    save_total_limit: int | None
+    scaler: Any = None
+    extra_state: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, state: LoopState) -> Path:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in model_tensors(self.model).items()}
+        if not _all_finite(tensors):  # skipped updates should make this impossible; never persist it
+            raise CheckpointError(f"refusing to save step {state.step}: the weights hold NaN or inf")
+        weights_name, extra = _adapter_files(self.model)
+        keep = {self.output_dir / f"checkpoint-{state.best_step}"} if state.best_step else None
+        return save_checkpoint(
+            self.output_dir,
+            state.step,
+            model_tensors=tensors,
+            optimizer_state=self.optimizer.state_dict(),
+            scheduler_state=self.scheduler.state_dict(),
+            trainer_state={**state.to_json(), **self.extra_state},
+            config_yaml=self.config_yaml,
+            scaler_state=self.scaler.state_dict() if self.scaler is not None else None,
+            save_total_limit=self.save_total_limit,
+            keep=keep,
+            extra_files=extra,
+            weights_name=weights_name,
+        )
+
+
+def find_resume_checkpoint(output_dir: Path, resume: str | bool) -> Path:
+    """`--resume` (newest valid checkpoint in output_dir) or `--resume PATH`."""
+    if isinstance(resume, str) and resume not in ("", "latest", "true"):
+        path = Path(resume)
+        if not path.is_dir():
+            raise ResumeError(f"--resume: {path} is not a checkpoint directory")
+        return path
+    latest = find_latest_valid(output_dir)
+    for bad, problems in latest.skipped.items():
+        log.warning("skipping damaged checkpoint %s: %s", bad, "; ".join(problems))
+    if latest.path is None:
+        raise ResumeError(
+            f"--resume: no valid checkpoint in {output_dir}; train without --resume to start afresh"
+        )
+    return latest.path
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "lr_scheduler_kwargs":
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_differences(saved_yaml: str, current_yaml: str) -> list[str]:
+    """Keys whose values differ and that may not change on resume."""
+    saved, current = _flatten(yaml.safe_load(saved_yaml)), _flatten(yaml.safe_load(current_yaml))
+    keys = sorted(set(saved) | set(current))
+    return [
+        f"{k}: {saved.get(k)!r} -> {current.get(k)!r}"
+        for k in keys
+        if saved.get(k) != current.get(k)
+        and k not in RESUMABLE_CHANGES
+        and not k.startswith(RESUMABLE_SECTIONS)
+    ]
+
+
+def restore(
+    path: Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    current_config_yaml: str,
+    force: bool = False,
+    scaler: Any = None,
+) -> tuple[LoopState, Checkpoint]:
+    """Load a checkpoint into the live objects; returns the loop state to continue from."""
+    ck = load_checkpoint(path)
+    diffs = config_differences(ck.config_yaml, current_config_yaml)
+    if diffs and not force:
+        raise ResumeError(
+            f"--resume: the config differs from the one {path.name} was trained with:\n  "
+            + "\n  ".join(diffs)
+            + "\nrestore those values, or pass --force-resume to continue anyway"
+        )
+    load_model_tensors(model, ck.model_tensors)
+    if ck.optimizer_state is not None:
+        optimizer.load_state_dict(ck.optimizer_state)
+    if ck.scheduler_state is not None:
+        scheduler.load_state_dict(ck.scheduler_state)
+    if scaler is not None and ck.scaler_state is not None:
+        scaler.load_state_dict(ck.scaler_state)
+    restore_rng_state(ck.rng_state)  # last: nothing above may consume randomness after it
+    fields = LoopState.__dataclass_fields__
+    state = LoopState(**{k: v for k, v in ck.trainer_state.items() if k in fields})
+    return state, ck
+
+
+def scale_learning_rate(optimizer: torch.optim.Optimizer, scheduler: Any, factor: float) -> None:
+    """Scale the whole schedule (base and current rates) by `factor`: the rollback's lower LR."""
+    scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
+    for group in optimizer.param_groups:
+        group["lr"] *= factor
+        if "initial_lr" in group:
+            group["initial_lr"] *= factor
+
+
+class GracefulStop:
+    """First SIGINT/SIGTERM: finish the step, save, exit cleanly. A second Ctrl-C: stop at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("%s received: finishing this step, saving, then exiting", signal.Signals(signum).name)
+
+    def __enter__(self) -> Self:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. inside a notebook worker): no handler
+                pass
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
