@@ -40,7 +40,7 @@ def tiny_config(tiny_model_dir: Path, chat_files: tuple[Path, Path], tmp_path: P
             "max_steps": 12,
             "per_device_train_batch_size": 8,
             "gradient_accumulation_steps": 1,
-            "learning_rate": 5e-3,
+            "learning_rate": 3e-2,
             "warmup_steps": 0,
             "logging_steps": 1,
         },

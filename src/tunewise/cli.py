@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 app = typer.Typer(
     help="Fine-tune LLMs with every hyperparameter validated, explained, resolved and measured.",
@@ -26,7 +27,7 @@ SetOpt = Annotated[
 
 
 def _fail(exc: Exception) -> None:
-    err.print(f"[bold red]error[/]: {exc}")
+    err.print(Text.assemble(("error", "bold red"), ": ", str(exc)))
     raise typer.Exit(2)
 
 
@@ -143,6 +144,52 @@ def chat(
         text = reply(loaded, history)
         history.append({"role": "assistant", "content": text})
         console.print(f"[bold]model>[/] {text}")
+
+
+data_app = typer.Typer(help="Look at training data before training on it.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("inspect")
+def data_inspect(
+    target: Annotated[Path, typer.Argument(help="A YAML config (its training data) or a data file.")],
+    model: Annotated[
+        str | None, typer.Option(help="Tokenizer's model for a data file (default: the config's model).")
+    ] = None,
+    set_: SetOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a machine-readable object.")] = False,
+) -> None:
+    """Rows, format, token lengths, truncation, a recommended max_seq_length, padding waste, examples."""
+    from tunewise.data.inspect import inspect_target, print_inspection
+
+    try:
+        result = inspect_target(target, set_ or [], model)
+    except _user_errors() as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps(result))
+    else:
+        print_inspection(console, result)
+
+
+@app.command()
+def merge(
+    adapter: Annotated[Path, typer.Argument(help="A LoRA/QLoRA run directory or a PEFT adapter directory.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="New directory for the merged model.")],
+    base: Annotated[
+        str | None, typer.Option(help="Base model, if the one the adapter records has moved.")
+    ] = None,
+) -> None:
+    """Merge an adapter into its base: a float32 HF model (safetensors, tokenizer) any tool loads."""
+    from tunewise.models.merge import merge_adapter
+
+    try:
+        result = merge_adapter(adapter, output, base)
+    except _user_errors() as exc:
+        _fail(exc)
+    for note in result.notes:
+        console.print(f"[yellow]note[/]: {note}")
+    console.print(f"[bold green]Merged model written to[/] {result.output_dir.resolve()}")
 
 
 def main() -> None:

@@ -1,0 +1,134 @@
+"""The walking skeleton on a tiny model: the run directory contract, adapter-only training, the CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from peft import PeftModel
+from rich.console import Console
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+import tunewise
+from tunewise.cli import app
+from tunewise.run import train
+
+QUIET = Console(file=io.StringIO(), width=120)
+
+
+@pytest.fixture
+def trained(tiny_config: dict) -> tuple[dict, dict]:
+    summary = train(tiny_config, console=QUIET)
+    return tiny_config, summary
+
+
+def test_run_directory_contract(trained: tuple[dict, dict]) -> None:
+    config, summary = trained
+    out = Path(config["training"]["output_dir"])
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "adapter_config.json", "adapter_model.safetensors"):
+        assert (out / name).is_file(), name
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == list(range(1, 13))
+    for row in train_rows:
+        assert {"step", "epoch", "loss", "learning_rate", "grad_norm", "tokens", "tokens_per_second"} <= row.keys()
+    assert all(b["tokens"] > a["tokens"] for a, b in zip(train_rows, train_rows[1:]))
+    eval_rows = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in eval_rows] == [0, 12]
+    on_disk = json.loads((out / "summary.json").read_text())
+    for key in ("eval_before", "eval_after", "task_metric", "train_seconds", "peak_memory_bytes", "output_dir"):
+        assert key in on_disk
+    assert on_disk["task_metric"] == "exact_match"
+    assert on_disk["eval_after"]["eval_loss"] == pytest.approx(summary["eval_after"]["eval_loss"])
+    assert on_disk["stop_reason"] == "max_steps"
+
+
+def test_loss_falls_and_only_adapter_weights_change(trained: tuple[dict, dict], tiny_model_dir: Path) -> None:
+    config, summary = trained
+    out = Path(config["training"]["output_dir"])
+    losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05
+    assert summary["eval_after"]["eval_loss"] < summary["eval_before"]["eval_loss"] - 0.1
+
+    adapter = load_file(out / "adapter_model.safetensors")
+    lora_b = [t for k, t in adapter.items() if "lora_B" in k]
+    assert lora_b and all(t.abs().sum() > 0 for t in lora_b)  # B starts at zero: nonzero means trained
+    assert not any("lora" not in k for k in adapter), "only adapter tensors are saved"
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out)
+    merged_base = reloaded.get_base_model().state_dict()
+    for name, tensor in base.state_dict().items():
+        peft_name = name.replace(".weight", ".base_layer.weight")
+        frozen = merged_base.get(peft_name, merged_base.get(name))
+        assert torch.equal(tensor, frozen), f"base weight {name} changed"
+
+
+def test_config_yaml_reproduces_the_run(trained: tuple[dict, dict]) -> None:
+    config, summary = trained
+    out = Path(config["training"]["output_dir"])
+    again = yaml.safe_load((out / "config.yaml").read_text())
+    again["training"]["output_dir"] = str(out.parent / "again")
+    second = train(again, console=QUIET)
+    assert second["eval_after"]["eval_loss"] == pytest.approx(summary["eval_after"]["eval_loss"], abs=1e-6)
+
+
+def test_python_api_accepts_a_yaml_path(tiny_config: dict, tmp_path: Path) -> None:
+    tiny_config["training"]["max_steps"] = 2
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(tiny_config))
+    summary = tunewise.train(str(path), overrides=["training.learning_rate=1e-3"])
+    assert summary["total_steps"] == 2
+    assert yaml.safe_load((Path(tiny_config["training"]["output_dir"]) / "config.yaml").read_text())["training"][
+        "learning_rate"
+    ] == pytest.approx(1e-3)
+
+
+def test_cli_plan_json(tiny_config: dict, tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(tiny_config))
+    result = CliRunner().invoke(app, ["plan", str(path), "--json", "--set", "max_steps=-1", "--set", "num_train_epochs=2"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    # 64 rows, batch 8, accumulation 1 -> 8 steps per epoch, 2 epochs
+    assert plan["steps_per_epoch"] == 8 and plan["total_steps"] == 16
+    assert plan["effective_batch_size"] == 8
+    assert plan["precision"] == "fp32"
+    assert 0 < plan["trainable_parameters"] < plan["total_parameters"]
+    assert plan["errors"] == []
+    assert isinstance(plan["lints"], list)
+
+
+def test_cli_plan_reports_config_errors_with_nonzero_exit(tiny_config: dict, tmp_path: Path) -> None:
+    tiny_config["training"]["learning_rate"] = -1
+    tiny_config["data"]["max_seq_len"] = 10
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(tiny_config))
+    result = CliRunner().invoke(app, ["plan", str(path), "--json"])
+    assert result.exit_code != 0
+    errors = " ".join(json.loads(result.stdout)["errors"])
+    assert "training.learning_rate" in errors and "max_seq_length" in errors
+
+
+def test_cli_train_refuses_bad_config_before_training(tiny_config: dict, tmp_path: Path) -> None:
+    tiny_config["generation"]["top_p"] = 1.5
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(tiny_config))
+    result = CliRunner().invoke(app, ["train", str(path)])
+    assert result.exit_code == 2
+    assert "generation.top_p" in result.output
+    assert not Path(tiny_config["training"]["output_dir"]).exists()
+
+
+def test_cli_generate_with_run_directory(trained: tuple[dict, dict]) -> None:
+    config, _ = trained
+    out = config["training"]["output_dir"]
+    result = CliRunner().invoke(app, ["generate", "reverse: red blue", "--model", out, "--set", "max_new_tokens=5"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip()
