@@ -141,12 +141,9 @@ def resolve_static(cfg: TunewiseConfig, hw: Hardware) -> Resolution:
         q.load_in_4bit = a.method == "qlora"
         res.record("quantization.load_in_4bit", q.load_in_4bit, "auto", f"method is {a.method}")
     compute = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[precision]
-    if q.bnb_4bit_compute_dtype == "auto":
+    if q.bnb_4bit_compute_dtype == "auto" and q.load_in_4bit:
         q.bnb_4bit_compute_dtype = compute  # type: ignore[assignment]
-        if q.load_in_4bit:
-            res.record(
-                "quantization.bnb_4bit_compute_dtype", compute, "auto", f"follows precision {precision}"
-            )
+        res.record("quantization.bnb_4bit_compute_dtype", compute, "auto", f"follows precision {precision}")
     if cfg.model.torch_dtype == "auto":
         # Adapters keep fp32 master weights; a frozen base can live in bf16 to halve its memory.
         dtype = "bfloat16" if precision == "bf16" and a.method != "full" else "float32"

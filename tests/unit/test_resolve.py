@@ -1,0 +1,105 @@
+"""Automatic choices: each rule's value and reason, and provenance (user / default / auto)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tunewise.config.load import load_config
+from tunewise.config.resolve import (
+    Hardware,
+    choose_batch,
+    choose_learning_rate,
+    choose_precision,
+    resolve_static,
+    resolve_steps,
+)
+
+CPU = Hardware("cpu", bf16_supported=False)
+AMPERE = Hardware("cuda", bf16_supported=True)
+TURING = Hardware("cuda", bf16_supported=False)
+
+
+@pytest.mark.parametrize(
+    ("hw", "expected"),
+    [(AMPERE, "bf16"), (TURING, "fp16"), (CPU, "fp32"), (Hardware("cpu", True, cpu_bf16_faster=True), "bf16")],
+)
+def test_precision_rule(hw: Hardware, expected: str) -> None:
+    value, reason = choose_precision(hw)
+    assert value == expected and reason
+
+
+def test_bf16_on_cpu_only_when_measured_faster() -> None:
+    value, reason = choose_precision(Hardware("cpu", bf16_supported=True, cpu_bf16_faster=False))
+    assert value == "fp32" and "not faster" in reason
+
+
+def test_learning_rate_rule_by_method() -> None:
+    assert choose_learning_rate("lora")[0] == 2e-4
+    assert choose_learning_rate("qlora")[0] == 2e-4
+    assert choose_learning_rate("full")[0] == 2e-5
+
+
+@pytest.mark.parametrize(
+    ("effective", "world", "cap", "per_device", "accumulation"),
+    [(16, 1, 8, 8, 2), (32, 2, 8, 8, 2), (12, 1, 8, 6, 2), (7, 1, 8, 7, 1), (64, 4, 16, 16, 1), (9, 1, 4, 3, 3)],
+)
+def test_batch_rule(effective: int, world: int, cap: int, per_device: int, accumulation: int) -> None:
+    got = choose_batch(effective, world, cap)
+    assert got[:2] == (per_device, accumulation)
+    assert per_device * accumulation * world == effective
+    assert f"{effective} = {per_device} per device x {accumulation} accumulation x {world} devices" == got[2]
+
+
+def test_batch_rule_rejects_indivisible_world() -> None:
+    with pytest.raises(ValueError, match="not divisible by the 4 devices"):
+        choose_batch(10, 4, 8)
+
+
+def test_provenance_user_default_auto() -> None:
+    cfg = load_config(
+        {
+            "training": {
+                "learning_rate": 1e-4,
+                "per_device_train_batch_size": "auto",
+                "gradient_accumulation_steps": "auto",
+                "effective_batch_size": 32,
+            }
+        }
+    )
+    res = resolve_static(cfg, CPU)
+    assert res.choices["training.learning_rate"].source == "user"
+    assert res.choices["training.precision"].source == "auto"
+    assert res.choices["training.per_device_train_batch_size"].value == 8
+    assert res.choices["training.gradient_accumulation_steps"].value == 4
+    assert res.config.training.effective_batch_size is None  # spelled out by the two keys now
+    steps = resolve_steps(res, num_train_examples=320, world_size=1)
+    assert steps.plan.steps_per_epoch == 10 and steps.plan.total_steps == 30  # 3 epochs by default
+    assert res.choices["training.warmup_steps"].value == 1  # ceil(0.03 x 30)
+    assert res.choices["training.warmup_steps"].source == "auto"
+    assert res.choices["training.logging_steps"].source == "default"
+
+
+def test_auto_learning_rate_and_4bit_for_qlora() -> None:
+    res = resolve_static(load_config({"adapter": {"method": "qlora"}}), CPU)
+    assert res.config.training.learning_rate == 2e-4
+    assert res.config.quantization.load_in_4bit is True
+    assert res.config.quantization.bnb_4bit_compute_dtype == "float32"
+
+
+def test_constant_schedule_gets_no_warmup() -> None:
+    res = resolve_static(load_config({"training": {"lr_scheduler_type": "constant"}}), CPU)
+    assert resolve_steps(res, 100, 1).warmup_steps == 0
+
+
+def test_user_warmup_ratio_is_hf_ceil() -> None:
+    res = resolve_static(load_config({"training": {"warmup_ratio": 0.1, "max_steps": 25}}), CPU)
+    assert resolve_steps(res, 100, 1).warmup_steps == 3  # ceil(2.5)
+
+
+def test_resolved_config_reloads_without_warnings_about_ignored_keys() -> None:
+    from tunewise.config.load import check_config, dump_config
+
+    res = resolve_static(load_config({"training": {"metric_for_best_model": "eval_perplexity"}}), AMPERE)
+    again = load_config(__import__("yaml").safe_load(dump_config(res.config)))
+    assert again.training.greater_is_better is False
+    assert [p for p in check_config(again) if p.severity != "info"] == []
