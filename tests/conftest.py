@@ -6,8 +6,21 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from tunewise.testing import save_tiny_model, tiny_chat_rows
+
+
+@pytest.fixture(autouse=True)
+def one_thread_for_tiny_models(request: pytest.FixtureRequest) -> object:
+    """Tiny models run faster on one thread (no fork/join per op); the real SmolLM2 gets them all."""
+    if request.node.get_closest_marker("smollm"):
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -107,7 +107,27 @@ def plan_summary(prep: Prepared) -> dict:
         },
         "notes": prep.resolution.notes + prep.notes,
         "lints": plan_lints(prep),
+        "memory_by_method": memory_by_method(prep),
     }
+
+
+def memory_by_method(prep: Prepared) -> dict[str, dict[str, int]]:
+    """Per method: trainable parameters and bytes of weights, gradients, optimizer state (no activations)."""
+    from tunewise.models.adapters import LoraSettings
+    from tunewise.models.adapters import memory_by_method as estimate
+
+    cfg, q = prep.config, prep.config.quantization
+    estimates = estimate(
+        prep.model_dir,
+        LoraSettings(**{k: getattr(cfg.adapter, k) for k in LoraSettings.__dataclass_fields__}),
+        cfg.training.optim,
+        method=cfg.adapter.method,
+        torch_dtype=str(cfg.model.torch_dtype),
+        bits=4 if q.load_in_4bit is True else 8 if q.load_in_8bit else None,
+        double_quant=q.bnb_4bit_use_double_quant,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+    return {method: e.as_dict() for method, e in estimates.items()}
 
 
 def print_plan(console: Console, prep: Prepared) -> None:
@@ -141,12 +161,27 @@ def print_plan(console: Console, prep: Prepared) -> None:
     if prep.config_overrides:
         table.add_row("model config", str(prep.config_overrides), "user", "dropout overrides")
     console.print(table)
+    print_memory(console, s["memory_by_method"], s["method"], prep.config.training.optim)
     for note in s["notes"]:
         console.print(f"[yellow]note[/]: {note}")
     for item in s["lints"]:
         color = "yellow" if item["severity"] == "warning" else "cyan"
         fix = f" -> {item['fix']}" if item["fix"] else ""
         console.print(f"[{color}]{item['severity']}[/] {item['key']}: ", Text(item["message"] + fix))
+
+
+def print_memory(console: Console, by_method: dict[str, dict[str, int]], chosen: str, optim: str) -> None:
+    table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
+    for col in ("method", "trainable", "weights", "gradients", f"{optim} state", "total"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for method, m in by_method.items():
+        sizes = [m[k] for k in ("weights_bytes", "gradients_bytes", "optimizer_state_bytes", "total_bytes")]
+        row = [method + (" (this run)" if method == chosen else ""), f"{m['trainable_parameters']:,}"]
+        table.add_row(
+            *row, *(f"{b / 2**20:,.1f} MiB" for b in sizes), style="bold" if method == chosen else ""
+        )
+    console.print("memory by method (activations not included; they grow with batch x sequence length):")
+    console.print(table)
 
 
 def print_eval(console: Console, title: str, metrics: dict) -> None:

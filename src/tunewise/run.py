@@ -7,7 +7,10 @@ there) and `tunewise train`.
 from __future__ import annotations
 
 import json
+import math
+import os
 import resource
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,9 +19,10 @@ from typing import Any
 import torch
 from accelerate import Accelerator, PartialState
 from rich.console import Console
+from rich.markup import escape
 from transformers import PreTrainedTokenizerBase, set_seed
 
-from tunewise.config.load import dump_config, load_config
+from tunewise.config.load import ConfigError, Problem, dump_config, load_config
 from tunewise.config.resolve import (
     Hardware,
     Resolution,
@@ -32,7 +36,13 @@ from tunewise.data.build import DataBundle, build_data
 from tunewise.data.tokenize import TokenizeSettings
 from tunewise.eval.metrics import choose_task_metric, eval_loss, score
 from tunewise.infer.generate import SamplingSettings, generate, prompt_messages
-from tunewise.models.adapters import LoraSettings, apply_method, count_parameters, quantization_config
+from tunewise.models.adapters import (
+    LoraSettings,
+    apply_method,
+    check_method_support,
+    count_parameters,
+    quantization_config,
+)
 from tunewise.models.load import load_model, load_tokenizer, materialize, model_overrides, resolve_source
 from tunewise.train.loop import Hooks, LoopSettings, LoopState, NonFiniteError, fit
 from tunewise.train.loss import CausalLMLoss
@@ -72,6 +82,19 @@ class Prepared:
 
 def prepare_model(cfg: TunewiseConfig) -> tuple[Any, PreTrainedTokenizerBase, Path, dict[str, float]]:
     m, a, q = cfg.model, cfg.adapter, cfg.quantization
+    problems = check_method_support(
+        a.method,
+        bool(q.load_in_4bit),
+        q.load_in_8bit,
+        a.use_dora,
+        probe_hardware().device_type,
+        a.init_lora_weights,
+        q.bnb_4bit_quant_type,
+        str(q.bnb_4bit_compute_dtype),
+        q.bnb_4bit_use_double_quant,
+    )
+    if problems:  # before any weights are read or converted
+        raise ConfigError([Problem(p.key, p.message) for p in problems])
     model_dir = materialize(resolve_source(m.model_name_or_path))
     tokenizer = load_tokenizer(model_dir, m.trust_remote_code)
     if tokenizer.pad_token is None:
@@ -219,16 +242,24 @@ class RunWriter:
         """Drop rows a crashed run logged after the checkpoint we resume from."""
         path = self.dir / "metrics.jsonl"
         if self.enabled and path.is_file():
-            rows = [
-                line
-                for line in path.read_text().splitlines()
-                if json.loads(line).get("step", 0) <= after_step
-            ]
-            path.write_text("".join(row + "\n" for row in rows))
+            rows = [line for line in path.read_text().splitlines() if _row_step(line) <= after_step]
+            # Fix (test_crash_safety.py): write_text truncated first, so a kill -9 here lost every row;
+            # write a copy and rename it over the old file instead.
+            partial = path.with_name("metrics.jsonl.tmp")
+            partial.write_text("".join(row + "\n" for row in rows))
+            os.replace(partial, path)
 
     def text(self, name: str, content: str) -> None:
         if self.enabled:
             (self.dir / name).write_text(content)
+
+
+def _row_step(line: str) -> float:
+    """A metrics row's step; inf (dropped) for a line that a kill -9 cut short mid-write."""
+    try:
+        return json.loads(line).get("step", 0)
+    except ValueError:  # fix (test_crash_safety.py): a torn last line made every resume crash here
+        return math.inf
 
 
 def loop_settings(prep: Prepared) -> LoopSettings:
@@ -383,9 +414,15 @@ def train(
     train_seconds = time.perf_counter() - started
     if state.stop_reason == "interrupted":
         if main:
+            # Fix (test_crash_safety.py): the command left out the --set overrides, so resuming with it
+            # failed on a changed config. Quoted for the shell, escaped for Rich markup ("[" in paths),
+            # and never wrapped, so it pastes back as one command.
+            where = shlex.quote(str(config)) if isinstance(config, (str, Path)) else "CONFIG"
+            sets = "".join(f" --set {shlex.quote(o)}" for o in overrides)
             console.print(
-                f"[bold yellow]stopped[/] at step {state.step}; checkpoint saved. Resume with:\n"
-                f"  tunewise train {config if isinstance(config, (str, Path)) else 'CONFIG'} --resume"
+                f"[bold yellow]stopped[/] at step {state.step}; checkpoint saved. Resume with:\n  "
+                + escape(f"tunewise train {where}{sets} --resume"),
+                soft_wrap=True,
             )
         return {"stop_reason": "interrupted", "step": state.step, "output_dir": str(output_dir.resolve())}
     if t.load_best_model_at_end and state.best_step is not None:
@@ -443,7 +480,7 @@ def roll_back(
             "set training.save_steps so one exists, or lower training.learning_rate"
         )
     rollbacks = state.rollbacks + 1
-    new_state, _ = restore(
+    restored, _ = restore(
         latest,
         model=checkpointer.model,
         optimizer=checkpointer.optimizer,
@@ -452,12 +489,14 @@ def roll_back(
         scaler=accelerator.scaler,
     )
     factor = 0.5**rollbacks
-    scale_learning_rate(checkpointer.optimizer, checkpointer.scheduler, factor)
-    new_state.rollbacks = rollbacks
-    new_state.skipped_steps = state.skipped_steps
+    # Fix (test_crash_safety.py): a checkpoint saved after an earlier rollback already holds its lower
+    # rate; scaling by the whole factor again gave x0.125 at the second rollback instead of x0.25.
+    scale_learning_rate(checkpointer.optimizer, checkpointer.scheduler, 0.5 ** (rollbacks - restored.rollbacks))
+    restored.rollbacks = rollbacks
+    restored.skipped_steps = state.skipped_steps
     if console:
         console.print(f"[yellow]rolled back[/] to {latest.name}; learning rate x{factor}")
-    return new_state
+    return restored
 
 
 def _public(metrics: dict) -> dict:

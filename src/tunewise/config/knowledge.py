@@ -177,7 +177,7 @@ _ENTRIES = [
     _k(
         "chat_template",
         what="A Jinja template that turns a list of messages into the exact token text the model sees, "
-        "replacing the tokenizer's own template.",
+        "replacing the tokenizer's own template; or a name: chatml, llama3 or zephyr.",
         hf="PreTrainedTokenizerBase.chat_template",
         why="null: use the tokenizer's template, which matches how the instruct model was trained.",
         interactions="The adapter must be served with the same template it was trained with.",
@@ -192,8 +192,8 @@ _ENTRIES = [
         why="512 covers most instruction/answer pairs for small models while keeping memory low.",
         full="512 to 4096 (fit the data's longest examples)",
         lora="512 to 4096 (fit the data's longest examples)",
-        interactions="per_device_train_batch_size (memory), packing (rows are filled to this length), "
-        "truncation_side.",
+        interactions="per_device_train_batch_size (memory), truncation_side; with packing each example is "
+        "still cut at this length.",
         mistakes="Cutting off the answers (right truncation removes the completion, which is what the loss "
         "is computed on); going past the model's max_position_embeddings. A multiple of 8 helps GPU tensor "
         "cores; odd sizes do not help anything.",
@@ -237,14 +237,16 @@ _ENTRIES = [
     ),
     _k(
         "packing",
-        what="Concatenates several tokenised examples into each row of max_seq_length, with attention kept "
-        "inside each example, so almost no compute goes to padding. Each row then holds several examples, so "
-        "an epoch takes fewer optimizer steps.",
-        hf="trl.SFTConfig.packing",
-        why="false: simpler to reason about (one example per row); turn it on for many short examples.",
-        interactions="Batch size and step counts now count packed rows, not examples; padding no longer "
-        "matters; group_by_length is pointless.",
-        mistakes="Comparing learning rates or step counts between packed and unpacked runs as if equal.",
+        what="Flattens each micro-batch's examples into one row with no pad tokens; position ids restart at "
+        "every example and no token attends across an example boundary, so the loss and gradients equal the "
+        "padded batch's while no compute goes to padding. A batch is still N examples, so steps per epoch, "
+        "effective batch and learning-rate schedules keep their HF meaning.",
+        hf="trl.SFTConfig.packing / padding_free (ours keeps batch = examples, like padding_free)",
+        why="false in the schema for the plainest batches; the quickstart turns it on because it is faster.",
+        interactions="padding, padding_side and group_by_length no longer matter; pad_to_multiple_of rounds the "
+        "packed row.",
+        mistakes="Expecting TRL's fixed-length packing, which changes the number of rows and so the step count; "
+        "ours does not.",
     ),
     _k(
         "group_by_length",

@@ -113,7 +113,7 @@ def resolve_static(cfg: TunewiseConfig, hw: Hardware) -> Resolution:
         res.notes.append(
             "fp16 on CPU runs through autocast without loss scaling benefits; prefer bf16 or fp32"
         )
-    t.precision, t.bf16, t.fp16 = precision, precision == "bf16", precision == "fp16"
+    t.precision, t.bf16, t.fp16 = precision, precision == "bf16", precision == "fp16"  # type: ignore[assignment]
     res.record("training.precision", precision, src, why)
 
     if t.learning_rate == "auto":

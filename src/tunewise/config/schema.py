@@ -67,12 +67,12 @@ class DataConfig(_Section):
     """Separate validation data; when unset `validation_split` carves it from `dataset`."""
     validation_split: float | int | None = None
     """Fraction (0-1) or number of training rows held out for evaluation, seeded by `data_seed`."""
-    format: Literal["auto", "text", "prompt_completion", "alpaca", "chat"] = "auto"
+    format: Literal["auto", "text", "prompt_completion", "alpaca", "chat", "sharegpt"] = "auto"
     """Row format; auto detects it from the columns."""
     system_prompt: str | None = None
     """System message prepended to every conversation."""
     chat_template: str | None = None
-    """Jinja chat template overriding the tokenizer's."""
+    """Chat template overriding the tokenizer's: Jinja text or a name (chatml, llama3, zephyr)."""
     max_seq_length: int = Field(default=512, ge=8)
     """Longest tokenised example, in tokens; longer ones are truncated by `truncation_side`."""
     truncation_side: Literal["right", "left"] = "right"

@@ -7,25 +7,38 @@ Packing flattens the examples of a micro-batch into a single row whose `position
 for every example and passes no attention mask: transformers then builds a block-diagonal causal
 mask from the position ids (sdpa and eager on CPU, flash-attention varlen on GPU), so no example
 attends to another. A batch stays N examples, exactly as without packing, so steps per epoch and
-every other count keep their Hugging Face meaning; only the pad tokens disappear.
+every other count keep their Hugging Face meaning; only the pad tokens disappear. On CPU (sdpa,
+eager) attention still runs over the whole row with that mask, so its cost grows with the square
+of the row's length; only flash-attention skips the masked blocks.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 
 from tunewise.data.tokenize import IGNORE
 
+PADDING_SIDES = ("right", "left")
+
 
 def shifted_targets(labels: Sequence[int]) -> list[int]:
+    """`targets[t]` = the label of token t + 1; the last token predicts nothing."""
     return list(labels[1:]) + [IGNORE]
 
 
-def _round_up(n: int, multiple: int | None) -> int:
+def round_up(n: int, multiple: int | None) -> int:
     return n if not multiple else -(-n // multiple) * multiple
+
+
+def padded_width(
+    longest: int, pad_to_length: int | None = None, pad_to_multiple_of: int | None = None
+) -> int:
+    """Columns of a padded batch: its longest example (or `pad_to_length`), rounded up to the multiple."""
+    return round_up(max(pad_to_length or 0, longest), pad_to_multiple_of)
 
 
 def collate_padded(
@@ -36,7 +49,15 @@ def collate_padded(
     pad_to_length: int | None = None,
     pad_to_multiple_of: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    width = _round_up(pad_to_length or max(len(e["input_ids"]) for e in examples), pad_to_multiple_of)
+    """Pad to one width; pads get attention_mask 0 and target IGNORE, whatever `pad_token_id` is.
+
+    Targets come from the labels alone, never from comparing ids with the pad id, so a pad id equal to
+    EOS (SmolLM2) cannot hide the EOS targets. Left padding also returns `position_ids` counting from 0
+    at each example's first real token, as generation does, so positions do not depend on the padding.
+    """
+    if padding_side not in PADDING_SIDES:
+        raise ValueError(f"padding_side must be one of {PADDING_SIDES}, got {padding_side!r}")
+    width = padded_width(max(len(e["input_ids"]) for e in examples), pad_to_length, pad_to_multiple_of)
     ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
     targets = torch.full((len(examples), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
@@ -46,12 +67,16 @@ def collate_padded(
         ids[row, cols] = torch.tensor(example["input_ids"])
         targets[row, cols] = torch.tensor(shifted_targets(example["labels"]))
         mask[row, cols] = 1
-    return {"input_ids": ids, "attention_mask": mask, "targets": targets}
+    batch = {"input_ids": ids, "attention_mask": mask, "targets": targets}
+    if padding_side == "left":
+        batch["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+    return batch
 
 
 def collate_packed(
-    examples: Sequence[dict], pad_to_multiple_of: int | None = None
+    examples: Sequence[dict], pad_to_multiple_of: int | None = None, pad_token_id: int = 0
 ) -> dict[str, torch.Tensor]:
+    """All examples in one row, `position_ids` restarting at 0 for each, no attention mask (see the module doc)."""
     ids: list[int] = []
     targets: list[int] = []
     positions: list[int] = []
@@ -60,13 +85,13 @@ def collate_packed(
         ids += example["input_ids"]
         targets += shifted_targets(example["labels"])
         positions += range(n)
-    extra = _round_up(len(ids), pad_to_multiple_of) - len(ids)
-    if extra:  # a filler "example" of pad id 0, positions restarting, nothing to learn
-        ids += [0] * extra
+    extra = round_up(len(ids), pad_to_multiple_of) - len(ids)
+    if extra:  # a filler "example": its positions restart, so nothing attends to it; nothing to learn
+        ids += [pad_token_id] * extra
         targets += [IGNORE] * extra
         positions += range(extra)
-    as_row = lambda values: torch.tensor(values, dtype=torch.long).unsqueeze(0)  # noqa: E731
-    return {"input_ids": as_row(ids), "position_ids": as_row(positions), "targets": as_row(targets)}
+    columns = {"input_ids": ids, "position_ids": positions, "targets": targets}
+    return {name: torch.tensor(values, dtype=torch.long).unsqueeze(0) for name, values in columns.items()}
 
 
 def batch_indices(
@@ -76,7 +101,8 @@ def batch_indices(
 
     With `group_by_length`, indices are shuffled, cut into mega-batches of 50 batches, each sorted by
     length and re-cut into batches, and the batches shuffled: similar lengths share a batch while the
-    order stays random (the same scheme as HF's LengthGroupedSampler).
+    order stays random (the same scheme as HF's LengthGroupedSampler). As there, the batch holding the
+    longest example goes first, so a batch too large for memory fails at step 1, not hours in.
     """
     order = list(range(len(lengths)))
     rng = random.Random(seed)
@@ -91,13 +117,17 @@ def batch_indices(
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     if group_by_length and shuffle:
         rng.shuffle(batches)
+    if group_by_length and batches:
+        longest = max(range(len(batches)), key=lambda b: max(lengths[i] for i in batches[b]))
+        batches.insert(0, batches.pop(longest))
     return batches
 
 
 def iterate_batches(
-    dataset: Sequence[dict] | object, batches: list[list[int]], collate: object
+    dataset: Any, batches: list[list[int]], collate: Callable[[list[dict]], dict[str, torch.Tensor]]
 ) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+    """(indices, collated batch) for each index list; `dataset[indices]` is a dict of columns, as in `datasets`."""
     for indices in batches:
-        rows = dataset[indices]  # type: ignore[index]  # datasets returns a dict of columns
+        rows = dataset[indices]
         examples = [dict(zip(rows, values)) for values in zip(*rows.values())]
-        yield indices, collate(examples)  # type: ignore[operator]
+        yield indices, collate(examples)

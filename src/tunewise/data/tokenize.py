@@ -1,81 +1,195 @@
 """Render normalised rows through the chat template and tokenise them with label masks.
 
-A conversation is rendered turn by turn: for every assistant turn, the template is applied to the
-turns before it with the generation prompt, and to the turns up to and including it. The text
-between the two renders is the assistant's turn; its tokens up to and including the end-of-turn
-token are trained (label = token id), everything else gets -100. Segments are tokenised one by one
-and concatenated, so the label boundaries are exact whatever the tokenizer merges.
+Labels. A conversation is rendered turn by turn: for every assistant turn, the template is applied
+to the turns before it with the generation prompt, and to the turns up to and including it. The
+text between the two renders is the assistant's turn. Its text up to and including the first EOS
+(or, when the template ends turns with another marker, up to the last non-blank character, e.g.
+`<|eot_id|>`) is trained: label = token id. Everything else (system, user, the assistant header,
+the newline after the end-of-turn marker) gets `IGNORE`. With `train_on_inputs` every token is
+trained. Plain `text` rows are trained on every token, with EOS appended.
+
+Seams. Segments are tokenised one by one and concatenated, so a label boundary never falls inside
+a token, and the tokens before each answer are exactly those `generate` feeds the model (the
+prompt rendered with the generation prompt, tokenised alone). On SmolLM2 this equals tokenising
+the whole render at once for every conversation except those whose answer starts with whitespace:
+there the whole render merges the header's newline with it (`Ċ` + `Ġx` -> `ĊĠ` + `x`), a prompt
+ending the model never sees at generation time. tests/unit/test_tokenize.py measures this.
+
+Truncation cuts `max_seq_length` tokens from the right (keep the start) or the left (keep the
+end). An example left without a single target token is dropped and counted: it has nothing to
+learn and would make an all-masked batch.
+
+Caching. `tokenize_dataset` keys the `datasets` cache on the rows' fingerprint, the tokenizer's
+vocabulary and special tokens, the resolved template, the settings and this file's source, so a
+second run with the same inputs reads the Arrow cache and changing any of them tokenises again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import datasets
 from transformers import PreTrainedTokenizerBase
 
+from tunewise.data.load import DataError
+
 IGNORE = -100
+"""Label of a token the loss skips (PyTorch's cross-entropy `ignore_index`)."""
 
-# Used for plain `text` rows when a tokenizer has no chat template and a row must be rendered.
-FALLBACK_TEMPLATE = (
-    "{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + eos_token + '\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
-)
+NAMED_TEMPLATES: dict[str, str] = {
+    # ChatML (OpenAI, Qwen, SmolLM2).
+    "chatml": (
+        "{% for message in messages %}"
+        "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    ),
+    # Meta-Llama-3-8B-Instruct's tokenizer_config.json.
+    "llama3": (
+        "{% for message in messages %}{% set content = '<|start_header_id|>' + message['role'] + "
+        "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' %}"
+        "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+    ),
+    # HuggingFaceH4/zephyr-7b-beta's; its markers are plain text and turns end with EOS, so it fits any tokenizer.
+    "zephyr": (
+        "{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+    ),
+}
+"""Chat templates `data.chat_template` may name instead of spelling out Jinja."""
+_TEMPLATE_TOKENS = {
+    "chatml": ("<|im_start|>", "<|im_end|>"),
+    "llama3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+}
+"""Markers a named template needs as single tokens: split into pieces, an end-of-turn marker is no stop token."""
+TRUNCATION_SIDES = ("right", "left")
+_CODE_VERSION = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
 
 
-class TemplateError(ValueError):
-    """The chat template renders in a way we cannot split into prompt and answer."""
+class TemplateError(DataError):
+    """The chat template is missing, unknown, or renders in a way prompt and answer cannot be told apart."""
 
 
 @dataclass(frozen=True)
 class TokenizeSettings:
     max_seq_length: int
+    """Longest example in tokens; longer ones are cut on `truncation_side`."""
     truncation_side: str = "right"
+    """right keeps the start of an over-long example, left keeps its end."""
     train_on_inputs: bool = False
+    """Also train on prompts and user turns; plain text always trains on every token."""
     chat_template: str | None = None
+    """None: the tokenizer's; a name in NAMED_TEMPLATES; or a Jinja template."""
+
+    def __post_init__(self) -> None:
+        if self.truncation_side not in TRUNCATION_SIDES:
+            raise DataError(
+                f"truncation_side must be one of {TRUNCATION_SIDES}, got {self.truncation_side!r}"
+            )
+        if self.max_seq_length < 2:
+            raise DataError(f"max_seq_length must be at least 2 tokens, got {self.max_seq_length}")
 
 
-def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], template: str | None, gen: bool) -> str:
-    if not messages:
-        return ""
-    return tokenizer.apply_chat_template(
+# --- templates ----------------------------------------------------------------------------------------------
+
+
+def resolve_chat_template(tokenizer: PreTrainedTokenizerBase, chat_template: str | None) -> str:
+    """The Jinja text to render with: a named template, the user's Jinja, or the tokenizer's own.
+
+    Checks that a named template's markers are single tokens of this tokenizer. Pass the result, not the
+    name, to `apply_chat_template` (transformers reads a bare name as one of the tokenizer's own templates).
+    """
+    text = _template_text(tokenizer, chat_template)
+    missing = [m for m in _TEMPLATE_TOKENS.get(chat_template or "", ()) if not _single_token(tokenizer, m)]
+    if missing:
+        raise TemplateError(
+            f"data.chat_template: {chat_template!r} needs {', '.join(missing)} as single tokens, but the tokenizer "
+            f"of {tokenizer.name_or_path or 'this model'} splits them, so the model could not learn to end its "
+            "turns. Leave chat_template unset to use the model's own template, or use 'zephyr' (ends turns "
+            "with EOS and fits any tokenizer)."
+        )
+    return text
+
+
+def _template_text(tokenizer: PreTrainedTokenizerBase, chat_template: str | None) -> str:
+    if chat_template is None:
+        if not isinstance(tokenizer.chat_template, str):
+            raise TemplateError(
+                f"the tokenizer of {tokenizer.name_or_path or 'this model'} has no chat template, so chat data "
+                f"cannot be rendered; set data.chat_template to one of {', '.join(NAMED_TEMPLATES)} or a Jinja "
+                "template (zephyr fits any tokenizer)."
+            )
+        return tokenizer.chat_template
+    if chat_template in NAMED_TEMPLATES:
+        return NAMED_TEMPLATES[chat_template]
+    if "{{" in chat_template or "{%" in chat_template:
+        return chat_template
+    raise TemplateError(
+        f"data.chat_template: {chat_template!r} is neither a known template ({', '.join(NAMED_TEMPLATES)}) "
+        "nor Jinja (no '{{' or '{%'); use a name, paste the template, or leave it unset for the model's own."
+    )
+
+
+def _single_token(tokenizer: PreTrainedTokenizerBase, text: str) -> bool:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"]) == 1
+
+
+def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], template: str, gen: bool) -> str:
+    return tokenizer.apply_chat_template(  # type: ignore[return-value]
         messages, chat_template=template, tokenize=False, add_generation_prompt=gen
     )
+
+
+def _prompt(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict], i: int, template: str, full: str
+) -> str:
+    """What the model sees before assistant turn `i`: the earlier turns with the generation prompt."""
+    if i > 0:
+        return _render(tokenizer, messages[:i], template, gen=True)
+    # An opening assistant turn has no earlier turns to render (transformers refuses an empty
+    # conversation): its answer starts where its own text does, at the end of the render.
+    start = full.rfind(messages[0]["content"].strip())
+    if start < 0:
+        raise TemplateError("the chat template changes the text of an opening assistant turn; cannot find it")
+    return full[:start]
 
 
 def chat_segments(
     tokenizer: PreTrainedTokenizerBase, messages: list[dict], template: str | None = None
 ) -> list[tuple[str, bool]]:
-    """Split the rendered conversation into (text, is_assistant_output) segments."""
+    """Split the rendered conversation into (text, trained) segments that concatenate to the full render."""
+    template = _template_text(tokenizer, template)
+    eot = tokenizer.eos_token or ""
     segments: list[tuple[str, bool]] = []
     done = ""
-    eot = tokenizer.eos_token or ""
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = _render(tokenizer, messages[:i], template, gen=True)
         full = _render(tokenizer, messages[: i + 1], template, gen=False)
+        prompt = _prompt(tokenizer, messages, i, template, full)
         if not prompt.startswith(done) or not full.startswith(prompt):
             raise TemplateError(
-                "the chat template does not render conversations as growing prefixes, so prompt and answer "
-                "cannot be told apart; set data.chat_template to a template that does"
+                f"the chat template does not render assistant turn {i} as a continuation of the turns before "
+                "it, so prompt and answer cannot be told apart; set data.chat_template to a template that does"
             )
         answer = full[len(prompt) :]
         end = answer.find(eot) + len(eot) if eot and eot in answer else len(answer.rstrip())
-        segments += [(prompt[len(done) :], False), (answer[:end], True)]
-        done = prompt + answer[:end]
-        trailing = answer[end:]
-        if trailing:
-            segments.append((trailing, False))
-            done += trailing
+        segments += [(prompt[len(done) :], False), (answer[:end], True), (answer[end:], False)]
+        done = full
     return [(text, trained) for text, trained in segments if text]
+
+
+# --- encoding -----------------------------------------------------------------------------------------------
 
 
 def encode_chat(
     tokenizer: PreTrainedTokenizerBase, messages: list[dict], settings: TokenizeSettings
 ) -> tuple[list[int], list[int]]:
+    """Token ids and labels of one conversation (labels are `IGNORE` outside trained segments)."""
     ids: list[int] = []
     labels: list[int] = []
     for text, trained in chat_segments(tokenizer, messages, settings.chat_template):
@@ -86,6 +200,7 @@ def encode_chat(
 
 
 def encode_text(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[list[int], list[int]]:
+    """Plain text, trained on every token; EOS appended so the model learns where a document ends."""
     ids = tokenizer(text, add_special_tokens=True)["input_ids"]
     if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
         ids = ids + [tokenizer.eos_token_id]
@@ -101,10 +216,14 @@ def truncate(ids: list[int], labels: list[int], max_len: int, side: str) -> tupl
 
 
 def encode_row(row: dict, tokenizer: PreTrainedTokenizerBase, settings: TokenizeSettings) -> dict:
-    if row.get("messages"):
-        ids, labels = encode_chat(tokenizer, row["messages"], settings)
-    else:
-        ids, labels = encode_text(tokenizer, row["text"])
+    """One normalised row -> input_ids, labels, length, full_length (before truncation), num_targets."""
+    try:
+        if row.get("messages"):
+            ids, labels = encode_chat(tokenizer, row["messages"], settings)
+        else:
+            ids, labels = encode_text(tokenizer, row["text"])
+    except TemplateError as e:
+        raise TemplateError(f"{row.get('source', 'a row')}: {e}") from None
     full_length = len(ids)
     ids, labels = truncate(ids, labels, settings.max_seq_length, settings.truncation_side)
     return {
@@ -112,47 +231,78 @@ def encode_row(row: dict, tokenizer: PreTrainedTokenizerBase, settings: Tokenize
         "labels": labels,
         "length": len(ids),
         "full_length": full_length,
+        # labels[0] is never a target: targets are labels shifted left by one (collate.shifted_targets)
         "num_targets": sum(label != IGNORE for label in labels[1:]),
     }
 
 
+# --- datasets -----------------------------------------------------------------------------------------------
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A hash of what decides the ids: vocabulary, merges, normaliser, special tokens, added tokens."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        # The leading "truncation"/"padding" state changes whenever someone calls the tokenizer
+        # with padding=True (generation does); it never changes our ids, so it must not bust the cache.
+        text = backend.to_str()
+        _, key, rest = text.partition('"added_tokens"')
+        vocab = key + rest if key else text
+    else:
+        vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
+    specials = json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str)
+    return hashlib.sha256(f"{type(tokenizer).__name__}|{specials}|{vocab}".encode()).hexdigest()[:32]
+
+
 def fingerprint(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, settings: TokenizeSettings) -> str:
-    """Cache key for tokenised data: the rows, the tokenizer, the template and the settings."""
-    parts = {
-        "rows": ds._fingerprint,
-        "tokenizer": tokenizer.name_or_path,
-        "vocab": len(tokenizer),
-        "template": settings.chat_template or tokenizer.chat_template,
-        "eos": tokenizer.eos_token,
-        "settings": settings.__dict__,
-        "version": 1,
-    }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    """Cache key for tokenised data: the rows, the tokenizer, the template, the settings and this code."""
+    template = (
+        resolve_chat_template(tokenizer, settings.chat_template) if "messages" in ds.column_names else None
+    )
+    parts = [ds._fingerprint, tokenizer_fingerprint(tokenizer), template, asdict(settings), _CODE_VERSION]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
 @dataclass(frozen=True)
 class TokenizeReport:
     rows: int
+    """Rows tokenised."""
     truncated: int
+    """Rows longer than max_seq_length, cut on truncation_side."""
     dropped_no_targets: int
+    """Rows dropped because truncation left them no trained token."""
+
+
+def encode_dataset(
+    ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, settings: TokenizeSettings
+) -> datasets.Dataset:
+    """`encode_row` over every row, through the `datasets` cache; keeps `source`, drops nothing."""
+    key = fingerprint(ds, tokenizer, settings)  # also checks the template before the first row
+    return ds.map(
+        encode_row,
+        fn_kwargs={"tokenizer": tokenizer, "settings": settings},
+        remove_columns=[c for c in ds.column_names if c != "source"],
+        new_fingerprint=key,
+        desc="tokenising",
+    )
 
 
 def tokenize_dataset(
     ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, settings: TokenizeSettings
 ) -> tuple[datasets.Dataset, TokenizeReport]:
-    """Tokenise every row (cached by fingerprint); drop rows left with nothing to learn."""
-    keep = [c for c in ("source",) if c in ds.column_names]
-    tokens = ds.map(
-        encode_row,
-        fn_kwargs={"tokenizer": tokenizer, "settings": settings},
-        remove_columns=[c for c in ds.column_names if c not in keep],
-        new_fingerprint=fingerprint(ds, tokenizer, settings),
-        desc="tokenising",
-    )
+    """Tokenise every row (cached); drop rows left with nothing to learn, so no batch is all-masked."""
+    tokens = encode_dataset(ds, tokenizer, settings)
     truncated = sum(f > n for f, n in zip(tokens["full_length"], tokens["length"]))
-    # An example with no target tokens (e.g. its answer was cut away) would add a NaN or zero
-    # loss to its batch; drop it here and report the count.
-    kept = tokens.filter(lambda n: n > 0, input_columns="num_targets", desc="dropping rows without targets")
+    kept = tokens.filter(
+        _has_targets,
+        input_columns="num_targets",
+        new_fingerprint=f"{tokens._fingerprint}-kept",
+        desc="dropping rows without targets",
+    )
     return kept, TokenizeReport(
         rows=len(tokens), truncated=truncated, dropped_no_targets=len(tokens) - len(kept)
     )
+
+
+def _has_targets(num_targets: Any) -> bool:
+    return bool(num_targets > 0)

@@ -2,32 +2,44 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from peft import PeftModel
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tunewise.infer.generate import SamplingSettings, generate
 from tunewise.models.load import load_model, load_tokenizer, materialize, resolve_source
+from tunewise.models.merge import find_adapter_base, is_adapter
 
 
 @dataclass
 class Loaded:
-    model: object
+    model: PreTrainedModel | PeftModel
     tokenizer: PreTrainedTokenizerBase
     sampling: SamplingSettings
+    chat_template: str | None = None
+    """The run's data.chat_template, so a run answers in the format it trained on."""
 
 
-def load_generation_model(name_or_path: str) -> tuple[object, PreTrainedTokenizerBase]:
+def load_generation_model(name_or_path: str) -> tuple[PreTrainedModel | PeftModel, PreTrainedTokenizerBase]:
+    """The model to answer with, from any of: a run directory (LoRA/QLoRA or full), a PEFT adapter,
+    a merged or other HF model directory, a GGUF file, a hub id or the embedded default.
+
+    An adapter's base is loaded as its run loaded it (dtype, 4/8-bit, from the run's config.yaml),
+    so a run answers as the model it trained; a bare adapter gets a float32 base.
+    """
     path = Path(name_or_path)
-    if (path / "adapter_config.json").is_file():
-        base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
-        base_dir = materialize(resolve_source(base))
-        tokenizer_dir = path if (path / "tokenizer_config.json").is_file() else base_dir
-        model = PeftModel.from_pretrained(load_model(base_dir), path)
-        return model, load_tokenizer(tokenizer_dir)
+    if is_adapter(path):
+        base = find_adapter_base(path)
+        model = load_model(
+            base.model_dir,
+            dtype=base.torch_dtype,
+            trust_remote_code=base.trust_remote_code,
+            quantization_config=base.quantization,
+        )
+        tokenizer_dir = path if (path / "tokenizer_config.json").is_file() else base.model_dir
+        return PeftModel.from_pretrained(model, path), load_tokenizer(tokenizer_dir, base.trust_remote_code)
     model_dir = materialize(resolve_source(name_or_path))
     return load_model(model_dir), load_tokenizer(model_dir)
 
@@ -42,11 +54,13 @@ def load_for_chat(name_or_path: str, overrides: list[str]) -> Loaded:
         g.max_new_tokens, g.do_sample, g.temperature, g.top_p, g.top_k, g.repetition_penalty
     )
     model, tokenizer = load_generation_model(name_or_path)
-    return Loaded(model, tokenizer, sampling)
+    return Loaded(model, tokenizer, sampling, cfg.data.chat_template)
 
 
 def reply(loaded: Loaded, history: list[dict]) -> str:
-    return generate(loaded.model, loaded.tokenizer, [history], loaded.sampling)[0]  # type: ignore[arg-type]
+    model = loaded.model  # a PeftModel generates as its base model does
+    answers = generate(model, loaded.tokenizer, [history], loaded.sampling, 1, loaded.chat_template)  # type: ignore[arg-type]
+    return answers[0]
 
 
 def answer(name_or_path: str, messages: list[dict], overrides: list[str]) -> str:

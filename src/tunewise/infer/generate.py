@@ -47,6 +47,9 @@ def generate(
     chat_template: str | None = None,
 ) -> list[str]:
     """Answer each conversation (a list of turns ending with a user turn)."""
+    from tunewise.data.tokenize import resolve_chat_template
+
+    chat_template = resolve_chat_template(tokenizer, chat_template)
     was_training = model.training
     model.eval()
     side = tokenizer.padding_side

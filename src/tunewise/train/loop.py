@@ -19,6 +19,7 @@ from functools import partial
 import torch
 from accelerate import Accelerator
 
+from tunewise.config.load import ConfigError, Problem
 from tunewise.data.collate import batch_indices, collate_packed, collate_padded, iterate_batches
 from tunewise.data.tokenize import IGNORE
 from tunewise.train.progress import TrainProgress
@@ -141,6 +142,8 @@ def train_step(
         last = i == len(window) - 1
         with accelerator.no_sync(loss_module) if not last else nullcontext(), accelerator.autocast():
             summed = loss_module(**{k: v.to(accelerator.device) for k, v in batch.items()})
+            if not bool((batch["targets"] != IGNORE).any()):
+                summed = summed + _zero_through_parameters(loss_module)
             # DDP averages gradients over ranks, hence the world-size factor.
             accelerator.backward(summed * accelerator.num_processes / max(window_targets, 1))
         loss_sum += summed.detach()
@@ -148,6 +151,17 @@ def train_step(
     grad_norm = accelerator.clip_grad_norm_(loss_module.parameters(), limit)
     loss = global_sum_float(accelerator, loss_sum) / max(window_targets, 1)
     return loss, float(grad_norm), window_targets
+
+
+def _zero_through_parameters(module: torch.nn.Module) -> torch.Tensor:
+    """0 x every trainable parameter, for a micro-batch without targets.
+
+    Fix (integration tests, test_distributed.py): such a micro-batch (a rank's empty share of an epoch's
+    last global batch) gives a constant loss with no graph, so its backward raised "does not require
+    grad"; and under DDP every parameter must still yield a (zero) gradient, or this rank never joins
+    the other ranks' gradient all-reduce.
+    """
+    return sum((p.sum() for p in module.parameters() if p.requires_grad), torch.zeros(())) * 0.0
 
 
 def global_sum_float(accelerator: Accelerator, value: torch.Tensor) -> float:
@@ -192,6 +206,7 @@ def fit(
     hooks: Hooks,
     progress: TrainProgress | None = None,
 ) -> LoopState:
+    _refuse_silent_fp32(accelerator)
     lengths = list(train_dataset["length"])  # type: ignore[index]
     loss_module.train()
     started = time.perf_counter()
@@ -227,7 +242,9 @@ def fit(
         optimizer.zero_grad(set_to_none=True)
         state.consecutive_nonfinite = 0
         state.step += 1
-        state.tokens += global_sum(accelerator, sum(int(b["input_ids"].numel()) - _pads(b) for b in window))
+        # Fix: a rank's stand-in micro-batch (no example ids, one pad token) is not data seen.
+        seen = sum(int(b["input_ids"].numel()) - _pads(b) for ids, b in zip(example_ids, window) if ids)
+        state.tokens += global_sum(accelerator, seen)
         state.target_tokens += targets
         elapsed = time.perf_counter() - started
         row = {
@@ -256,6 +273,20 @@ def fit(
     return state
 
 
+def _refuse_silent_fp32(accelerator: Accelerator) -> None:
+    """Fix (test_training_semantics.py): fp16 on CPU must fail before the first step, not train in fp32.
+
+    accelerate gives fp16 autocast and loss scaling only on accelerators; on CPU `Accelerator(mixed_precision=
+    "fp16")` quietly computes everything in fp32 (no autocast, no scaler).
+    """
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        message = (
+            "fp16 needs a GPU: on CPU accelerate applies no fp16 autocast and no loss scaling, so this run "
+            "would silently train in fp32. Use precision: bf16 (CPU autocast) or fp32."
+        )
+        raise ConfigError([Problem("training.precision", message)])
+
+
 def _pads(batch: dict[str, torch.Tensor]) -> int:
     mask = batch.get("attention_mask")
     return 0 if mask is None else int((mask == 0).sum())
@@ -267,13 +298,18 @@ def _evaluate(state: LoopState, settings: LoopSettings, hooks: Hooks) -> None:
     value = metrics.get(settings.metric_for_best_model)
     if value is None:
         return
+    # Fix (test_training_semantics.py): as HF, patience (EarlyStoppingCallback) needs an improvement
+    # larger than the threshold over the best *before* this evaluation, while the best metric and step
+    # (Trainer._determine_best_metric) follow any strict improvement; a NaN is never the best.
     if _improved(value, state.best_metric, settings.greater_is_better, settings.early_stopping_threshold):
-        state.best_metric, state.best_step, state.evals_without_improvement = value, state.step, 0
+        state.evals_without_improvement = 0
     else:
         state.evals_without_improvement += 1
         patience = settings.early_stopping_patience
         if patience and state.evals_without_improvement >= patience:
             state.stop_reason = "early_stopping"
+    if not math.isnan(value) and _improved(value, state.best_metric, settings.greater_is_better, 0.0):
+        state.best_metric, state.best_step = value, state.step
 
 
 class NonFiniteError(RuntimeError):

@@ -29,6 +29,8 @@ log = logging.getLogger("tunewise")
 # Keys that may differ between a checkpoint's config and the resumed run's: they change how long
 # or how often, never what a step computes.
 RESUMABLE_CHANGES = {
+    # Fix (test_crash_safety.py): a run directory copied to another disk or machine must resume there.
+    "training.output_dir",
     "training.max_steps",
     "training.num_train_epochs",
     "training.save_steps",
@@ -173,16 +175,49 @@ def restore(
             + "\nrestore those values, or pass --force-resume to continue anyway"
         )
     load_model_tensors(model, ck.model_tensors)
+    # load_state_dict puts back the checkpoint's hyperparameters; keep the current config's (they differ
+    # only under --force-resume), all but the rates, which the schedule sets below.
+    current = [{k: v for k, v in g.items() if k not in _SCHEDULED} for g in optimizer.param_groups]
     if ck.optimizer_state is not None:
         optimizer.load_state_dict(ck.optimizer_state)
+        for group, settings in zip(optimizer.param_groups, current):
+            group.update(settings)
     if ck.scheduler_state is not None:
         scheduler.load_state_dict(ck.scheduler_state)
+        _follow_current_schedule(optimizer, scheduler, _lr_ratio(ck.config_yaml, current_config_yaml))
     if scaler is not None and ck.scaler_state is not None:
         scaler.load_state_dict(ck.scaler_state)
     restore_rng_state(ck.rng_state)  # last: nothing above may consume randomness after it
     fields = LoopState.__dataclass_fields__
     state = LoopState(**{k: v for k, v in ck.trainer_state.items() if k in fields})
+    # Fix (test_crash_safety.py): the final and the interrupted checkpoint hold why that process stopped;
+    # kept, it ended the resumed loop before its first step (a resumed Ctrl-C run never trained again).
+    state.stop_reason = None
     return state, ck
+
+
+_SCHEDULED = ("params", "lr", "initial_lr")
+
+
+def _lr_ratio(saved_yaml: str, current_yaml: str) -> float:
+    """current / saved training.learning_rate: not 1 only when --force-resume changed it."""
+    saved, current = yaml.safe_load(saved_yaml), yaml.safe_load(current_yaml)
+    return float(current["training"]["learning_rate"]) / float(saved["training"]["learning_rate"])
+
+
+def _follow_current_schedule(optimizer: torch.optim.Optimizer, scheduler: Any, lr_ratio: float) -> None:
+    """Fix (test_crash_safety.py): the restored rates came from the checkpoint's schedule, so after a
+    changed max_steps (or warmup, or a forced learning_rate) the first resumed step ran at the old rate,
+    e.g. 0 when continuing a finished linear schedule. Re-derive them as the scheduler's own step would,
+    from the schedule built for this config, at the restored step; unchanged configs get the same floats.
+    """
+    if lr_ratio != 1.0:
+        scale_learning_rate(optimizer, scheduler, lr_ratio)
+    if hasattr(scheduler, "lr_lambdas"):  # LambdaLR: every schedule transformers.get_scheduler builds
+        rates = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+        for group, rate in zip(optimizer.param_groups, rates):
+            group["lr"] = rate
+        scheduler._last_lr = rates  # what get_last_lr() reports, as LRScheduler.step sets it
 
 
 def scale_learning_rate(optimizer: torch.optim.Optimizer, scheduler: Any, factor: float) -> None:
@@ -192,6 +227,9 @@ def scale_learning_rate(optimizer: torch.optim.Optimizer, scheduler: Any, factor
         group["lr"] *= factor
         if "initial_lr" in group:
             group["initial_lr"] *= factor
+    # Fix (test_crash_safety.py): the loop logs get_last_lr(), which still said the unscaled rate for the
+    # first step after a rollback. LRScheduler.step sets _last_lr this same way.
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 class GracefulStop:

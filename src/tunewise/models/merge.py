@@ -1,0 +1,122 @@
+"""Find an adapter's base model, and merge the adapter into it as a plain HF model directory.
+
+An adapter records its base as PEFT's `base_model_name_or_path`: for tunewise runs the local
+directory the base was read from (for the embedded model, a cache entry that can be deleted or
+moved). A run directory also has `config.yaml` with the `model_name_or_path` the user gave, which
+resolves again from anywhere, so it is the fallback.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from peft import PeftModel
+from transformers import BitsAndBytesConfig
+
+from tunewise.models.adapters import quantization_config
+from tunewise.models.load import ModelLoadError, load_model, load_tokenizer, materialize, resolve_source
+
+
+@dataclass(frozen=True)
+class AdapterBase:
+    """Where an adapter's base model is, and how its run loaded it."""
+
+    model_dir: Path
+    source: str
+    """Why this directory: the override, the adapter's record, or the run's config."""
+    torch_dtype: str = "float32"
+    quantization: BitsAndBytesConfig | None = None
+    """As the run loaded the base (None for an adapter without its run's config.yaml)."""
+    trust_remote_code: bool = False
+
+    @property
+    def bits(self) -> int | None:
+        q = self.quantization
+        return None if q is None else 4 if q.load_in_4bit else 8
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    output_dir: Path
+    base: AdapterBase
+    notes: list[str] = field(default_factory=list)
+
+
+def is_adapter(path: Path) -> bool:
+    return (path / "adapter_config.json").is_file()
+
+
+def find_adapter_base(adapter_dir: Path, base: str | None = None) -> AdapterBase:
+    """The base model of a PEFT adapter (or run directory); `base` overrides what was recorded."""
+    run = _run_config(adapter_dir)
+    model, q = run.get("model") or {}, run.get("quantization") or {}
+    settings: dict[str, Any] = {
+        "torch_dtype": model.get("torch_dtype")
+        if model.get("torch_dtype") in ("bfloat16", "float16")
+        else "float32",
+        "quantization": _run_quantization(q),
+        "trust_remote_code": bool(model.get("trust_remote_code", False)),
+    }
+    if base is not None:
+        return AdapterBase(materialize(resolve_source(base)), f"--base {base}", **settings)
+    recorded = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if recorded and Path(recorded).is_dir():
+        return AdapterBase(Path(recorded), "recorded in adapter_config.json", **settings)
+    original = model.get("model_name_or_path")
+    if original:
+        source = f"model_name_or_path `{original}` from {adapter_dir / 'config.yaml'}"
+        return AdapterBase(materialize(resolve_source(str(original))), source, **settings)
+    if recorded:  # a hub id, or a path gone with no run config to fall back on
+        return AdapterBase(
+            materialize(resolve_source(recorded)), "recorded in adapter_config.json", **settings
+        )
+    raise ModelLoadError(
+        f"{adapter_dir}: the adapter records no base model and has no config.yaml; pass --base MODEL"
+    )
+
+
+def _run_config(adapter_dir: Path) -> dict[str, Any]:
+    # Read as plain YAML, not through the schema: a run written by an older tunewise still merges.
+    path = adapter_dir / "config.yaml"
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+
+
+def _run_quantization(q: dict[str, Any]) -> BitsAndBytesConfig | None:
+    compute = q.get("bnb_4bit_compute_dtype")
+    return quantization_config(
+        q.get("load_in_4bit") is True,
+        q.get("load_in_8bit") is True,
+        q.get("bnb_4bit_quant_type", "nf4"),
+        bool(q.get("bnb_4bit_use_double_quant", True)),
+        compute if compute in ("bfloat16", "float16") else "float32",
+    )
+
+
+def merge_adapter(adapter_dir: Path, output_dir: Path, base: str | None = None) -> MergeResult:
+    """Write base + adapter as one float32 model (safetensors, tokenizer, generation config)."""
+    adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
+    if not is_adapter(adapter_dir):
+        if (adapter_dir / "config.json").is_file():
+            raise ModelLoadError(f"{adapter_dir} is a full model (a `method: full` run?): nothing to merge")
+        raise ModelLoadError(
+            f"{adapter_dir} has no adapter_config.json: give a run directory or a PEFT adapter"
+        )
+    if output_dir.exists() and any(output_dir.iterdir()):
+        raise ModelLoadError(f"--output {output_dir} is not empty; give a new directory")
+    found = find_adapter_base(adapter_dir, base)
+    notes = [f"base model {found.model_dir} ({found.source})"]
+    if found.bits:
+        notes.append(
+            f"the adapter was trained on a {found.bits}-bit base; merging de-quantises it: the base is "
+            "loaded unquantised in float32 and the adapter merged into those full-precision weights"
+        )
+    model = load_model(found.model_dir, dtype="float32", trust_remote_code=found.trust_remote_code)
+    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    merged.save_pretrained(output_dir)  # config, generation config, safetensors
+    tokenizer_dir = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else found.model_dir
+    load_tokenizer(tokenizer_dir, found.trust_remote_code).save_pretrained(output_dir)
+    return MergeResult(output_dir, found, notes)

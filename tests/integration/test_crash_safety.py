@@ -1,0 +1,777 @@
+"""Crash safety of a whole run: checkpoint contents, resume rules, resumed == uninterrupted, kill -9 at random
+moments, disk full, SIGTERM / Ctrl-C, non-finite steps.
+
+The checkpoint module's own guarantees (atomic folders, kill -9 inside raw saves, ENOSPC) are tested in
+tests/unit/test_checkpoint.py; these tests drive real training runs of a tiny llama on CPU (fp32, one thread)
+through `tunewise.run.train`, the CLI, a `python -m tunewise.cli` subprocess, or the fork server
+`_train_worker.py` (one python start for many runs that the test kills with SIGKILL).
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import io
+import json
+import logging
+import math
+import os
+import queue
+import random
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from peft import PeftModel
+from rich.console import Console
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+import tunewise.run as run
+from tunewise.cli import app
+from tunewise.config import schema
+from tunewise.testing import tiny_chat_rows
+from tunewise.train import checkpoint, loop
+from tunewise.train.checkpoint import list_checkpoints, load_checkpoint, verify_checkpoint
+from tunewise.train.loop import LoopState, _note_overflow
+from tunewise.train.loss import CausalLMLoss
+from tunewise.train.resume import ResumeError
+
+HERE = Path(__file__).parent
+WORKER = HERE / "_train_worker.py"
+TOLERANCE = 1e-6  # CPU fp32: resumed runs must match the uninterrupted one to this (they match bitwise today)
+STEPS_PER_EPOCH = 6  # 24 rows / (2 per micro-batch x 2 micro-batches per step)
+
+
+def quiet() -> Console:
+    return Console(file=io.StringIO(), width=200)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """One torch thread: the host is shared, and a sum's order must not depend on the thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cached_field_docs() -> Iterator[None]:
+    """Speed only: dump_config re-parses the schema's source once per key (~1.5 s a run; reported as a bug)."""
+    original = getattr(schema, "_field_docs", None)
+    if original is None or hasattr(original, "cache_info"):
+        yield
+        return
+    schema._field_docs = functools.cache(original)  # type: ignore[assignment]
+    yield
+    schema._field_docs = original  # type: ignore[assignment]
+
+
+@pytest.fixture(scope="module")
+def train_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in tiny_chat_rows(24, seed=1, max_words=6)))
+    return path
+
+
+def make_config(model_dir: Path, train_file: Path, output_dir: Path, **training: Any) -> dict:
+    """Tiny run, 2 x 2 micro-batches per step, dropout in the model and in LoRA so RNG restore matters."""
+    return {
+        # Llama's only dropout is attention_dropout (model.dropout would have nothing to change).
+        "model": {"model_name_or_path": str(model_dir), "attention_dropout": 0.1},
+        "data": {"dataset": str(train_file), "max_seq_length": 64},
+        "adapter": {"method": "lora", "r": 4, "lora_alpha": 8, "lora_dropout": 0.1},
+        "training": {
+            "output_dir": str(output_dir),
+            "max_steps": 8,
+            "per_device_train_batch_size": 2,
+            "gradient_accumulation_steps": 2,
+            "learning_rate": 5e-3,
+            "warmup_steps": 0,
+            "logging_steps": 1,
+            "save_steps": 2,
+            "save_total_limit": None,
+            **training,
+        },
+        "evaluation": {"task_metric": "none", "num_sample_prompts": 0},
+    }
+
+
+@pytest.fixture
+def config(tiny_model_dir: Path, train_file: Path, tmp_path: Path) -> dict:
+    return make_config(tiny_model_dir, train_file, tmp_path / "run")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir: Path, train_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uninterrupted in-process run every in-process resume is compared with."""
+    output_dir = tmp_path_factory.mktemp("reference") / "run"
+    run.train(make_config(tiny_model_dir, train_file, output_dir), console=quiet())
+    return output_dir
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def step_rows(output_dir: Path) -> dict[int, dict]:
+    """The training rows by step; fails if a step was logged twice (a resume must drop what it redoes)."""
+    rows = [r for r in metrics(output_dir) if "loss" in r and not r.get("skipped")]
+    steps = [r["step"] for r in rows]
+    assert len(steps) == len(set(steps)), f"steps logged twice: {steps}"
+    return {r["step"]: r for r in rows}
+
+
+def assert_same_curve(actual_dir: Path, expected_dir: Path, steps: int) -> None:
+    actual, expected = step_rows(actual_dir), step_rows(expected_dir)
+    assert sorted(actual) == list(range(1, steps + 1))
+    assert sorted(expected) == list(range(1, steps + 1))
+    for step in range(1, steps + 1):
+        for key in ("loss", "grad_norm", "learning_rate"):
+            assert actual[step][key] == pytest.approx(expected[step][key], abs=TOLERANCE), (step, key)
+        assert actual[step]["tokens"] == expected[step]["tokens"], step
+
+
+def assert_same_adapter(actual_dir: Path, expected_dir: Path) -> None:
+    actual = load_file(actual_dir / "adapter_model.safetensors")
+    expected = load_file(expected_dir / "adapter_model.safetensors")
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=TOLERANCE, msg=name)
+
+
+def all_finite(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return not value.is_floating_point() or bool(torch.isfinite(value).all())
+    if isinstance(value, dict):
+        return all(all_finite(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return all(all_finite(v) for v in value)
+    return not isinstance(value, float) or math.isfinite(value)
+
+
+def flat(text: str) -> str:
+    """Console output with Rich's line wrapping undone."""
+    return " ".join(text.split())
+
+
+def write_yaml(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def interrupt_at(monkeypatch: pytest.MonkeyPatch, step: int, signum: int = signal.SIGTERM) -> None:
+    """Signal this process once the metrics row of `step` is written, as a user (Ctrl-C: SIGINT) or a job
+    scheduler (SIGTERM) would."""
+    original = run.RunWriter.metrics
+
+    def metrics_then_signal(self: run.RunWriter, row: dict) -> None:
+        original(self, row)
+        if row.get("step") == step and "loss" in row:
+            os.kill(os.getpid(), signum)
+
+    monkeypatch.setattr(run.RunWriter, "metrics", metrics_then_signal)
+
+
+# ---------------------------------------------------------------------------------- checkpoint contents
+
+
+def test_checkpoints_hold_everything_exact_resume_needs(
+    config: dict, tiny_model_dir: Path, train_file: Path
+) -> None:
+    config["training"]["max_steps"] = 4
+    run.train(config, console=quiet())
+    out = Path(config["training"]["output_dir"])
+
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
+    for path in list_checkpoints(out):
+        assert verify_checkpoint(path) == []
+        manifest = json.loads((path / "manifest.json").read_text())
+        on_disk = {p.name for p in path.iterdir()} - {"manifest.json"}
+        assert set(manifest["files"]) == on_disk
+        assert on_disk == {
+            "adapter_model.safetensors",
+            "adapter_config.json",
+            "optimizer.json",
+            "optimizer.safetensors",
+            "scheduler.json",
+            "rng.json",
+            "rng.safetensors",
+            "trainer_state.json",
+            "config.yaml",
+        }  # no scaler.json: fp32 has no loss scaler
+        assert {"torch", "transformers", "peft", "accelerate", "tunewise"} <= manifest["versions"].keys()
+        assert (path / "config.yaml").read_text() == (out / "config.yaml").read_text()
+
+    ck = load_checkpoint(out / "checkpoint-2")
+    assert ck.step == 2
+    state = ck.trainer_state
+    assert (state["step"], state["epoch"], state["window"]) == (2, 0, 2)  # next: window 2 of epoch 0
+    assert state["tokens"] == step_rows(out)[2]["tokens"] and state["target_tokens"] > 0
+    for key in ("best_metric", "best_step", "evals_without_improvement", "consecutive_nonfinite", "rollbacks"):
+        assert key in state
+    assert ck.scheduler_state is not None and ck.scheduler_state["last_epoch"] == 2
+    assert ck.optimizer_state is not None
+    lora = [k for k in ck.model_tensors if "lora_" in k]
+    assert lora and set(ck.model_tensors) == set(lora), "adapter checkpoints hold only adapter tensors"
+    moments = ck.optimizer_state["state"]
+    assert len(moments) == len(lora) and all(int(s["step"]) == 2 for s in moments.values())
+    assert {"python", "numpy", "torch_cpu"} <= ck.rng_state.keys()
+    assert ck.config_yaml == (out / "config.yaml").read_text()
+
+    # PEFT loads a checkpoint folder as an adapter; the last one is the final adapter.
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    peft_model = PeftModel.from_pretrained(base, out / "checkpoint-4")
+    loaded = {k: v for k, v in peft_model.state_dict().items() if "lora_" in k}
+    final = load_file(out / "adapter_model.safetensors")
+    assert len(loaded) == len(final)
+    for name, tensor in final.items():
+        match = [v for k, v in loaded.items() if k.replace(".default", "") == name]
+        assert len(match) == 1 and torch.equal(match[0], tensor), name
+
+
+# ------------------------------------------------------------------------- resumed == uninterrupted
+
+
+@pytest.mark.parametrize(
+    ("k", "signum"),
+    [(3, signal.SIGINT), (STEPS_PER_EPOCH, signal.SIGTERM)],
+    ids=["mid-epoch-ctrl-c", "epoch-end-sigterm"],
+)
+def test_resumed_equals_uninterrupted(
+    k: int, signum: int, config: dict, reference: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stopped by a signal after step k (the step finishes and is saved), resumed: the same run."""
+    out = Path(config["training"]["output_dir"])
+    interrupt_at(monkeypatch, k, signum)
+    console = quiet()
+    stopped = run.train(config, console=console)
+    assert stopped["stop_reason"] == "interrupted" and stopped["step"] == k
+    assert list_checkpoints(out)[-1].name == f"checkpoint-{k}"
+    assert "Resume with: tunewise train CONFIG --resume" in flat(console.file.getvalue())  # type: ignore[attr-defined]
+    monkeypatch.undo()
+
+    console = quiet()
+    summary = run.train(config, console=console, resume=True)
+    assert f"checkpoint-{k} (step {k}" in flat(console.file.getvalue())  # type: ignore[attr-defined]
+    assert summary["stop_reason"] == "max_steps" and summary["total_steps"] == 8
+    assert_same_curve(out, reference, 8)
+    assert_same_adapter(out, reference)
+
+
+# ------------------------------------------------------------------------------- resume rules (CLI)
+
+
+def test_cli_resume_latest_or_path_and_config_changes(config: dict, tmp_path: Path) -> None:
+    runner = CliRunner()
+    out = Path(config["training"]["output_dir"])
+    config["training"]["max_steps"] = 4
+    first = runner.invoke(app, ["train", str(write_yaml(tmp_path / "run.yaml", config))])
+    assert first.exit_code == 0, first.output
+    before = (out / "metrics.jsonl").read_text()
+
+    changed = json.loads(json.dumps(config))
+    changed["training"] |= {"learning_rate": 1e-3, "gradient_accumulation_steps": 1}
+    refused = runner.invoke(app, ["train", str(write_yaml(tmp_path / "changed.yaml", changed)), "--resume"])
+    assert refused.exit_code == 2
+    message = flat(refused.output)
+    assert "training.learning_rate: 0.005 -> 0.001" in message
+    assert "training.gradient_accumulation_steps: 2 -> 1" in message
+    assert "--force-resume" in message and "max_steps" not in message
+    assert (out / "metrics.jsonl").read_text() == before, "a refused resume must not touch the run"
+
+    # Keys that change how long or how often, never what a step computes, may change without --force-resume.
+    # Resuming a finished run with a larger max_steps continues it.
+    config["training"] |= {"max_steps": 6, "save_steps": 1, "save_total_limit": 10, "logging_steps": 1}
+    longer = write_yaml(tmp_path / "longer.yaml", config)
+    latest = runner.invoke(app, ["train", str(longer), "--resume"])
+    assert latest.exit_code == 0, latest.output
+    assert "checkpoint-4 (step 4" in flat(latest.output)
+    assert sorted(step_rows(out)) == [1, 2, 3, 4, 5, 6]
+    assert json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())["step"] == 6
+
+    # --resume PATH picks that checkpoint; the rows logged after it are dropped and logged again.
+    chosen = runner.invoke(app, ["train", str(longer), "--resume", str(out / "checkpoint-2")])
+    assert chosen.exit_code == 0, chosen.output
+    assert "checkpoint-2 (step 2" in flat(chosen.output)
+    rows = step_rows(out)
+    assert sorted(rows) == [1, 2, 3, 4, 5, 6]
+    first_rows = [json.loads(line) for line in before.splitlines()]
+    assert [rows[s] for s in (1, 2)] == [r for r in first_rows if r.get("step") in (1, 2) and "loss" in r]
+
+    changed["training"] |= {"max_steps": 8, "save_steps": 1, "save_total_limit": 10}
+    forced = runner.invoke(
+        app, ["train", str(write_yaml(tmp_path / "forced.yaml", changed)), "--force-resume", "--resume"]
+    )
+    assert forced.exit_code == 0, forced.output
+    assert "checkpoint-6 (step 6" in flat(forced.output)
+    assert sorted(step_rows(out)) == list(range(1, 9))
+    assert rows_lr(out, 7) == pytest.approx(1e-3 * (8 - 6) / 8)  # the new learning rate, on the new schedule
+
+
+def rows_lr(output_dir: Path, step: int) -> float:
+    return float(step_rows(output_dir)[step]["learning_rate"])
+
+
+def test_api_resume_errors_and_a_moved_run_directory(config: dict, tmp_path: Path) -> None:
+    out = Path(config["training"]["output_dir"])
+    with pytest.raises(ResumeError, match="no valid checkpoint"):
+        run.train(config, console=quiet(), resume=True)
+
+    config["training"]["max_steps"] = 4
+    run.train(config, console=quiet())
+    changed = json.loads(json.dumps(config))
+    changed["adapter"]["r"] = 8
+    with pytest.raises(ResumeError, match=r"adapter\.r: 4 -> 8") as refused:
+        run.train(changed, console=quiet(), resume=str(out / "checkpoint-2"))
+    assert "--force-resume" in str(refused.value)
+
+    # A run directory copied elsewhere (another disk, another machine) resumes there: output_dir may change.
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    config["training"] |= {"output_dir": str(moved), "max_steps": 6}
+    summary = run.train(config, console=quiet(), resume=str(moved / "checkpoint-4"))
+    assert summary["total_steps"] == 6 and sorted(step_rows(moved)) == [1, 2, 3, 4, 5, 6]
+
+
+# ---------------------------------------------------------------------------------------- disk full
+
+
+def test_disk_full_during_a_run_checkpoint(config: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = Path(config["training"]["output_dir"])
+    write_file = checkpoint._write_file
+
+    def full_from_checkpoint_4(path: Path, data: bytes) -> None:
+        if path.parent.name.startswith(".tmp-checkpoint-4-"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        write_file(path, data)
+
+    monkeypatch.setattr(checkpoint, "_write_file", full_from_checkpoint_4)
+    cfg_path = write_yaml(tmp_path / "run.yaml", config)
+    result = CliRunner().invoke(app, ["train", str(cfg_path)])
+    assert result.exit_code == 2
+    message = flat(result.output)
+    assert "disk is full" in message and "checkpoint-4" in message
+    assert "earlier checkpoints are intact" in message
+    assert "Free some space" in message and "save_total_limit" in message
+    assert "Traceback" not in result.output
+
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2"]
+    assert verify_checkpoint(out / "checkpoint-2") == []
+    assert not [p for p in out.iterdir() if p.name.startswith(".tmp-")], "no half-written leftovers"
+
+    monkeypatch.undo()  # space freed: the run resumes from what survived and finishes
+    resumed = CliRunner().invoke(app, ["train", str(cfg_path), "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert sorted(step_rows(out)) == list(range(1, 9))
+
+
+# ----------------------------------------------------------------------------------- non-finite steps
+
+
+def inject_nan(monkeypatch: pytest.MonkeyPatch, attempts: set[int], accumulation: int = 2) -> list[list[int]]:
+    """NaN loss on the given optimizer-step attempts (1-based, skipped ones included); returns the example ids
+    of every window the loop drew, in order, to compare with what the loop logged."""
+    forward, windows_from = CausalLMLoss.forward, loop.windows_from
+    calls = 0
+    drawn: list[list[int]] = []
+
+    def nan_forward(self: CausalLMLoss, *args: Any, **kwargs: Any) -> torch.Tensor:
+        nonlocal calls
+        loss = forward(self, *args, **kwargs)
+        if not self.training:
+            return loss
+        calls += 1
+        return loss * float("nan") if (calls - 1) // accumulation + 1 in attempts else loss
+
+    def recorded(*args: Any, **kwargs: Any) -> Iterator[Any]:
+        for item in windows_from(*args, **kwargs):
+            drawn.append(sorted(i for ids in item[2] for i in ids))
+            yield item
+
+    monkeypatch.setattr(CausalLMLoss, "forward", nan_forward)
+    monkeypatch.setattr(loop, "windows_from", recorded)
+    return drawn
+
+
+def assert_checkpoints_finite(output_dir: Path) -> None:
+    for path in list_checkpoints(output_dir):
+        ck = load_checkpoint(path)
+        assert all_finite(ck.model_tensors) and all_finite(ck.optimizer_state), path
+
+
+def test_nonfinite_steps_are_skipped_then_the_run_stops(
+    config: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = Path(config["training"]["output_dir"])
+    config["training"] |= {"nonfinite_patience": 3, "nonfinite_policy": "stop"}
+    drawn = inject_nan(monkeypatch, {3, 6, 7, 8})
+    result = CliRunner().invoke(app, ["train", str(write_yaml(tmp_path / "run.yaml", config))])
+
+    assert result.exit_code == 2
+    message = flat(result.output)
+    assert "3 consecutive steps had a non-finite loss" in message and "nonfinite_policy: rollback" in message
+    assert "Traceback" not in result.output
+    skipped = [r for r in metrics(out) if r.get("skipped")]
+    # attempt 3 is step 3's first try; attempts 6-8 are three tries at step 5 (attempts 4, 5 made steps 3, 4)
+    assert [r["step"] for r in skipped] == [3, 5, 5, 5]
+    assert [r["example_ids"] for r in skipped] == [drawn[2], drawn[5], drawn[6], drawn[7]]
+    assert all(len(r["example_ids"]) == 4 and r["loss"] == "nan" for r in skipped)
+    assert sorted(step_rows(out)) == [1, 2, 3, 4]
+    assert all(math.isfinite(r["loss"]) for r in step_rows(out).values())
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
+    assert_checkpoints_finite(out)
+    assert load_checkpoint(out / "checkpoint-4").trainer_state["skipped_steps"] == [3]
+
+
+def test_nonfinite_rollback_lowers_the_learning_rate(config: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = Path(config["training"]["output_dir"])
+    config["training"] |= {"nonfinite_patience": 2, "nonfinite_policy": "rollback"}
+    # Attempts 5, 6 fail (step 5 twice): back to checkpoint-4 at half the rate. Attempts 7, 8 make steps
+    # 5, 6 (checkpoint-6 holds the halved rate); 9, 10 fail: back to checkpoint-6, a quarter of the rate.
+    inject_nan(monkeypatch, {5, 6, 9, 10})
+    console = quiet()
+    summary = run.train(config, console=console)
+
+    assert summary["stop_reason"] == "max_steps" and summary["total_steps"] == 8
+    assert summary["skipped_steps"] == [5, 5, 7, 7]
+    text = flat(console.file.getvalue())  # type: ignore[attr-defined]
+    assert "rolled back to checkpoint-4" in text and "rolled back to checkpoint-6" in text
+    rows = [r for r in metrics(out) if "loss" in r]
+    logged_steps = [r["step"] for r in rows]
+    assert logged_steps == [1, 2, 3, 4, 5, 5, 5, 6, 7, 7, 7, 8]  # skipped tries are rows too, never dropped
+
+    def scheduled(step: int) -> float:  # linear decay over 8 steps, no warmup: the configured schedule
+        return 5e-3 * (8 - step + 1) / 8
+
+    trained = {r["step"]: r for r in rows if not r.get("skipped")}
+    for step, factor in [(1, 1), (4, 1), (5, 0.5), (6, 0.5), (7, 0.25), (8, 0.25)]:
+        assert trained[step]["learning_rate"] == pytest.approx(scheduled(step) * factor), step
+    assert load_checkpoint(out / "checkpoint-8").trainer_state["rollbacks"] == 2
+    assert_checkpoints_finite(out)
+
+
+def test_repeated_fp16_overflows_suggest_bf16(caplog: pytest.LogCaptureFixture) -> None:
+    state = LoopState()
+    with caplog.at_level(logging.WARNING, logger="tunewise"):
+        for _ in range(100):
+            _note_overflow(state)
+    assert state.fp16_overflows == 100
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2  # at 10 and 100 overflows, not once per overflow
+    assert "skipped 10 updates" in warnings[0] and "skipped 100 updates" in warnings[1]
+    assert all("bf16" in w and "precision: bf16" in w for w in warnings)
+
+
+def test_truncating_metrics_survives_a_torn_last_line(tmp_path: Path) -> None:
+    writer = run.RunWriter(tmp_path, enabled=True)
+    for step in range(1, 5):
+        writer.metrics({"step": step, "loss": 1.0 / step})
+    with open(tmp_path / "metrics.jsonl", "a") as file:
+        file.write('{"step": 5, "lo')  # kill -9 in the middle of a write
+    writer.truncate_metrics(after_step=2)
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 2]
+    assert not list(tmp_path.glob("*.tmp*")), "the rewrite leaves no temporary file"
+
+
+# --------------------------------------------------------------------------- SIGTERM / Ctrl-C (CLI)
+
+
+def cli_env() -> dict[str, str]:
+    # COLUMNS: Rich must not wrap the printed resume command; one thread: the host is shared.
+    return {**os.environ, "COLUMNS": "400", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def wait_for(condition: Any, what: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def logged_steps(output_dir: Path) -> bool:
+    path = output_dir / "metrics.jsonl"
+    return path.is_file() and '"loss"' in path.read_text()
+
+
+@pytest.fixture(scope="module")
+def signalled_runs(
+    tiny_model_dir: Path, train_file: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, dict]:
+    """Two `python -m tunewise.cli train` processes, started together to share the import time, each signalled
+    once it logged a training step: one SIGTERM; one SIGINT and, once that was handled, a second SIGINT.
+    (A first SIGINT alone takes the SIGTERM path; in-process tests send it.)"""
+    root = tmp_path_factory.mktemp("signals")
+    runs: dict[str, dict] = {}
+    for name in ("sigterm", "sigint-twice"):
+        folder = root / name
+        folder.mkdir()
+        cfg = make_config(tiny_model_dir, train_file, folder / "run", max_steps=500, save_steps=None)
+        if name == "sigint-twice":  # long steps (16 micro-batches of 6): the second Ctrl-C lands mid-step
+            cfg["training"] |= {"per_device_train_batch_size": 6, "gradient_accumulation_steps": 16}
+        cfg_path = write_yaml(folder / "cfg.yaml", cfg)
+        with open(folder / "stdout", "w") as stdout, open(folder / "stderr", "w") as stderr:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "tunewise.cli", "train", str(cfg_path)],
+                stdout=stdout,
+                stderr=stderr,
+                env=cli_env(),
+                cwd=folder,
+            )
+        runs[name] = {"process": process, "folder": folder, "cfg": cfg, "cfg_path": cfg_path, "out": folder / "run"}
+    try:
+        for name, info in runs.items():
+            wait_for(lambda: logged_steps(info["out"]) or info["process"].poll() is not None, f"{name} step")
+            assert info["process"].poll() is None, (info["folder"] / "stderr").read_text()
+            info["process"].send_signal(signal.SIGTERM if name == "sigterm" else signal.SIGINT)
+        twice = runs["sigint-twice"]
+        wait_for(lambda: "SIGINT received" in (twice["folder"] / "stderr").read_text(), "the first SIGINT")
+        twice["process"].send_signal(signal.SIGINT)
+        twice["second_signal_at"] = time.monotonic()
+        for info in runs.values():
+            info["returncode"] = info["process"].wait(timeout=120)
+            info["ended_at"] = time.monotonic()
+            info["stdout"] = (info["folder"] / "stdout").read_text()
+            info["stderr"] = (info["folder"] / "stderr").read_text()
+    finally:
+        for info in runs.values():
+            if info["process"].poll() is None:
+                info["process"].kill()
+                info["process"].wait()
+    return runs
+
+
+def test_sigterm_finishes_the_step_saves_and_prints_how_to_resume(signalled_runs: dict[str, dict]) -> None:
+    info = signalled_runs["sigterm"]
+    assert info["returncode"] == 0, info["stderr"][-3000:]
+    command = f"tunewise train {shlex.quote(str(info['cfg_path']))} --resume"
+    assert command in info["stdout"]
+    out = info["out"]
+    last = max(step_rows(out))
+    # The step in flight finished, was logged, and is the one saved.
+    assert [p.name for p in list_checkpoints(out)] == [f"checkpoint-{last}"]
+    assert verify_checkpoint(out / f"checkpoint-{last}") == []
+    state = json.loads((out / f"checkpoint-{last}" / "trainer_state.json").read_text())
+    assert state["step"] == last and state["stop_reason"] == "interrupted"
+
+    # The printed command resumes, and the run goes on from there (max_steps may change on resume).
+    info["cfg"]["training"]["max_steps"] = last + 2
+    write_yaml(info["cfg_path"], info["cfg"])
+    resumed = CliRunner().invoke(app, command.split()[1:])
+    assert resumed.exit_code == 0, resumed.output
+    assert sorted(step_rows(out)) == list(range(1, last + 3))
+
+
+def test_a_second_ctrl_c_exits_at_once(signalled_runs: dict[str, dict]) -> None:
+    info = signalled_runs["sigint-twice"]
+    assert "SIGINT received: finishing this step, saving, then exiting" in info["stderr"]
+    assert info["returncode"] != 0
+    assert info["ended_at"] - info["second_signal_at"] < 15  # not after finishing a step and saving
+    assert "Resume with" not in info["stdout"]
+    assert not list_checkpoints(info["out"])
+    assert not [p for p in info["out"].iterdir() if p.name.startswith(".tmp-")]
+
+
+# ---------------------------------------------------------------------------------- kill -9 (worker)
+
+
+class TrainWorker:
+    """Client of _train_worker.py: forks training runs, kills them, collects their events."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.log = open(folder / "worker.log", "w")
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+        self.process = subprocess.Popen(
+            [sys.executable, str(WORKER)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            env=env,
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        self.events: dict[int, list[tuple[str, int]]] = {}
+        self.jobs = 0
+        self._expect("ready")
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.put(line.strip())
+        self.lines.put("eof")
+
+    def _next(self, timeout: float) -> str:
+        try:
+            line = self.lines.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"worker silent for {timeout} s; see {self.log.name}") from None
+        assert line != "eof", f"worker died; see {self.log.name}"
+        if line.startswith("event "):
+            _, pid, what, step = line.split()
+            self.events.setdefault(int(pid), []).append((what, int(step)))
+        return line
+
+    def _expect(self, prefix: str, timeout: float = 120.0) -> str:
+        while not (line := self._next(timeout)).startswith(prefix):
+            pass
+        return line
+
+    def _send(self, line: str) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(line + "\n")
+        self.process.stdin.flush()
+
+    def start(self, config: dict, resume: bool, **options: Any) -> int:
+        self.jobs += 1
+        job = self.folder / f"job-{self.jobs}.json"
+        job.write_text(json.dumps({"config": config, "resume": resume, **options}))
+        self._send(f"run {job}")
+        pid = int(self._expect("started ").split()[1])
+        self.events.setdefault(pid, [])
+        return pid
+
+    def wait_event(self, pid: int, what: str, min_step: int = 0, timeout: float = 60.0) -> bool:
+        """Wait until `pid` reports `what` at a step >= min_step; False if it ends (or finishes) first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if any(w == what and s >= min_step for w, s in self.events[pid]):
+                return True
+            if any(w == "done" for w, _ in self.events[pid]):
+                return False
+            self._next(max(0.01, deadline - time.monotonic()))
+
+    def kill(self, pid: int) -> int:
+        os.kill(pid, signal.SIGKILL)
+        return self.reap(pid)
+
+    def reap(self, pid: int) -> int:
+        self._send(f"reap {pid}")
+        return int(self._expect(f"reaped {pid} ", timeout=300).split()[2])
+
+    def close(self) -> None:
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrainWorker]:
+    client = TrainWorker(tmp_path_factory.mktemp("worker"))
+    yield client
+    client.close()
+
+
+def run_to_end(worker: TrainWorker, config: dict, resume: bool) -> list[tuple[str, int]]:
+    pid = worker.start(config, resume)
+    status = worker.reap(pid)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"run failed; see {worker.log.name}"
+    return worker.events[pid]
+
+
+def test_sigkill_between_micro_batches_of_a_window(
+    worker: TrainWorker, tiny_model_dir: Path, train_file: Path, tmp_path: Path
+) -> None:
+    reference = tmp_path / "reference"
+    run_to_end(worker, make_config(tiny_model_dir, train_file, reference), resume=False)
+
+    config = make_config(tiny_model_dir, train_file, tmp_path / "run")
+    out = Path(config["training"]["output_dir"])
+    # Micro-batch 10 is the second of step 5's window: killed after micro-batch 9's backward pass,
+    # with half of the step's gradient accumulated, after checkpoint-4.
+    pid = worker.start(config, resume=False, kill_at_micro_batch=10)
+    status = worker.reap(pid)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    assert [s for w, s in worker.events[pid] if w == "saved"] == [2, 4]
+    assert sorted(step_rows(out)) == [1, 2, 3, 4]
+
+    events = run_to_end(worker, config, resume=True)
+    assert ("resumed", 4) in events
+    assert_same_curve(out, reference, 8)
+    assert_same_adapter(out, reference)
+
+
+def kill_at_random_moments(worker: TrainWorker, config: dict, kills: int, rng: random.Random) -> int:
+    """SIGKILL a run `kills` times, resuming after each; returns how many kills landed inside a save.
+
+    Kills alternate: at a random moment of training once the child resumed (stepping, logging, saving,
+    rotating; every third of these at a random moment from its start instead: loading, verifying, resuming),
+    and at a random moment into a save, which is slowed down (10 ms per file) to make room.
+    """
+    out = Path(config["training"]["output_dir"])
+    pid = worker.start(config, resume=False, slow_write_s=0.01)
+    assert worker.wait_event(pid, "saved", 1), "the first run never saved"
+    newest, inside_save = 0, 0
+    for kill in range(kills):
+        if kill > 0:
+            pid = worker.start(config, resume=True, slow_write_s=0.01)
+        if kill % 6 == 0:
+            time.sleep(rng.uniform(0.0, 0.8))
+        elif kill % 2 == 0:
+            if worker.wait_event(pid, "resumed"):
+                time.sleep(rng.uniform(0.0, 0.6))
+        elif worker.wait_event(pid, "save-start", newest + rng.randint(1, 2)):
+            time.sleep(rng.uniform(0.0, 0.03))
+        status = worker.kill(pid)
+        events = worker.events[pid]
+        assert not any(w == "done" for w, _ in events), "the run finished before all kills: raise max_steps"
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, f"child failed: {worker.log.name}"
+        # Each resume, when the child got that far before its kill, is from the newest complete checkpoint.
+        assert all(s == newest for w, s in events if w == "resumed"), f"kill {kill}: {events}"
+        inside_save += int(bool(events) and events[-1][0] == "save-start")
+
+        # What a crash may leave: every checkpoint folder complete, none lost that a save reported done.
+        checkpoints = list_checkpoints(out)
+        for path in checkpoints:
+            assert verify_checkpoint(path) == [], f"kill {kill}: {path} is damaged"
+        saved = [s for w, s in events if w == "saved"]
+        previous, newest = newest, int(checkpoints[-1].name.split("-")[1])
+        assert newest >= max(saved + [previous]), f"kill {kill}: a finished save is gone"
+    # Finish without periodic saves (save_steps may change on resume), which is quicker.
+    pid = worker.start({**config, "training": {**config["training"], "save_steps": None}}, resume=True)
+    status = worker.reap(pid)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"final run failed: {worker.log.name}"
+    assert ("resumed", newest) in worker.events[pid]
+    return inside_save
+
+
+@pytest.mark.parametrize(
+    "kills", [20, pytest.param(100, marks=pytest.mark.slow)], ids=lambda kills: f"{kills}-kills"
+)
+def test_kill_9_at_random_moments(
+    kills: int, worker: TrainWorker, tiny_model_dir: Path, train_file: Path, tmp_path: Path
+) -> None:
+    steps = 2 * kills + 10  # progress per kill is ~0-2 steps: enough that the run is never finished early
+    reference = make_config(tiny_model_dir, train_file, tmp_path / "reference", max_steps=steps)
+    reference["training"]["save_steps"] = None  # saving must not change what a step computes
+    run_to_end(worker, reference, resume=False)
+
+    config = make_config(
+        tiny_model_dir, train_file, tmp_path / "run", max_steps=steps, save_steps=1, save_total_limit=2
+    )
+    inside_save = kill_at_random_moments(worker, config, kills, random.Random(kills))
+    assert inside_save >= kills // 4, f"only {inside_save} of {kills} kills landed inside a save"
+    out = Path(config["training"]["output_dir"])
+    assert_same_curve(out, tmp_path / "reference", steps)
+    assert_same_adapter(out, tmp_path / "reference")

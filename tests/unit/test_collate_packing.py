@@ -1,0 +1,209 @@
+"""Padding, packing and batching: the same examples give the same loss and gradients however they are batched."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+import pytest
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from tunewise.data.collate import (
+    batch_indices,
+    collate_packed,
+    collate_padded,
+    iterate_batches,
+    shifted_targets,
+)
+from tunewise.data.tokenize import IGNORE, TokenizeSettings, encode_row
+from tunewise.testing import build_tiny_model, build_tiny_tokenizer, tiny_chat_rows
+from tunewise.train.loss import CausalLMLoss
+
+Batch = dict[str, torch.Tensor]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    # Matrices this small gain nothing from intra-op threads, and on a shared CPU the thread
+    # handoffs made each forward/backward ~30x slower (1 s instead of 30 ms).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tok() -> PreTrainedTokenizerBase:
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def examples(tok: PreTrainedTokenizerBase) -> list[dict]:
+    rows = tiny_chat_rows(4, seed=3, max_words=6)
+    encoded = [encode_row(r, tok, TokenizeSettings(256)) for r in rows]
+    assert len({e["length"] for e in encoded}) == 4  # different lengths, so padding and packing matter
+    return encoded
+
+
+def loss_and_grads(attn: str, vocab: int, batches: list[Batch]) -> tuple[float, torch.Tensor]:
+    """Mean loss per target token and its gradient, as the loop computes them (sum / target count)."""
+    # A wider init than the default 0.02 makes attention far from uniform, so any leak between
+    # examples moves the loss well above the tolerance (see the control test below).
+    model = build_tiny_model(vocab, seed=0, attn_implementation=attn, initializer_range=0.2)
+    loss_module = CausalLMLoss(model)
+    targets = sum(int((b["targets"] != IGNORE).sum()) for b in batches)
+    loss = sum(loss_module(**b) for b in batches) / targets
+    loss.backward()
+    grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    return loss.item(), grads
+
+
+def assert_same(a: tuple[float, torch.Tensor], b: tuple[float, torch.Tensor], layout: str) -> None:
+    assert abs(a[0] - b[0]) < 1e-5, f"{layout}: loss {b[0]} vs {a[0]} one by one"
+    assert (a[1] - b[1]).abs().max().item() < 1e-5, f"{layout}: gradients differ"
+
+
+ATTENTION = ["sdpa", "eager"]
+
+
+# --- equivalence with one example at a time ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attn", ATTENTION)
+def test_packed_and_padded_batches_match_examples_run_one_by_one(
+    attn: str, tok: PreTrainedTokenizerBase, examples: list[dict]
+) -> None:
+    vocab = len(tok)
+    one_by_one = loss_and_grads(attn, vocab, [collate_padded([e], tok.pad_token_id) for e in examples])
+    layouts = {
+        "packed": collate_packed(examples),
+        "packed, multiple of 64": collate_packed(examples, pad_to_multiple_of=64),
+        "right padded": collate_padded(examples, tok.pad_token_id),
+        "left padded": collate_padded(examples, tok.pad_token_id, padding_side="left"),
+        "padded to 256": collate_padded(examples, tok.pad_token_id, pad_to_length=256),
+    }
+    for layout, batch in layouts.items():
+        assert_same(one_by_one, loss_and_grads(attn, vocab, [batch]), layout)
+
+
+@pytest.mark.parametrize("attn", ATTENTION)
+def test_control_a_packed_row_without_restarting_positions_leaks_across_examples(
+    attn: str, tok: PreTrainedTokenizerBase, examples: list[dict]
+) -> None:
+    # Proves the equivalence test can fail: without restarts transformers sees one long sequence.
+    packed = collate_packed(examples)
+    leaky = {**packed, "position_ids": torch.arange(packed["input_ids"].shape[1]).unsqueeze(0)}
+    right = loss_and_grads(attn, len(tok), [collate_packed(examples)])
+    wrong = loss_and_grads(attn, len(tok), [leaky])
+    assert abs(right[0] - wrong[0]) > 1e-2
+
+
+# --- layouts -----------------------------------------------------------------------------------------------
+
+
+def test_packed_row_restarts_positions_and_never_predicts_across_a_boundary(examples: list[dict]) -> None:
+    batch = collate_packed(examples, pad_to_multiple_of=64, pad_token_id=7)
+    lengths = [e["length"] for e in examples]
+    total = sum(lengths)
+    width = -(-total // 64) * 64
+    assert batch["input_ids"].shape == batch["position_ids"].shape == batch["targets"].shape == (1, width)
+    assert "attention_mask" not in batch
+    positions = batch["position_ids"][0].tolist()
+    targets = batch["targets"][0].tolist()
+    start = 0
+    for example in examples:
+        n = example["length"]
+        assert positions[start : start + n] == list(range(n))
+        assert targets[start : start + n] == shifted_targets(example["labels"])
+        assert targets[start + n - 1] == IGNORE  # the last token of an example predicts nothing
+        start += n
+    assert positions[total:] == list(range(width - total))  # filler is its own "example"
+    assert batch["input_ids"][0, total:].tolist() == [7] * (width - total)
+    assert set(targets[total:]) == {IGNORE}
+
+
+def test_padded_widths_dynamic_max_length_and_multiple(
+    tok: PreTrainedTokenizerBase, examples: list[dict]
+) -> None:
+    longest = max(e["length"] for e in examples)
+    pad = tok.pad_token_id
+    assert collate_padded(examples, pad)["input_ids"].shape == (4, longest)
+    assert collate_padded(examples, pad, pad_to_multiple_of=64)["input_ids"].shape == (
+        4,
+        -(-longest // 64) * 64,
+    )
+    assert collate_padded(examples, pad, pad_to_length=256)["input_ids"].shape == (4, 256)
+    assert collate_padded(examples, pad, pad_to_length=200, pad_to_multiple_of=64)["input_ids"].shape == (
+        4,
+        256,
+    )
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padding_side_places_tokens_masks_and_positions(
+    side: str, tok: PreTrainedTokenizerBase, examples: list[dict]
+) -> None:
+    batch = collate_padded(examples, tok.pad_token_id, padding_side=side)
+    width = batch["input_ids"].shape[1]
+    for row, example in enumerate(examples):
+        n = example["length"]
+        real = slice(0, n) if side == "right" else slice(width - n, width)
+        pads = slice(n, width) if side == "right" else slice(0, width - n)
+        assert batch["input_ids"][row, real].tolist() == example["input_ids"]
+        assert batch["attention_mask"][row, real].tolist() == [1] * n
+        assert batch["attention_mask"][row, pads].tolist() == [0] * (width - n)
+        assert set(batch["targets"][row, pads].tolist()) <= {IGNORE}
+        if side == "left":  # positions count from each example's first real token, as in generation
+            assert batch["position_ids"][row, real].tolist() == list(range(n))
+    assert ("position_ids" in batch) == (side == "left")
+
+
+def test_eos_targets_survive_when_pad_is_eos(tok: PreTrainedTokenizerBase, examples: list[dict]) -> None:
+    eos = tok.eos_token_id
+    for side in ("right", "left"):
+        batch = collate_padded(examples, pad_token_id=eos, padding_side=side)
+        assert int((batch["targets"] == eos).sum()) == len(examples)  # one end-of-turn per example
+        assert int((batch["input_ids"] == eos).sum()) > len(examples)  # ... among many eos pads
+
+
+# --- batching ----------------------------------------------------------------------------------------------
+
+
+def padding_tokens(lengths: list[int], batches: list[list[int]]) -> int:
+    return sum(len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in batches)
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+@pytest.mark.parametrize("group_by_length", [True, False])
+def test_every_index_appears_exactly_once_per_epoch(shuffle: bool, group_by_length: bool) -> None:
+    rng = random.Random(1)
+    lengths = [rng.randint(5, 500) for _ in range(1003)]
+    batches = batch_indices(lengths, 8, shuffle=shuffle, seed=3, group_by_length=group_by_length)
+    assert sorted(i for b in batches for i in b) == list(range(1003))
+    assert sorted(len(b) for b in batches) == [3] + [8] * 125
+    assert batches == batch_indices(lengths, 8, shuffle=shuffle, seed=3, group_by_length=group_by_length)
+
+
+def test_length_grouping_cuts_padding_keeps_order_random_and_puts_the_longest_first() -> None:
+    rng = random.Random(0)
+    lengths = [rng.randint(10, 1000) for _ in range(2000)]
+    plain = batch_indices(lengths, 8, shuffle=True, seed=5, group_by_length=False)
+    grouped = batch_indices(lengths, 8, shuffle=True, seed=5, group_by_length=True)
+    assert padding_tokens(lengths, grouped) < padding_tokens(lengths, plain) / 5
+    assert max(lengths[i] for i in grouped[0]) == max(lengths)
+    firsts = [max(lengths[i] for i in b) for b in grouped[1:50]]
+    assert firsts != sorted(firsts) and firsts != sorted(firsts, reverse=True)  # batches still shuffled
+    assert grouped != batch_indices(lengths, 8, shuffle=True, seed=6, group_by_length=True)
+
+
+def test_iterate_batches_collates_rows_of_a_dataset(
+    tok: PreTrainedTokenizerBase, examples: list[dict]
+) -> None:
+    import datasets
+
+    ds = datasets.Dataset.from_list(examples)
+    out = list(iterate_batches(ds, [[2, 0], [1, 3]], collate_packed))
+    assert [ids for ids, _ in out] == [[2, 0], [1, 3]]
+    expected = examples[2]["input_ids"] + examples[0]["input_ids"]
+    assert out[0][1]["input_ids"][0].tolist() == expected

@@ -1,0 +1,134 @@
+"""Merging adapters into full models, finding moved bases, and generating from runs, adapters and merges."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+from tunewise.cli import app
+from tunewise.infer.chat import answer, load_generation_model
+from tunewise.models.load import ModelLoadError, load_model, load_tokenizer
+from tunewise.models.merge import find_adapter_base, merge_adapter
+from tunewise.run import train
+from tunewise.testing import tiny_chat_rows
+
+IDS = torch.randint(3, 200, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+def logits(model: torch.nn.Module, ids: torch.Tensor = IDS) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+def save_adapter(base_dir: Path, out: Path, **lora: object) -> Path:
+    """A PEFT adapter with non-zero updates (init_lora_weights=False), as a trained one would have."""
+    torch.manual_seed(0)
+    config = LoraConfig(
+        task_type="CAUSAL_LM", r=4, target_modules="all-linear", init_lora_weights=False, **lora
+    )
+    get_peft_model(load_model(base_dir), config).save_pretrained(out)
+    load_tokenizer(base_dir).save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize(
+    "lora", [{}, {"use_dora": True, "modules_to_save": ["lm_head"]}], ids=["lora", "dora+lm_head"]
+)
+def test_merged_model_equals_base_plus_adapter(tiny_model_dir: Path, tmp_path: Path, lora: dict) -> None:
+    adapter = save_adapter(tiny_model_dir, tmp_path / "adapter", **lora)
+    result = merge_adapter(adapter, tmp_path / "merged")
+    files = {p.name for p in result.output_dir.iterdir()}
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json"} <= files
+    assert "adapter_config.json" not in files
+    merged = AutoModelForCausalLM.from_pretrained(result.output_dir)
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    with_adapter = PeftModel.from_pretrained(load_model(tiny_model_dir), adapter)
+    assert torch.allclose(logits(merged), logits(with_adapter), atol=1e-4, rtol=0)
+    assert not torch.allclose(logits(merged), logits(load_model(tiny_model_dir)), atol=1e-2)
+    assert result.notes == [f"base model {tiny_model_dir} (recorded in adapter_config.json)"]
+
+
+def test_a_moved_base_is_found_through_the_runs_config(tiny_model_dir: Path, tmp_path: Path) -> None:
+    adapter = save_adapter(tiny_model_dir, tmp_path / "adapter")
+    config_path = adapter / "adapter_config.json"
+    recorded = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**recorded, "base_model_name_or_path": str(tmp_path / "gone")}))
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        find_adapter_base(adapter)
+    (adapter / "config.yaml").write_text(
+        yaml.safe_dump({"model": {"model_name_or_path": str(tiny_model_dir)}})
+    )
+    found = find_adapter_base(adapter)
+    assert found.model_dir == tiny_model_dir and "config.yaml" in found.source
+    assert find_adapter_base(adapter, base=str(tiny_model_dir)).source == f"--base {tiny_model_dir}"
+
+
+def test_merge_refuses_what_it_cannot_do(tiny_model_dir: Path, tmp_path: Path) -> None:
+    adapter = save_adapter(tiny_model_dir, tmp_path / "adapter")
+    with pytest.raises(ModelLoadError, match="full model"):
+        merge_adapter(tiny_model_dir, tmp_path / "out")
+    with pytest.raises(ModelLoadError, match="not empty"):
+        merge_adapter(adapter, adapter)
+    with pytest.raises(ModelLoadError, match="no adapter_config.json"):
+        merge_adapter(tmp_path, tmp_path / "out")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA run of two steps from adapters that start non-zero, so it answers unlike the base."""
+    root = tmp_path_factory.mktemp("merge-run")
+    data = root / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in tiny_chat_rows(16, seed=1)))
+    config = {
+        "model": {"model_name_or_path": str(tiny_model_dir)},
+        "data": {"dataset": str(data), "max_seq_length": 64},
+        "adapter": {"method": "lora", "r": 4, "lora_dropout": 0.0, "init_lora_weights": False},
+        "training": {"output_dir": str(root / "run"), "max_steps": 2, "per_device_train_batch_size": 4},
+        "generation": {"max_new_tokens": 8},
+        "evaluation": {"task_metric": "none", "num_sample_prompts": 0},
+    }
+    return Path(train(config)["output_dir"])
+
+
+def test_generate_answers_alike_from_a_run_its_adapter_and_its_merge(run_dir: Path, tmp_path: Path) -> None:
+    bare_adapter = tmp_path / "adapter"  # only PEFT's files and the tokenizer: no config.yaml
+    shutil.copytree(
+        run_dir, bare_adapter, ignore=shutil.ignore_patterns("config.yaml", "checkpoint-*", "*.jsonl")
+    )
+    merged = tmp_path / "merged"
+    result = CliRunner().invoke(app, ["merge", str(run_dir), "--output", str(merged)])
+    assert result.exit_code == 0, result.output
+    assert "Merged model written to" in result.output
+
+    models = {
+        name: load_generation_model(str(path))[0]
+        for name, path in [("run", run_dir), ("adapter", bare_adapter), ("merged", merged)]
+    }
+    assert isinstance(models["run"], PeftModel) and isinstance(models["adapter"], PeftModel)
+    assert not isinstance(models["merged"], PeftModel)
+    reference = logits(models["run"])
+    for name in ("adapter", "merged"):
+        assert torch.allclose(logits(models[name]), reference, atol=1e-4, rtol=0), name
+
+    messages = [{"role": "user", "content": "reverse: red blue"}]
+    answers = {
+        name: answer(str(path), messages, ["generation.max_new_tokens=8"])
+        for name, path in [("run", run_dir), ("adapter", bare_adapter), ("merged", merged)]
+    }
+    assert answers["run"] == answers["adapter"] == answers["merged"]
+    assert len(answers["run"]) > 0
+
+
+def test_cli_merge_says_what_is_wrong(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["merge", str(tmp_path), "--output", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert "has no adapter_config.json: give a run directory" in " ".join(result.output.split())

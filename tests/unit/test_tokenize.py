@@ -1,0 +1,377 @@
+"""Chat templates and label masks: trained tokens are exactly the assistant turns, end-of-turn included."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import datasets
+import pytest
+from transformers import PreTrainedTokenizerBase
+
+import tunewise.data.tokenize as tokenize_module
+from tunewise.data.collate import collate_padded
+from tunewise.data.load import DataError, load_records
+from tunewise.data.tokenize import (
+    IGNORE,
+    TemplateError,
+    TokenizeSettings,
+    chat_segments,
+    encode_row,
+    tokenize_dataset,
+)
+from tunewise.testing import build_tiny_tokenizer, tiny_chat_rows
+
+SYSTEM_DEFAULT = (  # SmolLM2's template: a default system turn when the conversation has none
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are helpful<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def user(content: str) -> dict[str, str]:
+    return {"role": "user", "content": content}
+
+
+def assistant(content: str) -> dict[str, str]:
+    return {"role": "assistant", "content": content}
+
+
+def system(content: str) -> dict[str, str]:
+    return {"role": "system", "content": content}
+
+
+MULTI_TURN = [
+    system("Answer in one word."),
+    user("Colour of the sky?"),
+    assistant("Blue."),
+    user("And grass?"),
+    assistant("Green, mostly."),
+]
+
+
+@pytest.fixture(scope="module")
+def tok() -> PreTrainedTokenizerBase:
+    return build_tiny_tokenizer()
+
+
+def trained_runs(tokenizer: PreTrainedTokenizerBase, ids: list[int], labels: list[int]) -> list[str]:
+    """Decoded text of each maximal run of positions whose label is not IGNORE."""
+    runs: list[list[int]] = []
+    for i, label in enumerate(labels):
+        if label == IGNORE:
+            continue
+        assert label == ids[i], "a trained label is the token itself"
+        if runs and i > 0 and labels[i - 1] != IGNORE:
+            runs[-1].append(ids[i])
+        else:
+            runs.append([ids[i]])
+    return [tokenizer.decode(run, clean_up_tokenization_spaces=False) for run in runs]
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, messages: list[dict], **settings: Any) -> dict:
+    return encode_row(
+        {"messages": messages}, tokenizer, TokenizeSettings(**{"max_seq_length": 4096, **settings})
+    )
+
+
+def answers(messages: list[dict], end: str) -> list[str]:
+    return [m["content"] + end for m in messages if m["role"] == "assistant"]
+
+
+# --- labels match the template -----------------------------------------------------------------------------
+
+
+def test_single_turn_trains_exactly_the_answer_and_its_end_of_turn(tok: PreTrainedTokenizerBase) -> None:
+    messages = [user("reverse: a b"), assistant("b a")]
+    row = encode(tok, messages)
+    assert trained_runs(tok, row["input_ids"], row["labels"]) == ["b a<|im_end|>"]
+    assert tok.decode(row["input_ids"]) == tok.apply_chat_template(messages, tokenize=False)
+    assert row["num_targets"] == len(tok("b a<|im_end|>", add_special_tokens=False)["input_ids"])
+
+
+def test_multi_turn_with_system_trains_every_assistant_turn_and_nothing_else(
+    tok: PreTrainedTokenizerBase,
+) -> None:
+    row = encode(tok, MULTI_TURN)
+    assert trained_runs(tok, row["input_ids"], row["labels"]) == [
+        "Blue.<|im_end|>",
+        "Green, mostly.<|im_end|>",
+    ]
+    assert tok.decode(row["input_ids"]) == tok.apply_chat_template(MULTI_TURN, tokenize=False)
+
+
+def test_segments_concatenate_to_the_render_and_split_after_end_of_turn(tok: PreTrainedTokenizerBase) -> None:
+    segments = chat_segments(tok, MULTI_TURN)
+    assert "".join(text for text, _ in segments) == tok.apply_chat_template(MULTI_TURN, tokenize=False)
+    assert [text for text, trained in segments if trained] == answers(MULTI_TURN, "<|im_end|>")
+    assert segments[-1] == (
+        "\n",
+        False,
+    )  # the newline after the last end-of-turn is the template's, not learnt
+
+
+def test_default_system_prompt_and_an_opening_assistant_turn(tok: PreTrainedTokenizerBase) -> None:
+    messages = [assistant("Hi, ask me."), user("Sky?"), assistant("Blue.")]
+    row = encode(tok, messages, chat_template=SYSTEM_DEFAULT)
+    assert trained_runs(tok, row["input_ids"], row["labels"]) == ["Hi, ask me.<|im_end|>", "Blue.<|im_end|>"]
+    assert tok.decode(row["input_ids"]).startswith("<|im_start|>system\nYou are helpful<|im_end|>")
+
+
+def test_train_on_inputs_trains_every_token(tok: PreTrainedTokenizerBase) -> None:
+    row = encode(tok, MULTI_TURN, train_on_inputs=True)
+    assert row["labels"] == row["input_ids"]
+
+
+def test_plain_text_trains_every_token_and_ends_with_eos(tok: PreTrainedTokenizerBase) -> None:
+    row = encode_row({"text": "hello"}, tok, TokenizeSettings(64))
+    assert row["input_ids"] == tok("hello", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert row["labels"] == row["input_ids"]
+    assert row["num_targets"] == len(row["input_ids"]) - 1
+
+
+# --- named and explicit templates --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "render", "trained"),
+    [
+        (
+            "chatml",
+            "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\nA b<|im_end|>\n",
+            ["A b<|im_end|>"],
+        ),
+        ("zephyr", "<|user|>\nQ<|im_end|>\n<|assistant|>\nA b<|im_end|>\n", ["A b<|im_end|>"]),
+    ],
+)
+def test_named_templates_render_and_label_exactly(
+    tok: PreTrainedTokenizerBase, name: str, render: str, trained: list[str]
+) -> None:
+    row = encode(tok, [user("Q"), assistant("A b")], chat_template=name)
+    assert tok.decode(row["input_ids"]) == render
+    assert trained_runs(tok, row["input_ids"], row["labels"]) == trained
+
+
+def test_llama3_template_with_a_tokenizer_that_has_its_markers() -> None:
+    tok = build_tiny_tokenizer()
+    markers = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    tok.add_special_tokens({"additional_special_tokens": markers})
+    tok.bos_token = "<|begin_of_text|>"
+    tokenize_module.resolve_chat_template(tok, "llama3")  # markers are single tokens: no error
+    row = encode(tok, [system("Be brief."), user("Q"), assistant("  A b  ")], chat_template="llama3")
+    assert tok.decode(row["input_ids"]).startswith(
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>"
+    )
+    assert trained_runs(tok, row["input_ids"], row["labels"]) == ["A b<|eot_id|>"]  # the template trims
+
+
+def test_named_template_whose_markers_the_tokenizer_splits_is_an_error(tok: PreTrainedTokenizerBase) -> None:
+    with pytest.raises(TemplateError, match=r"llama3.*<\|start_header_id\|>.*<\|eot_id\|>.*zephyr"):
+        tokenize_module.resolve_chat_template(tok, "llama3")
+
+
+def test_explicit_jinja_template(tok: PreTrainedTokenizerBase) -> None:
+    template = (
+        "{% for m in messages %}{{ '### ' + m['role'] + ': ' + m['content'] + eos_token + '\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '### assistant: ' }}{% endif %}"
+    )
+    row = encode(tok, MULTI_TURN, chat_template=template)
+    assert trained_runs(tok, row["input_ids"], row["labels"]) == answers(MULTI_TURN, "<|im_end|>")
+
+
+def test_end_of_turn_that_is_not_eos_is_trained_up_to_the_last_non_blank(
+    tok: PreTrainedTokenizerBase,
+) -> None:
+    template = (
+        "{% for m in messages %}{{ '[' + m['role'] + '] ' + m['content'] + ' [end]\n\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '[assistant] ' }}{% endif %}"
+    )
+    row = encode(tok, MULTI_TURN, chat_template=template)
+    assert trained_runs(tok, row["input_ids"], row["labels"]) == answers(MULTI_TURN, " [end]")
+
+
+@pytest.mark.parametrize("value", ["chatml2", "my template"])
+def test_unknown_template_name_is_an_error_listing_the_names(
+    tok: PreTrainedTokenizerBase, value: str
+) -> None:
+    with pytest.raises(TemplateError, match="chatml, llama3, zephyr"):
+        tokenize_module.resolve_chat_template(tok, value)
+    assert issubclass(TemplateError, DataError)  # the CLI reports it as a user error, not a traceback
+
+
+def test_tokenizer_without_a_template_is_an_error_naming_the_fix() -> None:
+    tok = build_tiny_tokenizer()
+    tok.chat_template = None
+    with pytest.raises(TemplateError, match="no chat template.*data.chat_template"):
+        encode(tok, [user("Q"), assistant("A")])
+    assert trained_runs(tok, **_ids(encode(tok, [user("Q"), assistant("A")], chat_template="zephyr"))) == [
+        "A<|im_end|>"
+    ]
+
+
+def _ids(row: dict) -> dict:
+    return {"ids": row["input_ids"], "labels": row["labels"]}
+
+
+def test_template_that_does_not_grow_by_prefixes_is_an_error_naming_the_row(
+    tok: PreTrainedTokenizerBase,
+) -> None:
+    counting = "{{ messages|length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    rows = datasets.Dataset.from_list([{"messages": MULTI_TURN, "source": "chats.jsonl:3"}])
+    with pytest.raises(TemplateError, match=r"chats.jsonl:3: .*assistant turn 2"):
+        tokenize_dataset(rows, tok, TokenizeSettings(64, chat_template=counting))
+
+
+# --- truncation and dropping -------------------------------------------------------------------------------
+
+
+def test_truncation_right_keeps_the_start_and_left_keeps_the_end(tok: PreTrainedTokenizerBase) -> None:
+    full = encode(tok, MULTI_TURN)
+    n = full["length"]
+    right = encode(tok, MULTI_TURN, max_seq_length=n - 5)
+    left = encode(tok, MULTI_TURN, max_seq_length=n - 5, truncation_side="left")
+    assert right["input_ids"] == full["input_ids"][: n - 5] and right["labels"] == full["labels"][: n - 5]
+    assert left["input_ids"] == full["input_ids"][5:] and left["labels"] == full["labels"][5:]
+    assert right["full_length"] == left["full_length"] == n
+    assert right["length"] == left["length"] == n - 5
+    assert left["num_targets"] == full["num_targets"]  # the cut came from the system prompt
+    # the cut took the last answer's final "y.<|im_end|>" and the untrained newline after it
+    assert right["num_targets"] == full["num_targets"] - 4
+
+
+def test_examples_without_targets_are_dropped_and_counted(
+    tok: PreTrainedTokenizerBase, tmp_path: Path
+) -> None:
+    short = tiny_chat_rows(5, seed=3, max_words=3)
+    max_len = max(encode(tok, row["messages"])["length"] for row in short)  # every short row fits
+    long_prompt = [user("x" * max_len), assistant("yes")]  # its answer starts after max_len tokens
+    ds, _ = load_records([{"messages": long_prompt}, *short], cache_dir=tmp_path)
+    kept, report = tokenize_dataset(ds, tok, TokenizeSettings(max_len))
+    assert (report.rows, report.truncated, report.dropped_no_targets) == (6, 1, 1)
+    assert len(kept) == 5 and min(kept["num_targets"]) > 0
+    batch = collate_padded(list(kept), tok.pad_token_id)  # no batch can be all-masked, so no NaN loss
+    assert int((batch["targets"] != IGNORE).sum()) == sum(kept["num_targets"])
+    # Left truncation keeps the answer of the same row:
+    kept, report = tokenize_dataset(ds, tok, TokenizeSettings(max_len, truncation_side="left"))
+    assert (report.truncated, report.dropped_no_targets, len(kept)) == (1, 0, 6)
+
+
+def test_bad_settings_are_errors() -> None:
+    with pytest.raises(DataError, match="truncation_side"):
+        TokenizeSettings(64, truncation_side="middle")
+
+
+# --- caching -----------------------------------------------------------------------------------------------
+
+
+def counting_encode_row(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls = [0]
+    real: Callable[..., dict] = tokenize_module.encode_row
+
+    def counted(*args: Any, **kwargs: Any) -> dict:
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tokenize_module, "encode_row", counted)
+    return calls
+
+
+def test_second_run_reads_the_cache_and_changed_settings_tokenise_again(
+    tok: PreTrainedTokenizerBase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in tiny_chat_rows(12, seed=4)))
+    calls = counting_encode_row(monkeypatch)
+
+    def tokenise(**changes: Any) -> list[list[int]]:
+        ds, _ = load_records(path, cache_dir=tmp_path / "cache")  # a fresh load, as a second run does
+        kept, _ = tokenize_dataset(
+            ds, build_tiny_tokenizer(), TokenizeSettings(**{"max_seq_length": 64, **changes})
+        )
+        return kept["input_ids"]
+
+    first = tokenise()
+    assert calls[0] == 12
+    assert tokenise() == first and calls[0] == 12  # cache hit: not one row encoded
+    tokenise(max_seq_length=32)
+    assert calls[0] == 24
+    tokenise(chat_template="zephyr")
+    assert calls[0] == 36
+    tokenise(chat_template="zephyr")
+    assert calls[0] == 36
+
+
+def test_tokenizer_fingerprint_ignores_padding_state_but_not_the_vocabulary() -> None:
+    tok = build_tiny_tokenizer()
+    before = tokenize_module.tokenizer_fingerprint(tok)
+    tok(["a", "bbb"], padding=True, truncation=True, max_length=2)  # what generate() leaves behind
+    assert tokenize_module.tokenizer_fingerprint(tok) == before
+    tok.add_special_tokens({"additional_special_tokens": ["<|new|>"]})
+    assert tokenize_module.tokenizer_fingerprint(tok) != before
+
+
+# --- the real SmolLM2 tokenizer ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm() -> PreTrainedTokenizerBase:
+    from tunewise.models.load import load_tokenizer, materialize, resolve_source
+
+    return load_tokenizer(materialize(resolve_source("smollm2-135m-instruct")))
+
+
+def smollm_conversations(tmp_path: Path) -> list[list[dict]]:
+    from tunewise.data.build import builtin_files
+
+    train, _ = builtin_files("builtin:json_extract")
+    ds, _ = load_records(train, cache_dir=tmp_path)
+    return ds["messages"][:200] + [r["messages"] for r in tiny_chat_rows(50)] + [MULTI_TURN, MULTI_TURN[1:]]
+
+
+@pytest.mark.smollm
+def test_smollm2_labels_are_exactly_the_assistant_turns(
+    smollm: PreTrainedTokenizerBase, tmp_path: Path
+) -> None:
+    for messages in smollm_conversations(tmp_path):
+        row = encode(smollm, messages)
+        assert trained_runs(smollm, row["input_ids"], row["labels"]) == answers(messages, "<|im_end|>")
+    # Without a system turn, SmolLM2's template adds its own, which is never trained:
+    row = encode(smollm, MULTI_TURN[1:])
+    assert smollm.decode(row["input_ids"]).startswith("<|im_start|>system\nYou are a helpful AI assistant")
+
+
+@pytest.mark.smollm
+def test_smollm2_segment_tokens_equal_the_full_render_except_after_leading_whitespace(
+    smollm: PreTrainedTokenizerBase, tmp_path: Path
+) -> None:
+    def segmented_and_whole(messages: list[dict]) -> tuple[list[int], list[int]]:
+        whole = smollm(smollm.apply_chat_template(messages, tokenize=False), add_special_tokens=False)
+        return encode(smollm, messages)["input_ids"], whole["input_ids"]
+
+    conversations = smollm_conversations(tmp_path)
+    assert all(a == b for a, b in map(segmented_and_whole, conversations))
+    # An answer starting with whitespace is where they part: the whole render merges the header's
+    # newline into it. Ours keeps the prompt's tokens exactly as generation sees them.
+    differing = 0
+    for answer in [" two", "  two spaces", "\t tab", "\n\nx", "plain"]:
+        messages = [user("Q"), assistant(answer)]
+        ours, whole = segmented_and_whole(messages)
+        differing += ours != whole
+        prompt = smollm.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
+        prompt_ids = smollm(prompt, add_special_tokens=False)["input_ids"]
+        assert ours[: len(prompt_ids)] == prompt_ids
+        assert smollm.decode(ours) == smollm.decode(whole)
+    assert differing == 3  # "  two spaces", "\t tab", "\n\nx"; " two" and "plain" tokenise the same
+
+
+@pytest.mark.smollm
+def test_smollm2_eos_targets_survive_padding_when_pad_is_eos(smollm: PreTrainedTokenizerBase) -> None:
+    assert smollm.pad_token_id == smollm.eos_token_id  # SmolLM2 ships pad == eos == <|im_end|>
+    examples = [encode(smollm, MULTI_TURN), encode(smollm, [user("Q"), assistant("A")])]
+    for side in ("right", "left"):
+        batch = collate_padded(examples, smollm.pad_token_id, padding_side=side)
+        eos_targets = int((batch["targets"] == smollm.eos_token_id).sum())
+        assert eos_targets == 3  # two turns + one turn, every end-of-turn learnt despite the padding
