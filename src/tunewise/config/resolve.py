@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from tunewise.config.load import LOWER_IS_BETTER, user_set_paths
+from tunewise.config.load import LOWER_IS_BETTER, ConfigError, Problem, user_set_paths
 from tunewise.config.schema import DEFAULT_EFFECTIVE_BATCH_SIZE, TunewiseConfig
 from tunewise.train.schedule import StepPlan, compute_step_plan, resolve_interval, resolve_warmup_steps
 
@@ -110,8 +110,9 @@ def resolve_static(cfg: TunewiseConfig, hw: Hardware) -> Resolution:
     else:
         precision, src, why = t.precision, "user" if "training.precision" in user else "default", ""
     if precision == "fp16" and hw.device_type == "cpu":
-        res.notes.append(
-            "fp16 on CPU runs through autocast without loss scaling benefits; prefer bf16 or fp32"
+        # accelerate applies neither fp16 autocast nor loss scaling on CPU: the run would silently be fp32.
+        raise ConfigError(
+            [Problem("training.precision", "fp16 needs a GPU (no fp16 autocast or loss scaling on CPU); use fp32 or bf16")]
         )
     t.precision, t.bf16, t.fp16 = precision, precision == "bf16", precision == "fp16"  # type: ignore[assignment]
     res.record("training.precision", precision, src, why)

@@ -81,7 +81,7 @@ def resolve_source(name_or_path: str) -> ModelSource:
                 f"model_name_or_path: {path} is a directory without config.json; is it a HF model?"
             )
         return ModelSource("dir", str(path))
-    if name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.strip("/").replace("/", "", 1):
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:  # a path, not `org/name`
         raise ModelLoadError(f"model_name_or_path: {path} does not exist")
     return ModelSource("hub", name_or_path)
 
@@ -138,21 +138,29 @@ def _convert_gguf(gguf: Path, target: Path) -> Path:
     return target
 
 
-def model_overrides(
-    config: object, dropout: float | None, attention_dropout: float | None
-) -> dict[str, float]:
-    """Config attributes to change for the user's dropout overrides (the model's own names)."""
-    names = [
-        n for n in vars(config) if n.endswith("dropout") and isinstance(getattr(config, n), (int, float))
-    ]
+# The names transformers' model configs use for dropout, by what they drop. Classifier and summary
+# heads are deliberately absent: a causal LM never uses them.
+HIDDEN_DROPOUT_NAMES = ("dropout", "hidden_dropout", "hidden_dropout_prob", "resid_pdrop", "embd_pdrop", "resid_dropout")
+ATTENTION_DROPOUT_NAMES = ("attention_dropout", "attention_probs_dropout_prob", "attn_pdrop", "attn_dropout")
+
+
+def model_overrides(config: object, dropout: float | None, attention_dropout: float | None) -> dict[str, float]:
+    """Config attributes to change for the user's dropout overrides, under the model's own names."""
     changes: dict[str, float] = {}
-    for name in names:
-        is_attention = "attention" in name or name.startswith("attn")
-        value = attention_dropout if is_attention else dropout
-        if value is not None:
-            changes[name] = value
-    if attention_dropout is not None and not any("attention" in n or n.startswith("attn") for n in names):
-        changes["attention_dropout"] = attention_dropout
+    for value, names, key in (
+        (dropout, HIDDEN_DROPOUT_NAMES, "model.dropout"),
+        (attention_dropout, ATTENTION_DROPOUT_NAMES, "model.attention_dropout"),
+    ):
+        if value is None:
+            continue
+        present = [n for n in names if isinstance(getattr(config, n, None), (int, float))]
+        if not present:
+            kind = type(config).__name__
+            raise ModelLoadError(
+                f"{key}: {kind} has no such dropout setting (looked for {', '.join(names)}); "
+                f"remove {key} or use a model that has one"
+            )
+        changes.update({n: value for n in present})
     return changes
 
 
