@@ -44,25 +44,28 @@ def _user_errors() -> tuple[type[Exception], ...]:
 @app.command()
 def train(
     config: ConfigArg = None,
+    checkpoint: Annotated[
+        Path | None, typer.Argument(help="With --resume: the checkpoint to resume from (default: the newest valid).")
+    ] = None,
     set_: SetOpt = None,
     resume: Annotated[
-        Optional[str],
-        typer.Option(
-            "--resume",
-            is_flag=False,
-            flag_value="latest",
-            help="Continue from the newest valid checkpoint in output_dir, or from --resume PATH.",
-        ),
-    ] = None,
-    force_resume: Annotated[
-        bool, typer.Option("--force-resume", help="Resume even though the config changed.")
+        bool, typer.Option("--resume", help="Continue from the newest valid checkpoint in output_dir, or CHECKPOINT.")
     ] = False,
+    force_resume: Annotated[bool, typer.Option("--force-resume", help="Resume even though the config changed.")] = False,
 ) -> None:
     """Fine-tune: plan, evaluate, train, evaluate again, save the run directory."""
     from tunewise.run import train as run_train
 
+    if checkpoint is not None and not resume:
+        _fail(ValueError(f"{checkpoint}: a checkpoint argument needs --resume"))
     try:
-        run_train(config, set_ or [], console, resume=resume or False, force_resume=force_resume)
+        run_train(
+            config,
+            set_ or [],
+            console,
+            resume=str(checkpoint) if checkpoint else resume,
+            force_resume=force_resume,
+        )
     except _user_errors() as exc:
         _fail(exc)
 

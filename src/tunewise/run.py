@@ -7,7 +7,6 @@ there) and `tunewise train`.
 from __future__ import annotations
 
 import json
-import math
 import os
 import resource
 import shlex
@@ -238,11 +237,12 @@ class RunWriter:
             with open(self.dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
 
-    def truncate_metrics(self, after_step: int) -> None:
-        """Drop rows a crashed run logged after the checkpoint we resume from."""
+    def truncate_metrics(self, after_step: int, keep_skipped: bool = False) -> None:
+        """Drop rows a crashed run logged after the checkpoint we resume from (with `keep_skipped`, a
+        rollback's: its skipped-step rows stay, as the record of which examples gave non-finite values)."""
         path = self.dir / "metrics.jsonl"
         if self.enabled and path.is_file():
-            rows = [line for line in path.read_text().splitlines() if _row_step(line) <= after_step]
+            rows = [line for line in path.read_text().splitlines() if _kept(line, after_step, keep_skipped)]
             # Fix (test_crash_safety.py): write_text truncated first, so a kill -9 here lost every row;
             # write a copy and rename it over the old file instead.
             partial = path.with_name("metrics.jsonl.tmp")
@@ -254,12 +254,12 @@ class RunWriter:
             (self.dir / name).write_text(content)
 
 
-def _row_step(line: str) -> float:
-    """A metrics row's step; inf (dropped) for a line that a kill -9 cut short mid-write."""
+def _kept(line: str, after_step: int, keep_skipped: bool) -> bool:
     try:
-        return json.loads(line).get("step", 0)
-    except ValueError:  # fix (test_crash_safety.py): a torn last line made every resume crash here
-        return math.inf
+        row = json.loads(line)
+    except ValueError:  # fix (test_crash_safety.py): a line torn by kill -9 made every resume crash here
+        return False
+    return row.get("step", 0) <= after_step or (keep_skipped and bool(row.get("skipped")))
 
 
 def loop_settings(prep: Prepared) -> LoopSettings:
@@ -386,7 +386,11 @@ def train(
         accelerator.wait_for_everyone()
 
     def on_rollback(s: LoopState) -> LoopState:
-        return roll_back(s, checkpointer, accelerator, config_yaml, console if main else None)
+        restored = roll_back(s, checkpointer, accelerator, config_yaml, console if main else None)
+        # Fix (test_crash_safety.py): steps trained after the checkpoint are trained again; their first
+        # rows stayed, so metrics.jsonl held two rows for one step.
+        writer.truncate_metrics(after_step=restored.step, keep_skipped=True)
+        return restored
 
     started = time.perf_counter()
     with (
@@ -491,7 +495,9 @@ def roll_back(
     factor = 0.5**rollbacks
     # Fix (test_crash_safety.py): a checkpoint saved after an earlier rollback already holds its lower
     # rate; scaling by the whole factor again gave x0.125 at the second rollback instead of x0.25.
-    scale_learning_rate(checkpointer.optimizer, checkpointer.scheduler, 0.5 ** (rollbacks - restored.rollbacks))
+    scale_learning_rate(
+        checkpointer.optimizer, checkpointer.scheduler, 0.5 ** (rollbacks - restored.rollbacks)
+    )
     restored.rollbacks = rollbacks
     restored.skipped_steps = state.skipped_steps
     if console:

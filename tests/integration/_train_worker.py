@@ -32,12 +32,12 @@ import torch
 # reference runs of the test run in this same process setting, so thread count cannot change a sum's order.
 torch.set_num_threads(1)
 
-from rich.console import Console  # noqa: E402
+from rich.console import Console
 
-import tunewise.run as run  # noqa: E402
-from tunewise.config import schema  # noqa: E402
-from tunewise.train import checkpoint  # noqa: E402
-from tunewise.train.loss import CausalLMLoss  # noqa: E402
+from tunewise import run
+from tunewise.config import schema
+from tunewise.train import checkpoint
+from tunewise.train.loss import CausalLMLoss
 
 # Speed only: dump_config re-parses each config class's source once per key (~1.5 s per run); the docs of a
 # class never change while a process runs. Reported as a bug in config/schema.py.
@@ -108,7 +108,7 @@ def serve() -> None:
                 try:
                     train(job)
                     status = 0
-                except BaseException:
+                except BaseException:  # noqa: BLE001 - whatever it is goes to the log, then os._exit
                     traceback.print_exc()
                 finally:
                     os._exit(status)  # never fall back into the server loop, nor run its atexit hooks
@@ -121,3 +121,4 @@ def serve() -> None:
 if __name__ == "__main__":
     print("ready", flush=True)
     serve()
+    os._exit(0)  # stdin closed: the test is done; skip torch's slow interpreter teardown

@@ -38,11 +38,12 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-import tunewise.run as run
+from tunewise import run
 from tunewise.cli import app
 from tunewise.config import schema
 from tunewise.testing import tiny_chat_rows
 from tunewise.train import checkpoint, loop
+from tunewise.train import resume as resume_module
 from tunewise.train.checkpoint import list_checkpoints, load_checkpoint, verify_checkpoint
 from tunewise.train.loop import LoopState, _note_overflow
 from tunewise.train.loss import CausalLMLoss
@@ -165,9 +166,9 @@ def all_finite(value: Any) -> bool:
     return not isinstance(value, float) or math.isfinite(value)
 
 
-def flat(text: str) -> str:
-    """Console output with Rich's line wrapping undone."""
-    return " ".join(text.split())
+def says(output: str, phrase: str) -> bool:
+    """Whether console output holds `phrase`, wherever Rich wrapped or folded its lines."""
+    return "".join(phrase.split()) in "".join(output.split())
 
 
 def write_yaml(path: Path, config: dict) -> Path:
@@ -191,9 +192,7 @@ def interrupt_at(monkeypatch: pytest.MonkeyPatch, step: int, signum: int = signa
 # ---------------------------------------------------------------------------------- checkpoint contents
 
 
-def test_checkpoints_hold_everything_exact_resume_needs(
-    config: dict, tiny_model_dir: Path, train_file: Path
-) -> None:
+def test_checkpoints_hold_everything_exact_resume_needs(config: dict, tiny_model_dir: Path) -> None:
     config["training"]["max_steps"] = 4
     run.train(config, console=quiet())
     out = Path(config["training"]["output_dir"])
@@ -223,7 +222,13 @@ def test_checkpoints_hold_everything_exact_resume_needs(
     state = ck.trainer_state
     assert (state["step"], state["epoch"], state["window"]) == (2, 0, 2)  # next: window 2 of epoch 0
     assert state["tokens"] == step_rows(out)[2]["tokens"] and state["target_tokens"] > 0
-    for key in ("best_metric", "best_step", "evals_without_improvement", "consecutive_nonfinite", "rollbacks"):
+    for key in (
+        "best_metric",
+        "best_step",
+        "evals_without_improvement",
+        "consecutive_nonfinite",
+        "rollbacks",
+    ):
         assert key in state
     assert ck.scheduler_state is not None and ck.scheduler_state["last_epoch"] == 2
     assert ck.optimizer_state is not None
@@ -263,15 +268,29 @@ def test_resumed_equals_uninterrupted(
     stopped = run.train(config, console=console)
     assert stopped["stop_reason"] == "interrupted" and stopped["step"] == k
     assert list_checkpoints(out)[-1].name == f"checkpoint-{k}"
-    assert "Resume with: tunewise train CONFIG --resume" in flat(console.file.getvalue())  # type: ignore[attr-defined]
+    assert says(console.file.getvalue(), "Resume with: tunewise train CONFIG --resume")  # type: ignore[attr-defined]
     monkeypatch.undo()
 
     console = quiet()
     summary = run.train(config, console=console, resume=True)
-    assert f"checkpoint-{k} (step {k}" in flat(console.file.getvalue())  # type: ignore[attr-defined]
+    assert says(console.file.getvalue(), f"checkpoint-{k} (step {k}")  # type: ignore[attr-defined]
     assert summary["stop_reason"] == "max_steps" and summary["total_steps"] == 8
     assert_same_curve(out, reference, 8)
     assert_same_adapter(out, reference)
+
+
+def test_resume_without_the_rng_would_differ(
+    config: dict, reference: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Negative control: dropout is on, so a resume that did not restore the RNG would not match."""
+    out = Path(config["training"]["output_dir"])
+    interrupt_at(monkeypatch, 3)
+    run.train(config, console=quiet())
+    monkeypatch.undo()
+    monkeypatch.setattr(resume_module, "restore_rng_state", lambda state: None)
+    run.train(config, console=quiet(), resume=True)
+    resumed, uninterrupted = step_rows(out), step_rows(reference)
+    assert max(abs(resumed[s]["loss"] - uninterrupted[s]["loss"]) for s in range(4, 9)) > 1e-4
 
 
 # ------------------------------------------------------------------------------- resume rules (CLI)
@@ -289,10 +308,10 @@ def test_cli_resume_latest_or_path_and_config_changes(config: dict, tmp_path: Pa
     changed["training"] |= {"learning_rate": 1e-3, "gradient_accumulation_steps": 1}
     refused = runner.invoke(app, ["train", str(write_yaml(tmp_path / "changed.yaml", changed)), "--resume"])
     assert refused.exit_code == 2
-    message = flat(refused.output)
-    assert "training.learning_rate: 0.005 -> 0.001" in message
-    assert "training.gradient_accumulation_steps: 2 -> 1" in message
-    assert "--force-resume" in message and "max_steps" not in message
+    message = refused.output
+    assert says(message, "training.learning_rate: 0.005 -> 0.001")
+    assert says(message, "training.gradient_accumulation_steps: 2 -> 1")
+    assert says(message, "--force-resume") and "max_steps" not in message
     assert (out / "metrics.jsonl").read_text() == before, "a refused resume must not touch the run"
 
     # Keys that change how long or how often, never what a step computes, may change without --force-resume.
@@ -301,27 +320,57 @@ def test_cli_resume_latest_or_path_and_config_changes(config: dict, tmp_path: Pa
     longer = write_yaml(tmp_path / "longer.yaml", config)
     latest = runner.invoke(app, ["train", str(longer), "--resume"])
     assert latest.exit_code == 0, latest.output
-    assert "checkpoint-4 (step 4" in flat(latest.output)
+    assert says(latest.output, "checkpoint-4 (step 4")
     assert sorted(step_rows(out)) == [1, 2, 3, 4, 5, 6]
     assert json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())["step"] == 6
 
     # --resume PATH picks that checkpoint; the rows logged after it are dropped and logged again.
     chosen = runner.invoke(app, ["train", str(longer), "--resume", str(out / "checkpoint-2")])
     assert chosen.exit_code == 0, chosen.output
-    assert "checkpoint-2 (step 2" in flat(chosen.output)
+    assert says(chosen.output, "checkpoint-2 (step 2")
     rows = step_rows(out)
     assert sorted(rows) == [1, 2, 3, 4, 5, 6]
     first_rows = [json.loads(line) for line in before.splitlines()]
     assert [rows[s] for s in (1, 2)] == [r for r in first_rows if r.get("step") in (1, 2) and "loss" in r]
 
-    changed["training"] |= {"max_steps": 8, "save_steps": 1, "save_total_limit": 10}
+    # Forced, the changed values apply: the rate (on the schedule of the new max_steps) and weight decay.
+    changed["training"] |= {"max_steps": 8, "save_steps": 1, "save_total_limit": 10, "weight_decay": 0.1}
     forced = runner.invoke(
         app, ["train", str(write_yaml(tmp_path / "forced.yaml", changed)), "--force-resume", "--resume"]
     )
     assert forced.exit_code == 0, forced.output
-    assert "checkpoint-6 (step 6" in flat(forced.output)
+    assert says(forced.output, "checkpoint-6 (step 6")
     assert sorted(step_rows(out)) == list(range(1, 9))
-    assert rows_lr(out, 7) == pytest.approx(1e-3 * (8 - 6) / 8)  # the new learning rate, on the new schedule
+    assert rows_lr(out, 7) == pytest.approx(1e-3 * (8 - 6) / 8)
+    assert rows_lr(out, 8) == pytest.approx(1e-3 * (8 - 7) / 8)
+    optimizer_state = load_checkpoint(out / "checkpoint-8").optimizer_state
+    assert optimizer_state is not None
+    assert 0.1 in [g["weight_decay"] for g in optimizer_state["param_groups"]]  # the weight matrices' group
+
+
+@pytest.mark.parametrize(
+    ("args", "resume", "force"),
+    [
+        (["--resume"], "newest", False),
+        (["--resume", "ckpt-dir"], "ckpt-dir", False),
+        (["--resume", "--force-resume"], "newest", True),
+        (["--force-resume", "--resume", "ckpt-dir"], "ckpt-dir", True),
+    ],
+)
+def test_cli_resume_takes_an_optional_path(
+    args: list[str], resume: str, force: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--resume` alone means the newest valid checkpoint; `--resume PATH` that one (parsing only)."""
+    calls: list[dict] = []
+    monkeypatch.setattr(run, "train", lambda *a, **kw: calls.append(kw))
+    result = CliRunner().invoke(app, ["train", str(tmp_path / "cfg.yaml"), *args])
+    assert result.exit_code == 0, result.output
+    (call,) = calls
+    assert call["force_resume"] is force
+    if resume == "newest":
+        assert call["resume"] in (True, "latest")  # what run.train reads as "the newest valid checkpoint"
+    else:
+        assert str(call["resume"]) == resume
 
 
 def rows_lr(output_dir: Path, step: int) -> float:
@@ -352,7 +401,9 @@ def test_api_resume_errors_and_a_moved_run_directory(config: dict, tmp_path: Pat
 # ---------------------------------------------------------------------------------------- disk full
 
 
-def test_disk_full_during_a_run_checkpoint(config: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_disk_full_during_a_run_checkpoint(
+    config: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = Path(config["training"]["output_dir"])
     write_file = checkpoint._write_file
 
@@ -365,10 +416,12 @@ def test_disk_full_during_a_run_checkpoint(config: dict, tmp_path: Path, monkeyp
     cfg_path = write_yaml(tmp_path / "run.yaml", config)
     result = CliRunner().invoke(app, ["train", str(cfg_path)])
     assert result.exit_code == 2
-    message = flat(result.output)
-    assert "disk is full" in message and "checkpoint-4" in message
-    assert "earlier checkpoints are intact" in message
-    assert "Free some space" in message and "save_total_limit" in message
+    message = result.output
+    assert says(message, "The disk is full") and says(message, "saving checkpoint-4")
+    assert says(message, "earlier checkpoints are intact")
+    assert says(
+        message, "Free some space, lower save_total_limit, or point output_dir at a disk with more room"
+    )
     assert "Traceback" not in result.output
 
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2"]
@@ -424,8 +477,11 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(
     result = CliRunner().invoke(app, ["train", str(write_yaml(tmp_path / "run.yaml", config))])
 
     assert result.exit_code == 2
-    message = flat(result.output)
-    assert "3 consecutive steps had a non-finite loss" in message and "nonfinite_policy: rollback" in message
+    message = result.output
+    assert says(
+        message, "3 consecutive steps had a non-finite loss or gradient norm (skipped steps [5, 5, 5]"
+    )
+    assert says(message, "set training.nonfinite_policy: rollback")
     assert "Traceback" not in result.output
     skipped = [r for r in metrics(out) if r.get("skipped")]
     # attempt 3 is step 3's first try; attempts 6-8 are three tries at step 5 (attempts 4, 5 made steps 3, 4)
@@ -442,24 +498,28 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(
 def test_nonfinite_rollback_lowers_the_learning_rate(config: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     out = Path(config["training"]["output_dir"])
     config["training"] |= {"nonfinite_patience": 2, "nonfinite_policy": "rollback"}
-    # Attempts 5, 6 fail (step 5 twice): back to checkpoint-4 at half the rate. Attempts 7, 8 make steps
-    # 5, 6 (checkpoint-6 holds the halved rate); 9, 10 fail: back to checkpoint-6, a quarter of the rate.
-    inject_nan(monkeypatch, {5, 6, 9, 10})
+    # Attempt 5 makes step 5; 6, 7 fail (step 6 twice): back to checkpoint-4 at half the rate, step 5
+    # trained again. Attempts 8, 9 make steps 5, 6 (checkpoint-6 holds the halved rate); 10, 11 fail:
+    # back to checkpoint-6, a quarter of the rate; 12, 13 make steps 7, 8.
+    inject_nan(monkeypatch, {6, 7, 10, 11})
     console = quiet()
     summary = run.train(config, console=console)
 
     assert summary["stop_reason"] == "max_steps" and summary["total_steps"] == 8
-    assert summary["skipped_steps"] == [5, 5, 7, 7]
-    text = flat(console.file.getvalue())  # type: ignore[attr-defined]
-    assert "rolled back to checkpoint-4" in text and "rolled back to checkpoint-6" in text
+    assert summary["skipped_steps"] == [6, 6, 7, 7]
+    text = console.file.getvalue()  # type: ignore[attr-defined]
+    assert says(text, "rolled back to checkpoint-4; learning rate x0.5")
+    assert says(text, "rolled back to checkpoint-6; learning rate x0.25")
     rows = [r for r in metrics(out) if "loss" in r]
     logged_steps = [r["step"] for r in rows]
-    assert logged_steps == [1, 2, 3, 4, 5, 5, 5, 6, 7, 7, 7, 8]  # skipped tries are rows too, never dropped
+    # Skipped tries stay as rows (their example ids); step 5's first, rolled-back row is gone.
+    assert logged_steps == [1, 2, 3, 4, 6, 6, 5, 6, 7, 7, 7, 8]
+    assert [r["step"] for r in rows if r.get("skipped")] == [6, 6, 7, 7]
 
     def scheduled(step: int) -> float:  # linear decay over 8 steps, no warmup: the configured schedule
         return 5e-3 * (8 - step + 1) / 8
 
-    trained = {r["step"]: r for r in rows if not r.get("skipped")}
+    trained = step_rows(out)  # one row per step
     for step, factor in [(1, 1), (4, 1), (5, 0.5), (6, 0.5), (7, 0.25), (8, 0.25)]:
         assert trained[step]["learning_rate"] == pytest.approx(scheduled(step) * factor), step
     assert load_checkpoint(out / "checkpoint-8").trainer_state["rollbacks"] == 2
@@ -509,16 +569,19 @@ def logged_steps(output_dir: Path) -> bool:
     return path.is_file() and '"loss"' in path.read_text()
 
 
+def stepped_or_exited(run_info: dict) -> bool:
+    return logged_steps(run_info["out"]) or run_info["process"].poll() is not None
+
+
 @pytest.fixture(scope="module")
 def signalled_runs(
     tiny_model_dir: Path, train_file: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, dict]:
-    """Two `python -m tunewise.cli train` processes, started together to share the import time, each signalled
-    once it logged a training step: one SIGTERM; one SIGINT and, once that was handled, a second SIGINT.
-    (A first SIGINT alone takes the SIGTERM path; in-process tests send it.)"""
+    """Three `python -m tunewise.cli train` processes, started together to share the import time, each
+    signalled once it logged a training step: SIGTERM; SIGINT; SIGINT and, once handled, a second SIGINT."""
     root = tmp_path_factory.mktemp("signals")
     runs: dict[str, dict] = {}
-    for name in ("sigterm", "sigint-twice"):
+    for name in ("sigterm", "sigint", "sigint-twice"):
         folder = root / name
         folder.mkdir()
         cfg = make_config(tiny_model_dir, train_file, folder / "run", max_steps=500, save_steps=None)
@@ -527,16 +590,30 @@ def signalled_runs(
         cfg_path = write_yaml(folder / "cfg.yaml", cfg)
         with open(folder / "stdout", "w") as stdout, open(folder / "stderr", "w") as stderr:
             process = subprocess.Popen(
-                [sys.executable, "-m", "tunewise.cli", "train", str(cfg_path)],
+                [
+                    sys.executable,
+                    "-m",
+                    "tunewise.cli",
+                    "train",
+                    str(cfg_path),
+                    "--set",
+                    "learning_rate=0.004",
+                ],
                 stdout=stdout,
                 stderr=stderr,
                 env=cli_env(),
                 cwd=folder,
             )
-        runs[name] = {"process": process, "folder": folder, "cfg": cfg, "cfg_path": cfg_path, "out": folder / "run"}
+        runs[name] = {
+            "process": process,
+            "folder": folder,
+            "cfg": cfg,
+            "cfg_path": cfg_path,
+            "out": folder / "run",
+        }
     try:
         for name, info in runs.items():
-            wait_for(lambda: logged_steps(info["out"]) or info["process"].poll() is not None, f"{name} step")
+            wait_for(functools.partial(stepped_or_exited, info), f"{name} step")
             assert info["process"].poll() is None, (info["folder"] / "stderr").read_text()
             info["process"].send_signal(signal.SIGTERM if name == "sigterm" else signal.SIGINT)
         twice = runs["sigint-twice"]
@@ -556,10 +633,14 @@ def signalled_runs(
     return runs
 
 
-def test_sigterm_finishes_the_step_saves_and_prints_how_to_resume(signalled_runs: dict[str, dict]) -> None:
-    info = signalled_runs["sigterm"]
+@pytest.mark.parametrize("name", ["sigterm", "sigint"])
+def test_a_signal_finishes_the_step_saves_and_prints_how_to_resume(
+    name: str, signalled_runs: dict[str, dict]
+) -> None:
+    info = signalled_runs[name]
     assert info["returncode"] == 0, info["stderr"][-3000:]
-    command = f"tunewise train {shlex.quote(str(info['cfg_path']))} --resume"
+    # The --set overrides are part of the command: without them the resumed config would differ.
+    command = f"tunewise train {shlex.quote(str(info['cfg_path']))} --set learning_rate=0.004 --resume"
     assert command in info["stdout"]
     out = info["out"]
     last = max(step_rows(out))
@@ -569,11 +650,18 @@ def test_sigterm_finishes_the_step_saves_and_prints_how_to_resume(signalled_runs
     state = json.loads((out / f"checkpoint-{last}" / "trainer_state.json").read_text())
     assert state["step"] == last and state["stop_reason"] == "interrupted"
 
-    # The printed command resumes, and the run goes on from there (max_steps may change on resume).
+
+def test_the_printed_command_resumes(signalled_runs: dict[str, dict]) -> None:
+    """Run as printed after SIGTERM (max_steps may change on resume): the run goes on from its checkpoint."""
+    info = signalled_runs["sigterm"]
+    out = info["out"]
+    last = max(step_rows(out))
     info["cfg"]["training"]["max_steps"] = last + 2
     write_yaml(info["cfg_path"], info["cfg"])
-    resumed = CliRunner().invoke(app, command.split()[1:])
+    command = f"tunewise train {shlex.quote(str(info['cfg_path']))} --set learning_rate=0.004 --resume"
+    resumed = CliRunner().invoke(app, shlex.split(command)[1:])
     assert resumed.exit_code == 0, resumed.output
+    assert says(resumed.output, f"checkpoint-{last} (step {last}")
     assert sorted(step_rows(out)) == list(range(1, last + 3))
 
 
@@ -594,17 +682,17 @@ class TrainWorker:
     """Client of _train_worker.py: forks training runs, kills them, collects their events."""
 
     def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.log = open(folder / "worker.log", "w")
+        self.folder, self.log = folder, folder / "worker.log"
         env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-        self.process = subprocess.Popen(
-            [sys.executable, str(WORKER)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self.log,
-            text=True,
-            env=env,
-        )
+        with open(self.log, "w") as log:  # the worker keeps its own copy of the descriptor
+            self.process = subprocess.Popen(
+                [sys.executable, str(WORKER)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+                env=env,
+            )
         self.lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
         self.events: dict[int, list[tuple[str, int]]] = {}
@@ -621,8 +709,8 @@ class TrainWorker:
         try:
             line = self.lines.get(timeout=timeout)
         except queue.Empty:
-            raise AssertionError(f"worker silent for {timeout} s; see {self.log.name}") from None
-        assert line != "eof", f"worker died; see {self.log.name}"
+            raise AssertionError(f"worker silent for {timeout} s; see {self.log}") from None
+        assert line != "eof", f"worker died; see {self.log}"
         if line.startswith("event "):
             _, pid, what, step = line.split()
             self.events.setdefault(int(pid), []).append((what, int(step)))
@@ -673,7 +761,6 @@ class TrainWorker:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-        self.log.close()
 
 
 @pytest.fixture(scope="module")
@@ -686,7 +773,7 @@ def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrainWorker]:
 def run_to_end(worker: TrainWorker, config: dict, resume: bool) -> list[tuple[str, int]]:
     pid = worker.start(config, resume)
     status = worker.reap(pid)
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"run failed; see {worker.log.name}"
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"run failed; see {worker.log}"
     return worker.events[pid]
 
 
@@ -736,7 +823,7 @@ def kill_at_random_moments(worker: TrainWorker, config: dict, kills: int, rng: r
         status = worker.kill(pid)
         events = worker.events[pid]
         assert not any(w == "done" for w, _ in events), "the run finished before all kills: raise max_steps"
-        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, f"child failed: {worker.log.name}"
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, f"child failed: {worker.log}"
         # Each resume, when the child got that far before its kill, is from the newest complete checkpoint.
         assert all(s == newest for w, s in events if w == "resumed"), f"kill {kill}: {events}"
         inside_save += int(bool(events) and events[-1][0] == "save-start")
@@ -751,7 +838,7 @@ def kill_at_random_moments(worker: TrainWorker, config: dict, kills: int, rng: r
     # Finish without periodic saves (save_steps may change on resume), which is quicker.
     pid = worker.start({**config, "training": {**config["training"], "save_steps": None}}, resume=True)
     status = worker.reap(pid)
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"final run failed: {worker.log.name}"
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"final run failed: {worker.log}"
     assert ("resumed", newest) in worker.events[pid]
     return inside_save
 

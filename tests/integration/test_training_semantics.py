@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import itertools
 import json
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ from tunewise.config.load import ConfigError, load_config
 from tunewise.config.resolve import Hardware, choose_precision, probe_hardware, resolve_static
 from tunewise.data.collate import collate_padded, iterate_batches
 from tunewise.data.tokenize import IGNORE
+from tunewise.models.adapters import LoraSettings, apply_method
 from tunewise.report import plan_summary
 from tunewise.testing import build_tiny_model, build_tiny_tokenizer, tiny_chat_rows
 from tunewise.train.loop import Hooks, LoopSettings, LoopState, epoch_windows, fit, make_collate, train_step
@@ -205,6 +205,37 @@ def global_norm(grads: list[torch.Tensor]) -> float:
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
 
 
+def fit_tiny_model(total_steps: int, hooks: Hooks, **settings: Any) -> LoopState:
+    """`fit` itself on the tiny llama, 16 random examples in micro-batches of 4, SGD at a constant 0.1."""
+    loss_module = CausalLMLoss(build_tiny_model(VOCAB, seed=0))
+    optimizer = torch.optim.SGD(loss_module.parameters(), lr=0.1)
+    examples = random_examples(16, seed=5)
+    dataset = datasets.Dataset.from_list([{**e, "length": len(e["input_ids"])} for e in examples])
+    loop = {
+        "per_device_batch_size": 4,
+        "gradient_accumulation_steps": 1,
+        "total_steps": total_steps,
+        "steps_per_epoch": 4,
+        "max_steps_overrides": True,
+        "logging_steps": 1,
+        "eval_steps": None,
+        "save_steps": None,
+        "max_grad_norm": None,
+        "data_seed": 0,
+        "pad_token_id": 0,
+    }
+    return fit(
+        fresh_accelerator(),
+        loss_module,
+        optimizer,
+        get_scheduler("constant", optimizer),
+        dataset,
+        LoopSettings(**{**loop, **settings}),
+        LoopState(),
+        hooks,
+    )
+
+
 # ------------------------------------------------------------------------------------- accumulation
 
 
@@ -244,6 +275,33 @@ def test_accumulation_is_exact_end_to_end(make_config: ConfigMaker) -> None:
     assert one.curve("tokens") == four.curve("tokens")
     assert one.curve("learning_rate") == four.curve("learning_rate")
     assert len(set(one.curve())) == len(one.curve()), "the weights moved between steps"
+
+
+@pytest.mark.parametrize("head", ["plain", "modules_to_save"])
+def test_a_micro_batch_without_targets_adds_nothing_but_reaches_every_parameter(head: str) -> None:
+    """The stand-in micro-batch a rank runs when its share of an epoch's last batch is empty (one pad token,
+    no target): it must change no gradient, and yet give every trainable parameter one, as DDP's all-reduce
+    waits for all of them. A wrapped LM head (PEFT modules_to_save) takes the loss's unfused path."""
+    accelerator = fresh_accelerator()
+    lora = LoraSettings(r=4, lora_dropout=0.0, modules_to_save=["lm_head"] if head != "plain" else None)
+    model = apply_method(
+        build_tiny_model(VOCAB, seed=0), "lora", lora, quantized=False, gradient_checkpointing=False
+    )
+    loss_module = CausalLMLoss(model)
+    real = micro_batches(random_examples(2, seed=4), [2])
+    pad = torch.tensor([[0]])
+    stand_in = {
+        "input_ids": pad,
+        "attention_mask": torch.ones_like(pad),
+        "targets": torch.full_like(pad, IGNORE),
+    }
+    loss, _, targets, grads = step_gradients(accelerator, loss_module, real)
+    with_stand_in = step_gradients(accelerator, loss_module, [*real, stand_in])
+    assert with_stand_in[0] == pytest.approx(loss, abs=1e-7) and with_stand_in[2] == targets
+    assert_same_gradients(with_stand_in[3], grads, atol=1e-7)
+    alone = step_gradients(accelerator, loss_module, [stand_in])[3]
+    trainable = {n for n, p in loss_module.named_parameters() if p.requires_grad}
+    assert alone.keys() == trainable and all(float(g.abs().max()) == 0.0 for g in alone.values())
 
 
 # --------------------------------------------------------------------------------------------- clipping
@@ -323,14 +381,18 @@ def test_fp32_is_the_cpu_default_and_the_plan_says_why(make_config: ConfigMaker)
 
 
 def test_bf16_autocast_runs_on_cpu_close_to_fp32(make_config: ConfigMaker) -> None:
-    """bf16 keeps 8 significant bits (rounding up to 2^-9 = 0.2% per value); over two layers, a 259-way
-    softmax and three updates that stays within 1% of the fp32 loss, and it must not be bit-equal to it
-    (which would mean autocast never ran)."""
+    """bf16 keeps 8 significant bits: each matmul input is rounded by up to 2^-9 (0.2%) of its value.
+
+    Tolerances: the loss within 1% and the gradient norm within 3% of fp32 (measured here: 1e-5 and 0.3%;
+    the loss moves less because the tiny model's logits are small). The gradient norms must also differ
+    by more than 1e-4 somewhere, or autocast never ran and we compared fp32 with itself.
+    """
     fp32 = train(make_config(training={"precision": "fp32"}))
     bf16 = train(make_config(training={"precision": "bf16"}))
     assert bf16.curve() == pytest.approx(fp32.curve(), rel=1e-2)
-    assert max(abs(a - b) for a, b in zip(bf16.curve(), fp32.curve(), strict=True)) > 1e-6
-    assert all(math.isfinite(x) for x in bf16.curve("grad_norm"))
+    assert bf16.curve("grad_norm") == pytest.approx(fp32.curve("grad_norm"), rel=3e-2)
+    gaps = [abs(a / b - 1) for a, b in zip(bf16.curve("grad_norm"), fp32.curve("grad_norm"), strict=True)]
+    assert max(gaps) > 1e-4
 
 
 def test_fp16_on_cpu_is_refused_before_the_first_step(make_config: ConfigMaker) -> None:
@@ -361,7 +423,8 @@ def test_gradient_checkpointing_changes_memory_not_gradients(make_config: Config
         if checkpointing:
             assert layer._gradient_checkpointing_func.keywords == {"use_reentrant": False}
         mlp_calls: list[int] = []
-        hook = layer.mlp.register_forward_hook(lambda *args, calls=mlp_calls: calls.append(1))
+        # A pre-hook: torch stops the recompute once the last saved tensor is back, before the MLP returns.
+        hook = layer.mlp.register_forward_pre_hook(lambda *args, calls=mlp_calls: calls.append(1))
         loss, _, _, grads = step_gradients(accelerator, CausalLMLoss(prep.model), [first_window(prep)])
         hook.remove()
         # Checkpointing recomputes each layer in the backward pass: the MLP runs twice per step.
@@ -402,8 +465,14 @@ def test_dropout_overrides_use_the_models_own_config_names(make_config: ConfigMa
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     tokenizer = build_tiny_tokenizer()
-    size = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
-    GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=len(tokenizer), **size)).save_pretrained(tmp_path)
+    tiny = GPTNeoXConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+    )
+    GPTNeoXForCausalLM(tiny).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     config = make_config(
         model={"model_name_or_path": str(tmp_path), "dropout": 0.1, "attention_dropout": 0.2}
@@ -452,6 +521,23 @@ def test_logging_eval_and_save_cadence(
     assert run.summary["stop_reason"] == "epochs"
 
 
+def test_logged_loss_is_the_mean_since_the_last_log() -> None:
+    """As HF: with logging_steps 3 the row of step 3 holds the mean loss of steps 1-3; other keys are step 3's."""
+    every: list[dict] = []
+    fit_tiny_model(7, Hooks(log=every.append))
+    sparse: list[dict] = []
+    fit_tiny_model(7, Hooks(log=sparse.append), logging_steps=3)
+    assert [r["step"] for r in sparse] == [3, 6, 7]
+    for row, window in zip(sparse, ([0, 1, 2], [3, 4, 5], [6]), strict=True):
+        mean = sum(every[i]["loss"] for i in window) / len(window)
+        assert row["loss"] == pytest.approx(mean, abs=1e-12)
+        same_step = every[window[-1]]
+        assert {k: v for k, v in row.items() if k not in ("loss", "tokens_per_second")} == {
+            k: v for k, v in same_step.items() if k not in ("loss", "tokens_per_second")
+        }
+    assert len({r["loss"] for r in every}) == 7, "the loss moves from step to step"
+
+
 # ------------------------------------------------------------------------------------------ early stopping
 
 
@@ -489,30 +575,15 @@ EARLY_STOPPING = {
 def test_early_stopping_and_best_step_match_hf(case: tuple[list[float], bool, int | None, float]) -> None:
     """The loop with a scripted metric per evaluation, against HF's callback and best-metric code."""
     values, greater, patience, threshold = case
-    accelerator = fresh_accelerator()
-    loss_module = CausalLMLoss(build_tiny_model(VOCAB, seed=0))
-    optimizer = torch.optim.SGD(loss_module.parameters(), lr=0.0)
-    scheduler = get_scheduler("constant", optimizer)
-    examples = random_examples(4, seed=5)
-    dataset = datasets.Dataset.from_list([{**e, "length": len(e["input_ids"])} for e in examples])
-    settings = LoopSettings(
-        per_device_batch_size=4,
-        gradient_accumulation_steps=1,
-        total_steps=len(values),
-        steps_per_epoch=1,
-        max_steps_overrides=True,
-        logging_steps=1,
+    hooks = Hooks(evaluate=lambda step: {"eval_loss": values[step - 1]})
+    state = fit_tiny_model(
+        len(values),
+        hooks,
         eval_steps=1,
-        save_steps=None,
-        max_grad_norm=None,
-        data_seed=0,
-        pad_token_id=0,
         greater_is_better=greater,
         early_stopping_patience=patience,
         early_stopping_threshold=threshold,
     )
-    hooks = Hooks(evaluate=lambda step: {"eval_loss": values[step - 1]})
-    state = fit(accelerator, loss_module, optimizer, scheduler, dataset, settings, LoopState(), hooks)
     stop_step, best_step = hf_early_stopping(values, greater, patience, threshold)
     assert (state.stop_reason == "early_stopping") == (stop_step is not None)
     assert state.step == (stop_step or len(values))
@@ -544,7 +615,7 @@ def test_early_stopping_and_load_best_model_end_to_end(make_config: ConfigMaker)
     assert run.summary["stop_reason"] == "early_stopping"
     assert run.summary["total_steps"] == stop_step == run.train_rows[-1]["step"]
     assert run.summary["best_step"] == best_step and run.summary["best_metric"] == min(during)
-    assert best_step < stop_step
+    assert best_step is not None and best_step < stop_step
     # The best checkpoint survives save_total_limit=1 and is what the final weights are.
     assert run.checkpoints() == [best_step, stop_step]
     best = load_file(run.out / f"checkpoint-{best_step}" / "model.safetensors")
@@ -552,6 +623,22 @@ def test_early_stopping_and_load_best_model_end_to_end(make_config: ConfigMaker)
     assert best.keys() <= final.keys()
     assert all(torch.equal(final[name], tensor) for name, tensor in best.items())
     assert run.summary["eval_after"]["eval_loss"] == pytest.approx(min(during), abs=1e-6)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="run.py's on_eval evaluates with_task=False, so a task metric as metric_for_best_model is never seen",
+)
+def test_task_metric_can_pick_the_best_model(make_config: ConfigMaker) -> None:
+    config = make_config(
+        validation=True,
+        training={"max_steps": 2, "eval_steps": 1, "metric_for_best_model": "exact_match"},
+        evaluation={"task_metric": "exact_match", "max_eval_samples": 2},
+        generation={"max_new_tokens": 4},
+    )
+    run = train(config)
+    assert all("exact_match" in row for row in run.eval_rows)
+    assert run.summary["best_step"] in (1, 2)
 
 
 # ------------------------------------------------------------------------------------------------- seeds

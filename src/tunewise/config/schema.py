@@ -10,6 +10,7 @@ The value ``"auto"`` is accepted where :mod:`tunewise.config.resolve` has a soun
 
 from __future__ import annotations
 
+import functools
 import re
 import types
 import typing
@@ -312,6 +313,7 @@ def field_doc(section: str, key: str) -> str:
     return _field_docs(SECTIONS[section]).get(key, "")
 
 
+@functools.cache
 def _field_docs(cls: type) -> dict[str, str]:
     import ast
     import inspect

@@ -156,10 +156,10 @@ def train_step(
 def _zero_through_parameters(module: torch.nn.Module) -> torch.Tensor:
     """0 x every trainable parameter, for a micro-batch without targets.
 
-    Fix (integration tests, test_distributed.py): such a micro-batch (a rank's empty share of an epoch's
-    last global batch) gives a constant loss with no graph, so its backward raised "does not require
-    grad"; and under DDP every parameter must still yield a (zero) gradient, or this rank never joins
-    the other ranks' gradient all-reduce.
+    Fix (test_training_semantics.py, test_distributed.py): such a micro-batch (a rank's empty share of an
+    epoch's last global batch) can give a constant loss with no graph (the loss's unfused path, e.g. a
+    PEFT modules_to_save head), whose backward raised "does not require grad"; and under DDP every
+    parameter must still get a (zero) gradient, or this rank never joins the gradient all-reduce.
     """
     return sum((p.sum() for p in module.parameters() if p.requires_grad), torch.zeros(())) * 0.0
 
@@ -211,6 +211,8 @@ def fit(
     loss_module.train()
     started = time.perf_counter()
     tokens_at_start = state.tokens
+    # Fix (test_training_semantics.py): as HF, a logged "loss" is the mean over the steps since the last log.
+    losses_since_log: list[float] = []
     windows = windows_from(
         settings, train_dataset, lengths, state, accelerator.process_index, accelerator.num_processes
     )
@@ -224,6 +226,7 @@ def fit(
         if not math.isfinite(loss) or (not math.isfinite(grad_norm) and not scaled):
             if _skip_nonfinite(optimizer, state, example_ids, loss, grad_norm, settings, hooks):
                 state = _give_up_or_roll_back(state, hooks)
+                losses_since_log.clear()
                 windows = windows_from(
                     settings,
                     train_dataset,
@@ -246,6 +249,7 @@ def fit(
         seen = sum(int(b["input_ids"].numel()) - _pads(b) for ids, b in zip(example_ids, window) if ids)
         state.tokens += global_sum(accelerator, seen)
         state.target_tokens += targets
+        losses_since_log.append(loss)
         elapsed = time.perf_counter() - started
         row = {
             "step": state.step,
@@ -259,7 +263,8 @@ def fit(
         if progress:
             progress.update(state.step, row)
         if hooks.log and (state.step % settings.logging_steps == 0 or state.step == settings.total_steps):
-            hooks.log(row)
+            hooks.log({**row, "loss": sum(losses_since_log) / len(losses_since_log)})
+            losses_since_log.clear()
         if settings.eval_steps and state.step % settings.eval_steps == 0 and hooks.evaluate:
             _evaluate(state, settings, hooks)
         if state.step >= settings.total_steps and state.stop_reason is None:

@@ -1,9 +1,13 @@
 """The training objective: summed cross-entropy over target tokens only.
 
-The LM head runs only at positions that have a target, in chunks, each chunk recomputed in the
-backward pass; full-vocabulary fp32 logits for every token are never materialised. This matters:
-SmolLM2's 49k-word head is ~20% of the model's FLOPs per token, and prompt tokens (no target)
-are often half of a chat batch.
+The LM head runs only at positions that have a target, in chunks; full-vocabulary fp32 logits for
+every token are never materialised. This matters: SmolLM2's 49k-word head is ~20% of the model's
+FLOPs per token, and prompt tokens (no target) are often half of a chat batch.
+
+Each chunk's gradient (softmax - one-hot, times the head) is computed in the forward pass, while
+the logits are at hand, and kept as a (rows x hidden) tensor; the backward pass only scales it. A
+recompute-in-backward scheme (activation checkpointing) runs the head's matmul three times, this
+one twice: 2/3 of the head's FLOPs, and no logits alive during the backward pass.
 
 The function returns a *sum*: the loop divides by the number of target tokens in the whole
 accumulated (and, under DDP, global) batch, so the gradient is exactly that of one big batch.
@@ -11,14 +15,62 @@ accumulated (and, under DDP, global) batch, so the gradient is exactly that of o
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from tunewise.data.tokenize import IGNORE
 
-LOGIT_CHUNK = 2048  # rows of logits alive at once: 2048 x 49152 fp32 = 400 MB at most
+LOGIT_CHUNK = 1024
+"""Rows of logits alive at once: 1024 x 49152 fp32 = 200 MB. Larger chunks were no faster on CPU
+(bench/README.md); smaller ones start to lose matmul efficiency."""
+
+
+class _TargetCrossEntropy(torch.autograd.Function):
+    """sum_i CE(hidden_i @ W.T + b, target_i), with the gradients computed chunk by chunk in forward."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        targets: torch.Tensor,
+        chunk: int,
+    ) -> torch.Tensor:
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        # fp32 accumulators: a bf16 weight's gradient summed over many chunks would lose bits.
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b and bias is not None else None
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, targets.numel(), chunk):
+            h, t = hidden[start : start + chunk], targets[start : start + chunk]
+            logits = F.linear(h, weight, bias).float()  # autocast, if on, picks the matmul dtype
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if not (need_h or need_w or need_b):
+                continue
+            probs = logits.sub_(lse[:, None]).exp_()  # d CE / d logits = softmax - one-hot, in place
+            probs[torch.arange(t.numel(), device=t.device), t] -= 1
+            if grad_h is not None:
+                grad_h[start : start + chunk] = torch.mm(probs.to(weight.dtype), weight).to(grad_h.dtype)
+            if grad_w is not None:
+                grad_w += torch.mm(probs.t().to(h.dtype), h).float()
+            if grad_b is not None:
+                grad_b += probs.sum(0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        weight_dtype, bias_dtype = ctx.dtypes
+        scale = lambda g, dtype=None: None if g is None else (g * grad_total).to(dtype or g.dtype)  # noqa: E731
+        return scale(grad_h), scale(grad_w, weight_dtype), scale(grad_b, bias_dtype), None, None
 
 
 def _chunk_ce(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -30,14 +82,21 @@ def target_cross_entropy(
 ) -> torch.Tensor:
     keep = targets != IGNORE
     hidden, targets = hidden[keep], targets[keep]
+    # The fused path reads the head's weight directly, so it is only taken for a plain Linear whose
+    # weight is an ordinary tensor; a wrapped head (PEFT modules_to_save, FSDP's DTensor) goes through
+    # its own forward, chunk by chunk, as autograd sees fit.
+    plain = type(lm_head) is nn.Linear and type(lm_head.weight.data) is torch.Tensor
+    if plain and torch.is_grad_enabled():
+        return _TargetCrossEntropy.apply(hidden, lm_head.weight, lm_head.bias, targets, chunk)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, targets.numel(), chunk):
-        part = slice(start, start + chunk)
-        if torch.is_grad_enabled():
-            total = total + checkpoint(_chunk_ce, lm_head, hidden[part], targets[part], use_reentrant=False)
-        else:
-            total = total + _chunk_ce(lm_head, hidden[part], targets[part])
+        total = total + _chunk_ce(lm_head, hidden[start : start + chunk], targets[start : start + chunk])
     return total
+
+
+def is_right_padded(attention_mask: torch.Tensor) -> bool:
+    """Every row is ones then zeros (or all ones)."""
+    return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
 
 
 def _decoder(model: nn.Module) -> nn.Module:
@@ -63,6 +122,11 @@ class CausalLMLoss(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if attention_mask is not None and position_ids is None and is_right_padded(attention_mask):
+            # Under causal attention a real token never sees the pads to its right, so the padding
+            # mask changes only the pads' own outputs, which have no target. Without it attention
+            # runs as plain causal (sdpa's is_causal kernels, which skip the upper triangle).
+            attention_mask = None
         hidden = _decoder(self.model)(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state

@@ -214,7 +214,9 @@ def _follow_current_schedule(optimizer: torch.optim.Optimizer, scheduler: Any, l
     if lr_ratio != 1.0:
         scale_learning_rate(optimizer, scheduler, lr_ratio)
     if hasattr(scheduler, "lr_lambdas"):  # LambdaLR: every schedule transformers.get_scheduler builds
-        rates = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+        rates = [
+            base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)
+        ]
         for group, rate in zip(optimizer.param_groups, rates):
             group["lr"] = rate
         scheduler._last_lr = rates  # what get_last_lr() reports, as LRScheduler.step sets it

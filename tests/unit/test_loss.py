@@ -1,0 +1,117 @@
+"""The fused target loss equals a plain full-logits cross-entropy, value and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tunewise.data.collate import collate_packed, collate_padded
+from tunewise.data.tokenize import IGNORE
+from tunewise.testing import build_tiny_model
+from tunewise.train.loss import CausalLMLoss, is_right_padded, target_cross_entropy
+
+VOCAB = 50
+TOL = 1e-5
+
+
+def reference_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Full logits at every position, padding mask passed to the model, summed CE over targets."""
+    inputs = {k: v for k, v in batch.items() if k != "targets"}
+    logits = model(**inputs, use_cache=False).logits.float()
+    return F.cross_entropy(
+        logits.flatten(0, 1), batch["targets"].flatten(), ignore_index=IGNORE, reduction="sum"
+    )
+
+
+def value_and_grads(loss_fn, params: list[torch.Tensor]) -> tuple[float, list[torch.Tensor]]:
+    for p in params:
+        p.grad = None
+    loss = loss_fn()
+    (loss / 7).backward()  # a non-unit upstream gradient, as the loop's division by the target count
+    return loss.item(), [p.grad.clone() for p in params]
+
+
+def assert_close(a: tuple[float, list[torch.Tensor]], b: tuple[float, list[torch.Tensor]]) -> None:
+    assert abs(a[0] - b[0]) < TOL * max(1.0, abs(b[0])), f"loss {a[0]} vs reference {b[0]}"
+    for got, want in zip(a[1], b[1], strict=True):
+        assert (got - want).abs().max().item() < TOL
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1024])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_target_cross_entropy_matches_full_logits(chunk: int, with_bias: bool) -> None:
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 11, 16, requires_grad=True)
+    head = nn.Linear(16, VOCAB, bias=with_bias)
+    targets = torch.randint(0, VOCAB, (3, 11))
+    targets[0, :4] = IGNORE  # a prompt
+    targets[2, 8:] = IGNORE  # padding
+    params = [hidden, *head.parameters()]
+
+    def reference() -> torch.Tensor:
+        logits = head(hidden).float()
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+
+    assert_close(
+        value_and_grads(lambda: target_cross_entropy(hidden, targets, head, chunk), params),
+        value_and_grads(reference, params),
+    )
+
+
+def test_without_grad_gives_the_same_sum() -> None:
+    torch.manual_seed(0)
+    hidden, head = torch.randn(2, 9, 16), nn.Linear(16, VOCAB)
+    targets = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        plain = target_cross_entropy(hidden, targets, head, chunk=4)
+    fused = target_cross_entropy(hidden.requires_grad_(), targets, head, chunk=4)
+    assert abs(plain.item() - fused.item()) < TOL
+
+
+def batches() -> dict[str, dict[str, torch.Tensor]]:
+    rng = torch.Generator().manual_seed(1)
+    examples = []
+    for n, prompt in [(9, 4), (5, 2), (13, 6)]:
+        ids = torch.randint(3, VOCAB, (n,), generator=rng).tolist()
+        examples.append({"input_ids": ids, "labels": [IGNORE] * prompt + ids[prompt:]})
+    left = collate_padded(examples, pad_token_id=0, padding_side="left")
+    return {
+        "right-padded": collate_padded(examples, pad_token_id=0),
+        "left-padded": left,
+        # Without position ids only the mask keeps real tokens from attending to the pads on their left.
+        "left-padded-mask-only": {k: v for k, v in left.items() if k != "position_ids"},
+        "packed": collate_packed(examples),
+    }
+
+
+@pytest.mark.parametrize("layout", ["right-padded", "left-padded", "left-padded-mask-only", "packed"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_causal_lm_loss_matches_full_logits_reference(layout: str, tied: bool) -> None:
+    # A wide init makes attention far from uniform, so attending to a pad or to another example
+    # would move the loss well past the tolerance.
+    model = build_tiny_model(VOCAB, seed=0, initializer_range=0.2, tie_word_embeddings=tied)
+    params = [p for p in model.parameters() if p.requires_grad]
+    batch = batches()[layout]
+    assert_close(
+        value_and_grads(lambda: CausalLMLoss(model)(**batch), params),
+        value_and_grads(lambda: reference_loss(model, batch), params),
+    )
+
+
+def test_right_padding_is_told_from_left_padding() -> None:
+    assert is_right_padded(batches()["right-padded"]["attention_mask"])
+    assert not is_right_padded(batches()["left-padded"]["attention_mask"])
+
+
+def test_gradients_keep_the_parameter_dtypes_under_autocast() -> None:
+    model = build_tiny_model(VOCAB, seed=0)
+    batch = batches()["right-padded"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = CausalLMLoss(model)(**batch)
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    reference = reference_loss(model, batch).item()
+    assert abs(loss.item() - reference) < 0.02 * reference  # bf16 matmuls, same loss to ~1%
+    assert all(p.grad.dtype == p.dtype for p in model.parameters())
