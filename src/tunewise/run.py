@@ -17,11 +17,12 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState
 from rich.console import Console
 from rich.markup import escape
 from transformers import PreTrainedTokenizerBase, set_seed
 
-from tunewise.config.load import ConfigError, Problem, dump_config, load_config
+from tunewise.config.load import LOWER_IS_BETTER, ConfigError, Problem, dump_config, load_config
 from tunewise.config.resolve import (
     Hardware,
     Resolution,
@@ -143,7 +144,7 @@ def prepare_data(cfg: TunewiseConfig, tokenizer: PreTrainedTokenizerBase) -> Dat
         format=d.format,
         bad_rows=d.bad_rows,
         system_prompt=d.system_prompt,
-        data_seed=int(cfg.training.data_seed or cfg.training.seed),
+        data_seed=int(cfg.training.data_seed if cfg.training.data_seed is not None else cfg.training.seed),
         tokenizer=tokenizer,
         settings=TokenizeSettings(d.max_seq_length, d.truncation_side, d.train_on_inputs, d.chat_template),
         max_eval_samples=cfg.evaluation.max_eval_samples,
@@ -333,11 +334,17 @@ def train(
     from tunewise.report import print_eval, print_plan, print_samples
 
     console = console or Console()
-    prep = prepare(config, overrides, world_size=PartialState().num_processes)
+    # A fresh process state per run (as HF's TrainingArguments does), so a second train() in one process may
+    # use another precision; cpu=True makes accelerate honour torchrun's environment on a GPU-less machine.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    prep = prepare(
+        config, overrides, world_size=PartialState(cpu=probe_hardware().device_type == "cpu").num_processes
+    )
     cfg, t = prep.config, prep.config.training
     mixed = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[t.precision]
     accelerator = Accelerator(mixed_precision=mixed, cpu=prep.hardware.device_type == "cpu")
     main = accelerator.is_main_process
+    evals: dict[int, dict] = {}
     output_dir = Path(t.output_dir)
     writer = RunWriter(output_dir, main)
     config_yaml = dump_config(cfg)
@@ -376,9 +383,12 @@ def train(
     }
 
     def on_eval(step: int) -> dict:
-        metrics = evaluate_all(prep, loss_module, accelerator.device, with_task=False)
-        writer.metrics({"step": step, **_public(metrics)})
-        return metrics
+        # Task metrics cost generation: only when they pick the best model, or at the last step, whose
+        # evaluation then serves as the final one.
+        with_task = t.metric_for_best_model not in LOWER_IS_BETTER or step == prep.steps.plan.total_steps
+        evals[step] = evaluate_all(prep, loss_module, accelerator.device, with_task=with_task)
+        writer.metrics({"step": step, **_public(evals[step])})
+        return evals[step]
 
     def on_save(s: LoopState) -> None:
         if main:
@@ -416,30 +426,8 @@ def train(
             progress,
         )
     train_seconds = time.perf_counter() - started
-    if state.stop_reason == "interrupted":
-        if main:
-            # Fix (test_crash_safety.py): the command left out the --set overrides, so resuming with it
-            # failed on a changed config. Quoted for the shell, escaped for Rich markup ("[" in paths),
-            # and never wrapped, so it pastes back as one command.
-            where = shlex.quote(str(config)) if isinstance(config, (str, Path)) else "CONFIG"
-            sets = "".join(f" --set {shlex.quote(o)}" for o in overrides)
-            console.print(
-                f"[bold yellow]stopped[/] at step {state.step}; checkpoint saved. Resume with:\n  "
-                + escape(f"tunewise train {where}{sets} --resume"),
-                soft_wrap=True,
-            )
-        return {"stop_reason": "interrupted", "step": state.step, "output_dir": str(output_dir.resolve())}
-    if t.load_best_model_at_end and state.best_step is not None:
-        load_best(prep.model, output_dir / f"checkpoint-{state.best_step}")
-        if main:
-            console.print(
-                f"loaded the best checkpoint (step {state.best_step}, {t.metric_for_best_model} {state.best_metric:.4f})"
-            )
-    after = evaluate_all(prep, loss_module, accelerator.device, with_task=True)
     summary = {
         "eval_before": _public(before),
-        "eval_after": _public(after),
-        "task_metric": after.get("_task_metric"),
         "train_seconds": round(train_seconds, 2),
         "peak_memory_bytes": peak_memory_bytes(accelerator.device),
         "output_dir": str(output_dir.resolve()),
@@ -449,16 +437,49 @@ def train(
         "best_metric": state.best_metric,
         "stop_reason": state.stop_reason,
         "skipped_steps": state.skipped_steps,
+    }
+    if state.stop_reason == "interrupted":
+        if main:
+            writer.text("summary.json", json.dumps(summary, indent=2))
+            print_resume_command(console, state.step, config, overrides)
+        return summary
+    after = evals.get(state.step)
+    if t.load_best_model_at_end and state.best_step is not None:
+        load_best(prep.model, output_dir / f"checkpoint-{state.best_step}")
+        after = None
+        if main:
+            console.print(
+                f"loaded the best checkpoint (step {state.best_step}, {t.metric_for_best_model} {state.best_metric:.4f})"
+            )
+    if after is None or "_answers" not in after:
+        after = evaluate_all(prep, loss_module, accelerator.device, with_task=True)
+        writer.metrics({"step": state.step, **_public(after)})
+    summary |= {
+        "eval_after": _public(after),
+        "task_metric": after.get("_task_metric"),
         "samples": _samples(prep, before, after, cfg.evaluation.num_sample_prompts),
     }
     if main:
-        writer.metrics({"step": state.step, **_public(after)})
         save_final(prep, output_dir)
         writer.text("summary.json", json.dumps(summary, indent=2))
         print_eval(console, "after training", after)
         print_samples(console, summary["samples"])
         console.print(f"\n[bold green]Run written to[/] {output_dir.resolve()}")
     return summary
+
+
+def print_resume_command(
+    console: Console, step: int, config: object, overrides: list[str] | tuple[str, ...]
+) -> None:
+    # Quoted for the shell, escaped for Rich markup ("[" in paths), and never wrapped, so it pastes back
+    # as one command; the --set overrides are part of the config the checkpoint was made with.
+    where = shlex.quote(str(config)) if isinstance(config, (str, Path)) else "CONFIG"
+    sets = "".join(f" --set {shlex.quote(o)}" for o in overrides)
+    console.print(
+        f"[bold yellow]stopped[/] at step {step}; checkpoint saved. Resume with:\n  "
+        + escape(f"tunewise train {where}{sets} --resume"),
+        soft_wrap=True,
+    )
 
 
 def load_best(model: torch.nn.Module, path: Path) -> None:

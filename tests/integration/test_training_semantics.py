@@ -625,10 +625,6 @@ def test_early_stopping_and_load_best_model_end_to_end(make_config: ConfigMaker)
     assert run.summary["eval_after"]["eval_loss"] == pytest.approx(min(during), abs=1e-6)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="run.py's on_eval evaluates with_task=False, so a task metric as metric_for_best_model is never seen",
-)
 def test_task_metric_can_pick_the_best_model(make_config: ConfigMaker) -> None:
     config = make_config(
         validation=True,
@@ -731,10 +727,6 @@ def test_max_steps_stop_reason_and_eval_rows(make_config: ConfigMaker) -> None:
     assert run.summary["best_metric"] == best_row["eval_loss"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="run.train returns before writing summary.json when stop_reason is 'interrupted' (run.py)",
-)
 def test_interrupted_run_writes_its_summary(
     make_config: ConfigMaker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
