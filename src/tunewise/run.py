@@ -115,7 +115,7 @@ def prepare_model(cfg: TunewiseConfig) -> tuple[Any, PreTrainedTokenizerBase, Pa
         q.bnb_4bit_use_double_quant,
         str(q.bnb_4bit_compute_dtype),
     )
-    model = load_model(
+    model: Any = load_model(
         model_dir,
         dtype=str(m.torch_dtype),
         attn_implementation=m.attn_implementation,
@@ -454,16 +454,13 @@ def train(
     if after is None or "_answers" not in after:
         after = evaluate_all(prep, loss_module, accelerator.device, with_task=True)
         writer.metrics({"step": state.step, **_public(after)})
-    summary |= {
-        "eval_after": _public(after),
-        "task_metric": after.get("_task_metric"),
-        "samples": _samples(prep, before, after, cfg.evaluation.num_sample_prompts),
-    }
+    samples = _samples(prep, before, after, cfg.evaluation.num_sample_prompts)
+    summary |= {"eval_after": _public(after), "task_metric": after.get("_task_metric"), "samples": samples}
     if main:
         save_final(prep, output_dir)
         writer.text("summary.json", json.dumps(summary, indent=2))
         print_eval(console, "after training", after)
-        print_samples(console, summary["samples"])
+        print_samples(console, samples)
         console.print(f"\n[bold green]Run written to[/] {output_dir.resolve()}")
     return summary
 

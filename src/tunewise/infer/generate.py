@@ -67,7 +67,7 @@ def generate(
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(
                 model.device
             )
-            out = model.generate(
+            out = model.generate(  # type: ignore[operator]
                 **enc,
                 max_new_tokens=settings.max_new_tokens,
                 pad_token_id=pad_id,
