@@ -144,7 +144,7 @@ def prepare_data(cfg: TunewiseConfig, tokenizer: PreTrainedTokenizerBase) -> Dat
         format=d.format,
         bad_rows=d.bad_rows,
         system_prompt=d.system_prompt,
-        data_seed=int(cfg.training.data_seed if cfg.training.data_seed is not None else cfg.training.seed),
+        data_seed=int(cfg.training.data_seed),  # type: ignore[arg-type]  # resolve_static fills it
         tokenizer=tokenizer,
         settings=TokenizeSettings(d.max_seq_length, d.truncation_side, d.train_on_inputs, d.chat_template),
         max_eval_samples=cfg.evaluation.max_eval_samples,
@@ -275,7 +275,7 @@ def loop_settings(prep: Prepared) -> LoopSettings:
         eval_steps=s.eval_steps,
         save_steps=s.save_steps,
         max_grad_norm=t.max_grad_norm,
-        data_seed=int(t.data_seed if t.data_seed is not None else t.seed),
+        data_seed=int(t.data_seed),  # type: ignore[arg-type]  # resolved, never None here
         pad_token_id=int(prep.tokenizer.pad_token_id),
         packing=d.packing,
         padding=d.padding,

@@ -17,7 +17,14 @@ from peft import PeftModel
 from rich.console import Console
 
 from tunewise import run
-from tunewise.models.adapters import LoraSettings, apply_method, check_method_support, quantization_config
+from tunewise.models.adapters import (
+    LoraSettings,
+    apply_method,
+    check_method_support,
+    count_parameters,
+    memory_by_method,
+    quantization_config,
+)
 from tunewise.models.load import load_model
 from tunewise.models.memory import ParamSpec, weight_bytes
 from tunewise.models.merge import merge_adapter
@@ -74,6 +81,16 @@ def train_recording(cfg: dict, monkeypatch: pytest.MonkeyPatch) -> tuple[dict, d
     monkeypatch.setattr(run, "save_final", recording_save)
     summary = run.train(cfg, console=Console(file=io.StringIO()))
     return summary, seen["initial"], seen["prep"]
+
+
+def stored_bytes(param: torch.Tensor) -> int:
+    """What a parameter really occupies: a 4-bit weight also keeps its (double-quantised) absmax."""
+    size = param.numel() * param.element_size()
+    state = getattr(param, "quant_state", None)
+    if state is not None:
+        size += state.absmax.numel() * state.absmax.element_size()
+        size += state.state2.absmax.numel() * state.state2.absmax.element_size()
+    return size
 
 
 def logits(model: torch.nn.Module) -> torch.Tensor:
@@ -135,6 +152,11 @@ def test_qlora_steps_on_cpu_reload_and_merge(
     summary, initial, prep = train_recording(cfg, monkeypatch)
     assert sum(isinstance(m, bnb.nn.Linear4bit) for m in prep.model.modules()) == 2 * 7
     assert len(assert_only_adapters_changed(prep, initial)) == 2 * 7 * 2
+    estimate = memory_by_method(
+        wide_model_dir, LoraSettings(r=8), "adamw_torch", method="qlora", torch_dtype="float32", bits=4
+    )["qlora"]
+    assert estimate.trainable_parameters == count_parameters(prep.model)[0]
+    assert estimate.weights == sum(stored_bytes(p) for p in prep.model.parameters())
     losses = train_losses(Path(summary["output_dir"]))
     assert len(losses) == 8 and losses[-1] < losses[0] - 0.1
     assert summary["eval_after"]["eval_loss"] < summary["eval_before"]["eval_loss"] - 0.1

@@ -24,6 +24,25 @@ DEFAULT_EFFECTIVE_BATCH_SIZE = 16
 """Sequences per optimizer update that an `auto` batch targets when effective_batch_size is unset."""
 
 Auto = Literal["auto"]
+SchedulerName = Literal[
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "cosine_with_min_lr",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+]
+OptimizerName = Literal[
+    "adamw_torch",
+    "adamw_torch_fused",
+    "adafactor",
+    "sgd",
+    "adamw_8bit",
+    "adamw_bnb_8bit",
+    "paged_adamw_8bit",
+    "paged_adamw_32bit",
+]
 PositiveInt = Annotated[int, Field(ge=1)]
 NonEmptyStr = Annotated[str, Field(min_length=1)]
 NonEmptyList = Annotated[list[NonEmptyStr], Field(min_length=1)]
@@ -164,15 +183,7 @@ class TrainingConfig(_Section):
     """Recompute activations in the backward pass: less memory, ~30% more compute."""
     learning_rate: Annotated[float, Field(gt=0)] | Auto = "auto"
     """Peak learning rate; auto picks a method-specific default (2e-4 LoRA/QLoRA, 2e-5 full)."""
-    lr_scheduler_type: Literal[
-        "linear",
-        "cosine",
-        "cosine_with_restarts",
-        "cosine_with_min_lr",
-        "polynomial",
-        "constant",
-        "constant_with_warmup",
-    ] = "linear"
+    lr_scheduler_type: SchedulerName = "linear"
     """Learning-rate schedule after warmup."""
     lr_scheduler_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Extra scheduler arguments (num_cycles, min_lr_rate, power, lr_end)."""
@@ -182,16 +193,7 @@ class TrainingConfig(_Section):
     """Warmup length in optimizer steps; wins over warmup_ratio."""
     weight_decay: float = Field(default=0.0, ge=0.0)
     """Decoupled (AdamW) weight decay on weight matrices, not on biases and norms."""
-    optim: Literal[
-        "adamw_torch",
-        "adamw_torch_fused",
-        "adafactor",
-        "sgd",
-        "adamw_8bit",
-        "adamw_bnb_8bit",
-        "paged_adamw_8bit",
-        "paged_adamw_32bit",
-    ] = "adamw_torch"
+    optim: OptimizerName = "adamw_torch"
     """Optimizer, by HF's name."""
     adam_beta1: float = Field(default=0.9, ge=0.0, lt=1.0)
     """AdamW first-moment decay."""

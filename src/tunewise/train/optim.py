@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import re
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -15,16 +16,9 @@ import torch
 from torch import nn
 from transformers.optimization import Adafactor
 
-OPTIMIZER_NAMES: tuple[str, ...] = (
-    "adamw_torch",
-    "adamw_torch_fused",
-    "adafactor",
-    "sgd",
-    "adamw_8bit",
-    "adamw_bnb_8bit",
-    "paged_adamw_8bit",
-    "paged_adamw_32bit",
-)
+from tunewise.config.schema import OptimizerName
+
+OPTIMIZER_NAMES: tuple[str, ...] = typing.get_args(OptimizerName)
 """HF ``optim`` values we build."""
 
 # Trainer.get_decay_parameter_names: these name patterns, and anything inside an nn.LayerNorm, get no decay.

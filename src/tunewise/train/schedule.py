@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -17,15 +18,9 @@ from transformers import get_scheduler
 from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION
 from transformers.trainer_utils import SchedulerType
 
-SCHEDULER_NAMES: tuple[str, ...] = (
-    "linear",
-    "cosine",
-    "cosine_with_restarts",
-    "cosine_with_min_lr",
-    "polynomial",
-    "constant",
-    "constant_with_warmup",
-)
+from tunewise.config.schema import SchedulerName
+
+SCHEDULER_NAMES: tuple[str, ...] = typing.get_args(SchedulerName)
 """HF ``lr_scheduler_type`` values we build (the config schema's choices), each stepped once per update."""
 
 
