@@ -20,4 +20,4 @@ def train(
     return _train(config, overrides or [])
 
 
-__all__ = ["train", "__version__"]
+__all__ = ["__version__", "train"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -18,9 +18,9 @@ app = typer.Typer(
 console = Console()
 err = Console(stderr=True)
 
-ConfigArg = Annotated[Optional[Path], typer.Argument(help="YAML config (default: the quickstart settings).")]
+ConfigArg = Annotated[Path | None, typer.Argument(help="YAML config (default: the quickstart settings).")]
 SetOpt = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option("--set", help="Override a key: KEY=VALUE, e.g. --set learning_rate=1e-4 (repeatable)."),
 ]
 
@@ -45,13 +45,19 @@ def _user_errors() -> tuple[type[Exception], ...]:
 def train(
     config: ConfigArg = None,
     checkpoint: Annotated[
-        Path | None, typer.Argument(help="With --resume: the checkpoint to resume from (default: the newest valid).")
+        Path | None,
+        typer.Argument(help="With --resume: the checkpoint to resume from (default: the newest valid)."),
     ] = None,
     set_: SetOpt = None,
     resume: Annotated[
-        bool, typer.Option("--resume", help="Continue from the newest valid checkpoint in output_dir, or CHECKPOINT.")
+        bool,
+        typer.Option(
+            "--resume", help="Continue from the newest valid checkpoint in output_dir, or CHECKPOINT."
+        ),
     ] = False,
-    force_resume: Annotated[bool, typer.Option("--force-resume", help="Resume even though the config changed.")] = False,
+    force_resume: Annotated[
+        bool, typer.Option("--force-resume", help="Resume even though the config changed.")
+    ] = False,
 ) -> None:
     """Fine-tune: plan, evaluate, train, evaluate again, save the run directory."""
     from tunewise.run import train as run_train
@@ -95,7 +101,7 @@ def plan(
 
 @app.command()
 def explain(
-    key: Annotated[Optional[str], typer.Argument(help="A config key, e.g. lora_alpha.")] = None,
+    key: Annotated[str | None, typer.Argument(help="A config key, e.g. lora_alpha.")] = None,
 ) -> None:
     """Explain a hyperparameter (or list them all)."""
     from tunewise.config.knowledge import explain_all, explain_key

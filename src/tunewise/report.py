@@ -54,7 +54,8 @@ def plan_lints(prep: Prepared) -> list[dict]:
         max_seq_length=cfg.data.max_seq_length,
         device_type=prep.hardware.device_type,
         precision=t.precision,
-        model_pretrained_dtype=prep.pretrained_dtype or (str(pretrained).removeprefix("torch.") if pretrained else None),
+        model_pretrained_dtype=prep.pretrained_dtype
+        or (str(pretrained).removeprefix("torch.") if pretrained else None),
         r=cfg.adapter.r,
         lora_alpha=cfg.adapter.lora_alpha,
         use_rslora=cfg.adapter.use_rslora,
@@ -66,7 +67,9 @@ def plan_lints(prep: Prepared) -> list[dict]:
         for p in check_config(prep.user_config)
         if p.severity != "error"
     ]
-    return out + [{"severity": x.severity, "key": x.key, "message": x.message, "fix": x.fix} for x in lint(facts)]
+    return out + [
+        {"severity": x.severity, "key": x.key, "message": x.message, "fix": x.fix} for x in lint(facts)
+    ]
 
 
 def plan_summary(prep: Prepared) -> dict:

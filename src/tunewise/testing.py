@@ -66,7 +66,24 @@ def save_tiny_model(path: Path, seed: int = 0, **overrides: object) -> Path:
     return path
 
 
-WORDS = "red blue green cat dog bird one two three sun moon star tree rock river cloud".split()
+WORDS = [
+    "red",
+    "blue",
+    "green",
+    "cat",
+    "dog",
+    "bird",
+    "one",
+    "two",
+    "three",
+    "sun",
+    "moon",
+    "star",
+    "tree",
+    "rock",
+    "river",
+    "cloud",
+]
 
 
 def tiny_chat_rows(n: int, seed: int = 0, min_words: int = 2, max_words: int = 12) -> list[dict]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 from pathlib import Path
 
@@ -31,18 +32,39 @@ def trained(tiny_config: dict) -> tuple[dict, dict]:
 def test_run_directory_contract(trained: tuple[dict, dict]) -> None:
     config, summary = trained
     out = Path(config["training"]["output_dir"])
-    for name in ("config.yaml", "metrics.jsonl", "summary.json", "adapter_config.json", "adapter_model.safetensors"):
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "summary.json",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ):
         assert (out / name).is_file(), name
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train_rows] == list(range(1, 13))
     for row in train_rows:
-        assert {"step", "epoch", "loss", "learning_rate", "grad_norm", "tokens", "tokens_per_second"} <= row.keys()
-    assert all(b["tokens"] > a["tokens"] for a, b in zip(train_rows, train_rows[1:]))
+        assert {
+            "step",
+            "epoch",
+            "loss",
+            "learning_rate",
+            "grad_norm",
+            "tokens",
+            "tokens_per_second",
+        } <= row.keys()
+    assert all(b["tokens"] > a["tokens"] for a, b in itertools.pairwise(train_rows))
     eval_rows = [r for r in rows if "eval_loss" in r]
     assert [r["step"] for r in eval_rows] == [0, 12]
     on_disk = json.loads((out / "summary.json").read_text())
-    for key in ("eval_before", "eval_after", "task_metric", "train_seconds", "peak_memory_bytes", "output_dir"):
+    for key in (
+        "eval_before",
+        "eval_after",
+        "task_metric",
+        "train_seconds",
+        "peak_memory_bytes",
+        "output_dir",
+    ):
         assert key in on_disk
     assert on_disk["task_metric"] == "exact_match"
     assert on_disk["eval_after"]["eval_loss"] == pytest.approx(summary["eval_after"]["eval_loss"])
@@ -52,7 +74,9 @@ def test_run_directory_contract(trained: tuple[dict, dict]) -> None:
 def test_loss_falls_and_only_adapter_weights_change(trained: tuple[dict, dict], tiny_model_dir: Path) -> None:
     config, summary = trained
     out = Path(config["training"]["output_dir"])
-    losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    losses = [
+        json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x
+    ]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05
     assert summary["eval_after"]["eval_loss"] < summary["eval_before"]["eval_loss"] - 0.1
 
@@ -85,15 +109,17 @@ def test_python_api_accepts_a_yaml_path(tiny_config: dict, tmp_path: Path) -> No
     path.write_text(yaml.safe_dump(tiny_config))
     summary = tunewise.train(str(path), overrides=["training.learning_rate=1e-3"])
     assert summary["total_steps"] == 2
-    assert yaml.safe_load((Path(tiny_config["training"]["output_dir"]) / "config.yaml").read_text())["training"][
-        "learning_rate"
-    ] == pytest.approx(1e-3)
+    assert yaml.safe_load((Path(tiny_config["training"]["output_dir"]) / "config.yaml").read_text())[
+        "training"
+    ]["learning_rate"] == pytest.approx(1e-3)
 
 
 def test_cli_plan_json(tiny_config: dict, tmp_path: Path) -> None:
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(tiny_config))
-    result = CliRunner().invoke(app, ["plan", str(path), "--json", "--set", "max_steps=-1", "--set", "num_train_epochs=2"])
+    result = CliRunner().invoke(
+        app, ["plan", str(path), "--json", "--set", "max_steps=-1", "--set", "num_train_epochs=2"]
+    )
     assert result.exit_code == 0, result.output
     plan = json.loads(result.stdout)
     # 64 rows, batch 8, accumulation 1 -> 8 steps per epoch, 2 epochs
@@ -129,6 +155,8 @@ def test_cli_train_refuses_bad_config_before_training(tiny_config: dict, tmp_pat
 def test_cli_generate_with_run_directory(trained: tuple[dict, dict]) -> None:
     config, _ = trained
     out = config["training"]["output_dir"]
-    result = CliRunner().invoke(app, ["generate", "reverse: red blue", "--model", out, "--set", "max_new_tokens=5"])
+    result = CliRunner().invoke(
+        app, ["generate", "reverse: red blue", "--model", out, "--set", "max_new_tokens=5"]
+    )
     assert result.exit_code == 0, result.output
     assert result.stdout.strip()

@@ -14,7 +14,11 @@ from tunewise.models.load import ModelLoadError, materialize, model_overrides, r
 
 def test_dropout_overrides_use_each_models_own_names() -> None:
     assert model_overrides(LlamaConfig(), None, 0.1) == {"attention_dropout": 0.1}
-    assert model_overrides(GPT2Config(), 0.1, 0.2) == {"resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.2}
+    assert model_overrides(GPT2Config(), 0.1, 0.2) == {
+        "resid_pdrop": 0.1,
+        "embd_pdrop": 0.1,
+        "attn_pdrop": 0.2,
+    }
     assert model_overrides(GPTNeoXConfig(), 0.1, 0.2) == {"hidden_dropout": 0.1, "attention_dropout": 0.2}
     assert model_overrides(LlamaConfig(), None, None) == {}
 

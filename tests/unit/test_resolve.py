@@ -21,7 +21,12 @@ TURING = Hardware("cuda", bf16_supported=False)
 
 @pytest.mark.parametrize(
     ("hw", "expected"),
-    [(AMPERE, "bf16"), (TURING, "fp16"), (CPU, "fp32"), (Hardware("cpu", True, cpu_bf16_faster=True), "bf16")],
+    [
+        (AMPERE, "bf16"),
+        (TURING, "fp16"),
+        (CPU, "fp32"),
+        (Hardware("cpu", True, cpu_bf16_faster=True), "bf16"),
+    ],
 )
 def test_precision_rule(hw: Hardware, expected: str) -> None:
     value, reason = choose_precision(hw)
@@ -41,7 +46,14 @@ def test_learning_rate_rule_by_method() -> None:
 
 @pytest.mark.parametrize(
     ("effective", "world", "cap", "per_device", "accumulation"),
-    [(16, 1, 8, 8, 2), (32, 2, 8, 8, 2), (12, 1, 8, 6, 2), (7, 1, 8, 7, 1), (64, 4, 16, 16, 1), (9, 1, 4, 3, 3)],
+    [
+        (16, 1, 8, 8, 2),
+        (32, 2, 8, 8, 2),
+        (12, 1, 8, 6, 2),
+        (7, 1, 8, 7, 1),
+        (64, 4, 16, 16, 1),
+        (9, 1, 4, 3, 3),
+    ],
 )
 def test_batch_rule(effective: int, world: int, cap: int, per_device: int, accumulation: int) -> None:
     got = choose_batch(effective, world, cap)

@@ -112,7 +112,12 @@ def resolve_static(cfg: TunewiseConfig, hw: Hardware) -> Resolution:
     if precision == "fp16" and hw.device_type == "cpu":
         # accelerate applies neither fp16 autocast nor loss scaling on CPU: the run would silently be fp32.
         raise ConfigError(
-            [Problem("training.precision", "fp16 needs a GPU (no fp16 autocast or loss scaling on CPU); use fp32 or bf16")]
+            [
+                Problem(
+                    "training.precision",
+                    "fp16 needs a GPU (no fp16 autocast or loss scaling on CPU); use fp32 or bf16",
+                )
+            ]
         )
     t.precision, t.bf16, t.fp16 = precision, precision == "bf16", precision == "fp16"  # type: ignore[assignment]
     res.record("training.precision", precision, src, why)

@@ -57,7 +57,7 @@ def build_data(
     *,
     dataset: str | list[str],
     validation_file: str | list[str] | None,
-    validation_split: float | int | None,
+    validation_split: float | None,
     format: str,
     bad_rows: str,
     system_prompt: str | None,

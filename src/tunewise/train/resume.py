@@ -67,8 +67,9 @@ def load_model_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor])
 
 
 def _adapter_files(model: torch.nn.Module) -> tuple[str, dict[str, bytes]]:
-    if not isinstance(model, PeftModel):
-        return "model.safetensors", {}
+    if not isinstance(model, PeftModel):  # with config.json the folder loads as a HF model
+        config_json = model.config.to_json_string()  # type: ignore[union-attr,operator]
+        return "model.safetensors", {"config.json": config_json.encode()}
     config = model.peft_config["default"].to_dict()
     config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
     return "adapter_model.safetensors", {
