@@ -266,7 +266,7 @@ def test_resumed_equals_uninterrupted(
     interrupt_at(monkeypatch, k, signum)
     console = quiet()
     stopped = run.train(config, console=console)
-    assert stopped["stop_reason"] == "interrupted" and stopped["step"] == k
+    assert stopped["stop_reason"] == "interrupted" and stopped["total_steps"] == k
     assert list_checkpoints(out)[-1].name == f"checkpoint-{k}"
     assert says(console.file.getvalue(), "Resume with: tunewise train CONFIG --resume")  # type: ignore[attr-defined]
     monkeypatch.undo()
