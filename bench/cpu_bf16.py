@@ -46,7 +46,7 @@ def lora_step_rate(bf16: bool, batches: list[dict[str, torch.Tensor]], model_dir
 
     from tunewise.models.adapters import LoraSettings, apply_method
     from tunewise.models.load import load_model
-    from tunewise.train.loss import CausalLMLoss
+    from tunewise.training.loss import CausalLMLoss
 
     model = load_model(model_dir, dtype="bfloat16" if bf16 else "float32")  # type: ignore[arg-type]
     set_seed(SEED)

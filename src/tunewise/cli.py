@@ -34,9 +34,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from tunewise.config.load import ConfigError
     from tunewise.data.load import DataError
     from tunewise.models.load import ModelLoadError
-    from tunewise.train.checkpoint import CheckpointError
-    from tunewise.train.loop import NonFiniteError
-    from tunewise.train.resume import ResumeError
+    from tunewise.training.checkpoint import CheckpointError
+    from tunewise.training.loop import NonFiniteError
+    from tunewise.training.resume import ResumeError
 
     return (ConfigError, DataError, ModelLoadError, CheckpointError, NonFiniteError, ResumeError)
 

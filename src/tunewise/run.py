@@ -44,11 +44,11 @@ from tunewise.models.adapters import (
     quantization_config,
 )
 from tunewise.models.load import load_model, load_tokenizer, materialize, model_overrides, resolve_source
-from tunewise.train.loop import Hooks, LoopSettings, LoopState, NonFiniteError, fit
-from tunewise.train.loss import CausalLMLoss
-from tunewise.train.optim import build_optimizer
-from tunewise.train.progress import TrainProgress
-from tunewise.train.resume import (
+from tunewise.training.loop import Hooks, LoopSettings, LoopState, NonFiniteError, fit
+from tunewise.training.loss import CausalLMLoss
+from tunewise.training.optim import build_optimizer
+from tunewise.training.progress import TrainProgress
+from tunewise.training.resume import (
     GracefulStop,
     RunCheckpointer,
     find_resume_checkpoint,
@@ -56,7 +56,7 @@ from tunewise.train.resume import (
     restore,
     scale_learning_rate,
 )
-from tunewise.train.schedule import build_scheduler
+from tunewise.training.schedule import build_scheduler
 
 
 @dataclass
@@ -480,7 +480,7 @@ def print_resume_command(
 
 
 def load_best(model: torch.nn.Module, path: Path) -> None:
-    from tunewise.train.checkpoint import load_checkpoint
+    from tunewise.training.checkpoint import load_checkpoint
 
     load_model_tensors(model, load_checkpoint(path).model_tensors)
 
@@ -493,7 +493,7 @@ def roll_back(
     console: Console | None,
 ) -> LoopState:
     """nonfinite_policy: rollback: back to the newest checkpoint, with half the learning rate."""
-    from tunewise.train.checkpoint import find_latest_valid
+    from tunewise.training.checkpoint import find_latest_valid
 
     latest = find_latest_valid(checkpointer.output_dir).path
     if latest is None:

@@ -36,8 +36,8 @@ from rich.console import Console
 
 from tunewise import run
 from tunewise.config import schema
-from tunewise.train import checkpoint
-from tunewise.train.loss import CausalLMLoss
+from tunewise.training import checkpoint
+from tunewise.training.loss import CausalLMLoss
 
 # Speed only: dump_config re-parses each config class's source once per key (~1.5 s per run); the docs of a
 # class never change while a process runs. Reported as a bug in config/schema.py.

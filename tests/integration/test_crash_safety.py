@@ -42,12 +42,12 @@ from tunewise import run
 from tunewise.cli import app
 from tunewise.config import schema
 from tunewise.testing import tiny_chat_rows
-from tunewise.train import checkpoint, loop
-from tunewise.train import resume as resume_module
-from tunewise.train.checkpoint import list_checkpoints, load_checkpoint, verify_checkpoint
-from tunewise.train.loop import LoopState, _note_overflow
-from tunewise.train.loss import CausalLMLoss
-from tunewise.train.resume import ResumeError
+from tunewise.training import checkpoint, loop
+from tunewise.training import resume as resume_module
+from tunewise.training.checkpoint import list_checkpoints, load_checkpoint, verify_checkpoint
+from tunewise.training.loop import LoopState, _note_overflow
+from tunewise.training.loss import CausalLMLoss
+from tunewise.training.resume import ResumeError
 
 HERE = Path(__file__).parent
 WORKER = HERE / "_train_worker.py"

@@ -39,8 +39,8 @@ from tunewise.data.tokenize import IGNORE
 from tunewise.models.adapters import LoraSettings, apply_method
 from tunewise.report import plan_summary
 from tunewise.testing import build_tiny_model, build_tiny_tokenizer, tiny_chat_rows
-from tunewise.train.loop import Hooks, LoopSettings, LoopState, epoch_windows, fit, make_collate, train_step
-from tunewise.train.loss import CausalLMLoss
+from tunewise.training.loop import Hooks, LoopSettings, LoopState, epoch_windows, fit, make_collate, train_step
+from tunewise.training.loss import CausalLMLoss
 
 VOCAB = 64  # train_step-level tests: random token ids below this
 STEPS_PER_EPOCH = 8  # 64 training rows / per-device batch 8

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from tunewise.train.checkpoint import checkpoint_step, find_latest_valid, save_checkpoint
+from tunewise.training.checkpoint import checkpoint_step, find_latest_valid, save_checkpoint
 
 WIDTH = 512  # 512 x 512 float32 = 1 MiB per tensor, three of them: a save takes some milliseconds
 

@@ -24,8 +24,8 @@ from safetensors import safe_open
 from torch import nn
 from transformers import get_scheduler
 
-from tunewise.train import checkpoint
-from tunewise.train.checkpoint import (
+from tunewise.training import checkpoint
+from tunewise.training.checkpoint import (
     CheckpointError,
     capture_rng_state,
     checkpoint_step,

@@ -18,7 +18,7 @@ from tunewise.data.collate import (
 )
 from tunewise.data.tokenize import IGNORE, TokenizeSettings, encode_row
 from tunewise.testing import build_tiny_model, build_tiny_tokenizer, tiny_chat_rows
-from tunewise.train.loss import CausalLMLoss
+from tunewise.training.loss import CausalLMLoss
 
 Batch = dict[str, torch.Tensor]
 

@@ -36,8 +36,8 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from tunewise.train.optim import OPTIMIZER_NAMES, build_optimizer, decay_parameter_names
-from tunewise.train.schedule import (
+from tunewise.training.optim import OPTIMIZER_NAMES, build_optimizer, decay_parameter_names
+from tunewise.training.schedule import (
     SCHEDULER_NAMES,
     StepPlan,
     build_scheduler,

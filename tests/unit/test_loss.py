@@ -10,7 +10,7 @@ from torch import nn
 from tunewise.data.collate import collate_packed, collate_padded
 from tunewise.data.tokenize import IGNORE
 from tunewise.testing import build_tiny_model
-from tunewise.train.loss import CausalLMLoss, is_right_padded, target_cross_entropy
+from tunewise.training.loss import CausalLMLoss, is_right_padded, target_cross_entropy
 
 VOCAB = 50
 TOL = 1e-5

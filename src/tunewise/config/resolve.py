@@ -16,7 +16,7 @@ import torch
 
 from tunewise.config.load import LOWER_IS_BETTER, ConfigError, Problem, user_set_paths
 from tunewise.config.schema import DEFAULT_EFFECTIVE_BATCH_SIZE, TunewiseConfig
-from tunewise.train.schedule import StepPlan, compute_step_plan, resolve_interval, resolve_warmup_steps
+from tunewise.training.schedule import StepPlan, compute_step_plan, resolve_interval, resolve_warmup_steps
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from tunewise.train.optim import OPTIMIZER_NAMES
+from tunewise.training.optim import OPTIMIZER_NAMES
 
 FLOAT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 QUANTIZED = ("int8", "4bit", "4bit-double-quant")

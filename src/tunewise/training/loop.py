@@ -22,7 +22,7 @@ from accelerate import Accelerator
 from tunewise.config.load import ConfigError, Problem
 from tunewise.data.collate import batch_indices, collate_packed, collate_padded, iterate_batches
 from tunewise.data.tokenize import IGNORE
-from tunewise.train.progress import TrainProgress
+from tunewise.training.progress import TrainProgress
 
 log = logging.getLogger("tunewise")
 

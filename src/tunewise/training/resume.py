@@ -14,7 +14,7 @@ import torch
 import yaml
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 
-from tunewise.train.checkpoint import (
+from tunewise.training.checkpoint import (
     Checkpoint,
     CheckpointError,
     find_latest_valid,
@@ -22,7 +22,7 @@ from tunewise.train.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from tunewise.train.loop import LoopState
+from tunewise.training.loop import LoopState
 
 log = logging.getLogger("tunewise")
 
