@@ -18,6 +18,21 @@ app = typer.Typer(
 console = Console()
 err = Console(stderr=True)
 
+
+@app.callback()
+def _quiet_libraries() -> None:
+    """Our own progress bars and plan say what is happening; the libraries' per-file bars only add noise."""
+    import warnings
+
+    import datasets
+    import transformers
+
+    # peft calls a transformers property deprecated for v6; harmless, and not the user's to fix.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
 ConfigArg = Annotated[Path | None, typer.Argument(help="YAML config (default: the quickstart settings).")]
 SetOpt = Annotated[
     list[str] | None,

@@ -154,7 +154,10 @@ def print_plan(console: Console, prep: Prepared) -> None:
     table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
     for col in ("setting", "value", "source", "why"):
         table.add_column(col)
+    quantized = prep.config.quantization.load_in_4bit is True or prep.config.quantization.load_in_8bit
     for key in PLAN_KEYS:
+        if key.startswith("quantization.bnb") and not quantized:
+            continue
         choice = prep.resolution.choices.get(key)
         if choice is not None:
             table.add_row(key, str(choice.value), choice.source, choice.reason)

@@ -117,7 +117,7 @@ def _download(repo_id: str) -> Path:
 
 def _convert_gguf(gguf: Path, target: Path) -> Path:
     """Rebuild a plain safetensors model from a GGUF file; the cache entry appears atomically."""
-    log.info("converting %s to safetensors (once) under %s", gguf.name, target)
+    print(f"converting {gguf.name} to safetensors, once (~20 s); cached under {target.parent}", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = gguf_model.config
