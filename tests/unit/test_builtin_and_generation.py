@@ -1,0 +1,82 @@
+"""The built-in dataset is reproducible and leak-free; sampling settings mean what HF means."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from tunewise.data.build import builtin_files
+from tunewise.eval.metrics import choose_task_metric, json_exact_match, score
+from tunewise.infer.generate import SamplingSettings, prompt_messages
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load_script() -> object:
+    spec = importlib.util.spec_from_file_location(
+        "make_builtin_data", ROOT / "scripts" / "make_builtin_data.py"
+    )
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_builtin_dataset_regenerates_identically_and_never_leaks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    script = _load_script()
+    monkeypatch.setattr(script, "OUT", tmp_path)
+    script.main()  # type: ignore[attr-defined]
+    train_file, validation_file = (p[0] for p in builtin_files("builtin:json_extract"))
+    assert (tmp_path / "train.jsonl").read_text() == train_file.read_text()
+    assert (tmp_path / "validation.jsonl").read_text() == validation_file.read_text()
+    train = [json.loads(line) for line in train_file.read_text().splitlines()]
+    validation = [json.loads(line) for line in validation_file.read_text().splitlines()]
+    assert (len(train), len(validation)) == (800, 60)
+    assert not {r["input"] for r in train} & {r["input"] for r in validation}
+    for row in validation:
+        fields = json.loads(row["output"])
+        assert list(fields) == ["name", "city", "item", "quantity", "day"]
+        assert all(str(v) in row["input"] for v in fields.values())  # every answer is extractable
+
+
+def test_temperature_zero_is_greedy_and_sampling_keys_pass_through() -> None:
+    assert SamplingSettings(do_sample=True, temperature=0.0).generate_kwargs() == {
+        "do_sample": False,
+        "repetition_penalty": 1.0,
+    }
+    assert SamplingSettings(do_sample=False, temperature=0.7).generate_kwargs()["do_sample"] is False
+    kwargs = SamplingSettings(
+        do_sample=True, temperature=0.7, top_p=0.9, top_k=20, repetition_penalty=1.1
+    ).generate_kwargs()
+    assert kwargs == {
+        "do_sample": True,
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "top_k": 20,
+        "repetition_penalty": 1.1,
+    }
+
+
+def test_json_exact_match_ignores_whitespace_not_values() -> None:
+    reference = '{"name": "Ravi", "quantity": 46}'
+    assert json_exact_match('{"name":"Ravi",  "quantity":46}', reference)
+    assert not json_exact_match('{"name": "Ravi", "quantity": "46"}', reference)
+    assert not json_exact_match("JSON:\n" + reference, reference)
+    assert score("json_exact_match", [reference, "nope"], [reference, reference]) == 0.5
+    assert choose_task_metric("auto", [reference]) == "json_exact_match"
+    assert choose_task_metric("auto", ["plain words"]) == "exact_match"
+
+
+def test_prompt_messages_split_at_the_last_answer() -> None:
+    chat = [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "c"},
+        {"role": "assistant", "content": "d"},
+    ]
+    assert prompt_messages(chat) == (chat[:3], "d")
