@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -30,18 +31,20 @@ from typing import Any
 import torch
 
 SEED = 42
-LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05}
+LORA = {"r": 16, "lora_alpha": 32}  # lora_dropout: --lora-dropout, tunewise's default 0.05
 LEARNING_RATE = 2e-4
 
-# name: (tool, options). Every tunewise variant is a config choice a user can make.
+# name: (tool, options). Every variant is a setting a user of that tool can choose.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "tunewise": ("tunewise", {}),  # defaults: padded micro-batches of `batch` sequences
     "tunewise-grouped": ("tunewise", {"data": {"group_by_length": True}}),
     "tunewise-packed": ("tunewise", {"data": {"packing": True}}),
     "tunewise-mb1": ("tunewise", {"micro_batch": 1}),  # one example per micro-batch: no padding at all
-    "trl": ("trl", {}),
-    "trl-grouped": ("trl", {"train_sampling_strategy": "group_by_length"}),
+    "trl": ("trl", {}),  # SFTTrainer's defaults (gradient checkpointing on)
+    "trl-nogc": ("trl", {"gradient_checkpointing": False}),
+    "trl-grouped": ("trl", {"gradient_checkpointing": False, "train_sampling_strategy": "group_by_length"}),
     "trl-packing": ("trl", {"packing": True}),
+    "trl-packing-nogc": ("trl", {"packing": True, "gradient_checkpointing": False}),
     "hf": ("hf", {}),  # plain PyTorch loop over a PEFT model, HF's own loss (full logits)
 }
 DEFAULT_TOOLS = {"cpu": "tunewise-mb1,trl,trl-packing", "cuda": "tunewise,hf"}
@@ -160,7 +163,8 @@ def prepare_model_dir(device: str, work: Path) -> Path:
 
     from tunewise.models.load import materialize, resolve_source
 
-    smol = materialize(resolve_source("smollm2-135m-instruct"))
+    # A private copy: the shared cache entry can be rebuilt by other processes during a long benchmark.
+    smol = Path(shutil.copytree(materialize(resolve_source("smollm2-135m-instruct")), work / "smollm2"))
     if device == "cpu":
         return smol
     target = work / "llama-1b-random"
@@ -179,14 +183,14 @@ def prepare_model_dir(device: str, work: Path) -> Path:
     return target
 
 
-def lora_model(model_dir: Path, dtype: torch.dtype) -> Any:
+def lora_model(model_dir: Path, dtype: torch.dtype, dropout: float) -> Any:
     """Base model + LoRA exactly as tunewise builds it (same seed, so the same adapter init)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, set_seed
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
     set_seed(SEED)
-    config = LoraConfig(task_type="CAUSAL_LM", target_modules="all-linear", **LORA)
+    config = LoraConfig(task_type="CAUSAL_LM", target_modules="all-linear", lora_dropout=dropout, **LORA)
     return get_peft_model(model, config)
 
 
@@ -235,7 +239,7 @@ def run_tunewise(spec: dict) -> RunResult:
         "model": {"model_name_or_path": spec["model_dir"], "attn_implementation": "sdpa"},
         "data": {"dataset": spec["train_file"], "format": "chat", "max_seq_length": spec["max_seq_length"]}
         | options.get("data", {}),
-        "adapter": {"method": "lora", "target_modules": "all-linear", **LORA},
+        "adapter": {"method": "lora", "target_modules": "all-linear", "lora_dropout": spec["lora_dropout"], **LORA},
         "training": {
             "output_dir": str(out),
             "max_steps": spec["steps"],
@@ -301,7 +305,7 @@ def run_trl(spec: dict) -> RunResult:
 
     options = VARIANTS[spec["name"]][1]
     bf16 = spec["precision"] == "bf16"
-    model = lora_model(Path(spec["model_dir"]), torch.float32)
+    model = lora_model(Path(spec["model_dir"]), torch.float32, spec["lora_dropout"])
     tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
     packing = options.get("packing", False)
     # Packed rows hold several examples: give TRL as many rows as carry the same tokens per step.
@@ -334,6 +338,7 @@ def run_trl(spec: dict) -> RunResult:
         use_cpu=spec["device"] == "cpu",
         max_length=spec["max_seq_length"],
         packing=packing,
+        gradient_checkpointing=options.get("gradient_checkpointing", True),
         # Unpacked, TRL reads the examples in tunewise's order, so both see the very same batches.
         train_sampling_strategy="random" if packing else options.get("train_sampling_strategy", "sequential"),
     )
@@ -353,7 +358,8 @@ def run_hf(spec: dict) -> RunResult:
     from transformers import get_linear_schedule_with_warmup
 
     device, bf16 = spec["device"], spec["precision"] == "bf16"
-    model = lora_model(Path(spec["model_dir"]), torch.bfloat16 if bf16 else torch.float32).to(device)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    model = lora_model(Path(spec["model_dir"]), dtype, spec["lora_dropout"]).to(device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE, weight_decay=0.0, fused=device == "cuda")
@@ -422,6 +428,7 @@ def build_specs(args: argparse.Namespace, work: Path) -> tuple[list[dict], dict]
                     "precision": precision,
                     "device": args.device,
                     "threads": args.threads,
+                    "lora_dropout": args.lora_dropout,
                     "steps": args.steps,
                     "batch": args.batch,
                     "max_seq_length": args.max_seq_length,
@@ -526,6 +533,7 @@ def main() -> None:
     parser.add_argument("--min-tokens", type=int, default=None)
     parser.add_argument("--max-tokens", type=int, default=None)
     parser.add_argument("--max-seq-length", type=int, default=None)
+    parser.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout (tunewise's default)")
     parser.add_argument("--json", type=Path, help="also write every run's numbers here")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
