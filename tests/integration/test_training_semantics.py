@@ -39,7 +39,15 @@ from tunewise.data.tokenize import IGNORE
 from tunewise.models.adapters import LoraSettings, apply_method
 from tunewise.report import plan_summary
 from tunewise.testing import build_tiny_model, build_tiny_tokenizer, tiny_chat_rows
-from tunewise.training.loop import Hooks, LoopSettings, LoopState, epoch_windows, fit, make_collate, train_step
+from tunewise.training.loop import (
+    Hooks,
+    LoopSettings,
+    LoopState,
+    epoch_windows,
+    fit,
+    make_collate,
+    train_step,
+)
 from tunewise.training.loss import CausalLMLoss
 
 VOCAB = 64  # train_step-level tests: random token ids below this
