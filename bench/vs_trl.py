@@ -123,8 +123,9 @@ def example_flops(shape: Shape, length: int, targets: int) -> float:
     )
 
 
-def measure_peak(device: str, dtype: torch.dtype, n: int = 4096, trials: int = 5) -> float:
+def measure_peak(device: str, dtype: torch.dtype, trials: int = 5) -> float:
     """Best matmul FLOP/s of an n x n x n product (the MFU denominator)."""
+    n = 8192 if device == "cuda" else 4096
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     best = 0.0
@@ -211,7 +212,8 @@ class RunResult:
 
 
 def child_main(spec: dict) -> None:
-    torch.set_num_threads(spec["threads"]) if spec["threads"] else None
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
     tool = VARIANTS[spec["name"]][0]
     result = {"tunewise": run_tunewise, "trl": run_trl, "hf": run_hf}[tool](spec)
     Path(spec["result"]).write_text(json.dumps(asdict(result)))
