@@ -47,7 +47,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "trl-packing-nogc": ("trl", {"packing": True, "gradient_checkpointing": False}),
     "hf": ("hf", {}),  # plain PyTorch loop over a PEFT model, HF's own loss (full logits)
 }
-DEFAULT_TOOLS = {"cpu": "tunewise-mb1,trl,trl-packing", "cuda": "tunewise,hf"}
+DEFAULT_TOOLS = {"cpu": "tunewise-mb1,trl-nogc,trl-packing-nogc", "cuda": "tunewise,hf"}
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -56,11 +56,11 @@ DEFAULT_TOOLS = {"cpu": "tunewise-mb1,trl,trl-packing", "cuda": "tunewise,hf"}
 def chat_rows(n: int, seed: int, min_tokens: int, max_tokens: int) -> list[dict]:
     """`tiny_chat_rows`'s reversal task, its word counts spread so token lengths cover the range.
 
-    With SmolLM2's template (a ~20-token default system prompt) a row of w words is ~35 + 2w tokens.
+    With SmolLM2's template (its default system prompt included) a row of w words is 34 + 2w tokens.
     """
     from tunewise.testing import tiny_chat_rows
 
-    lo, hi = max(2, (min_tokens - 35) // 2), max(3, (max_tokens - 35) // 2)
+    lo, hi = max(2, (min_tokens - 34) // 2), max(3, (max_tokens - 34) // 2)
     return tiny_chat_rows(n, seed=seed, min_words=lo, max_words=hi)
 
 
