@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 
@@ -22,7 +23,7 @@ SEED = 42
 
 def cpu_flags() -> set[str]:
     try:
-        text = open("/proc/cpuinfo").read()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return set()
     line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
@@ -89,8 +90,12 @@ def make_batches(steps: int, batch_size: int) -> tuple[list[dict[str, torch.Tens
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps per precision (+1 warm-up)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--steps", type=int, default=4, help="timed optimizer steps per precision (+1 warm-up)"
+    )
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--matmul", type=int, default=4096, help="square matmul size")
@@ -99,7 +104,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     flags = cpu_flags()
     native = sorted(f for f in ("avx512_bf16", "amx_bf16", "avx512f") if f in flags)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU flags: {', '.join(native) or 'none'}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU flags: {', '.join(native) or 'none'}"
+    )
     fp32, bf16 = matmul_rate(torch.float32, args.matmul), matmul_rate(torch.bfloat16, args.matmul)
     print(f"matmul {args.matmul}^3: fp32 {fp32 / 1e9:.1f} GFLOP/s, bf16 {bf16 / 1e9:.1f} GFLOP/s, "
           f"bf16/fp32 {bf16 / fp32:.2f}x")  # fmt: skip
@@ -107,8 +114,8 @@ def main() -> None:
     # Interleaved twice, so a change in machine load hits both precisions alike.
     rates: dict[str, list[float]] = {"fp32": [], "bf16": []}
     for _ in range(2):
-        for name in rates:
-            rates[name].append(lora_step_rate(name == "bf16", batches, model_dir))
+        for name, values in rates.items():
+            values.append(lora_step_rate(name == "bf16", batches, model_dir))
     best = {name: max(values) for name, values in rates.items()}
     print(f"LoRA training steps: fp32 {best['fp32']:.1f} tokens/s, bf16 autocast {best['bf16']:.1f} tokens/s, "
           f"bf16/fp32 {best['bf16'] / best['fp32']:.2f}x")  # fmt: skip

@@ -22,6 +22,7 @@ Used for the recommendations in docs/performance.md; not part of tunewise.
 from __future__ import annotations
 
 import argparse
+import itertools
 import resource
 import time
 
@@ -51,10 +52,15 @@ def segment_attention(
     starts = (position_ids[0] == 0).nonzero().flatten().tolist() + [query.shape[2]]
     parts = [
         F.scaled_dot_product_attention(
-            query[:, :, s:e], key[:, :, s:e], value[:, :, s:e],
-            is_causal=True, dropout_p=dropout, scale=scaling, enable_gqa=True,
-        )  # fmt: skip
-        for s, e in zip(starts[:-1], starts[1:])
+            query[:, :, s:e],
+            key[:, :, s:e],
+            value[:, :, s:e],
+            is_causal=True,
+            dropout_p=dropout,
+            scale=scaling,
+            enable_gqa=True,
+        )
+        for s, e in itertools.pairwise(starts)
     ]
     return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
 
@@ -87,7 +93,9 @@ def micro_batches(layout: str, window: list[dict], pad_id: int) -> list[dict[str
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("layout", choices=["padded", "packed", "segments", "segments2", "mb1"])
     parser.add_argument("--lora-dropout", type=float, default=0.05)
     parser.add_argument("--windows", type=int, default=6, help="windows of 8 examples, 2 of them warm-up")

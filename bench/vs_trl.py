@@ -15,6 +15,7 @@ one-off allocations in both tools). See bench/README.md for what each column mea
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -70,7 +71,9 @@ def encode_rows(rows: list[dict], tokenizer: Any, max_seq_length: int) -> list[d
     return [encode_row(r, tokenizer, TokenizeSettings(max_seq_length)) for r in rows]
 
 
-def tunewise_windows(lengths: list[int], micro: int, accumulation: int, grouped: bool, steps: int) -> list[list[int]]:
+def tunewise_windows(
+    lengths: list[int], micro: int, accumulation: int, grouped: bool, steps: int
+) -> list[list[int]]:
     """The example ids of each of tunewise's first `steps` optimizer steps (its own batching code)."""
     from tunewise.data.collate import batch_indices
 
@@ -241,7 +244,12 @@ def run_tunewise(spec: dict) -> RunResult:
         "model": {"model_name_or_path": spec["model_dir"], "attn_implementation": "sdpa"},
         "data": {"dataset": spec["train_file"], "format": "chat", "max_seq_length": spec["max_seq_length"]}
         | options.get("data", {}),
-        "adapter": {"method": "lora", "target_modules": "all-linear", "lora_dropout": spec["lora_dropout"], **LORA},
+        "adapter": {
+            "method": "lora",
+            "target_modules": "all-linear",
+            "lora_dropout": spec["lora_dropout"],
+            **LORA,
+        },
         "training": {
             "output_dir": str(out),
             "max_steps": spec["steps"],
@@ -272,11 +280,7 @@ def run_tunewise(spec: dict) -> RunResult:
 
 
 def _cumsum(values: list[int]) -> list[int]:
-    total, out = 0, []
-    for v in values:
-        total += v
-        out.append(total)
-    return out
+    return list(itertools.accumulate(values))
 
 
 class StepMeter:
@@ -345,7 +349,9 @@ def run_trl(spec: dict) -> RunResult:
         train_sampling_strategy="random" if packing else options.get("train_sampling_strategy", "sequential"),
     )
     dataset = Dataset.from_list(spec["trl_rows"])
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[Meter()])
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[Meter()]
+    )
     trainer.model.register_forward_pre_hook(meter.forward_pre_hook, with_kwargs=True)
     trainer.train()
     rate, span = _rate(meter.step_tokens, meter.clock)
@@ -382,7 +388,14 @@ def run_hf(spec: dict) -> RunResult:
         meter.end_step()
     rate, span = _rate(meter.step_tokens, meter.clock)
     return RunResult(
-        spec["name"], spec["precision"], rate, _peak_bytes(device), span, meter.step_targets, losses, spec["load"]
+        spec["name"],
+        spec["precision"],
+        rate,
+        _peak_bytes(device),
+        span,
+        meter.step_targets,
+        losses,
+        spec["load"],
     )
 
 
@@ -393,7 +406,11 @@ def _pad(examples: list[dict], pad_id: int, device: str) -> dict[str, torch.Tens
     mask = torch.zeros((len(examples), width), dtype=torch.long)
     for row, e in enumerate(examples):
         n = len(e["input_ids"])
-        ids[row, :n], labels[row, :n], mask[row, :n] = torch.tensor(e["input_ids"]), torch.tensor(e["labels"]), 1
+        ids[row, :n], labels[row, :n], mask[row, :n] = (
+            torch.tensor(e["input_ids"]),
+            torch.tensor(e["labels"]),
+            1,
+        )
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 
@@ -420,7 +437,11 @@ def build_specs(args: argparse.Namespace, work: Path) -> tuple[list[dict], dict]
         tool, options = VARIANTS[name]
         micro = options.get("micro_batch", args.batch) if tool == "tunewise" else args.batch
         windows = tunewise_windows(
-            lengths, micro, args.batch // micro, options.get("data", {}).get("group_by_length", False), args.steps
+            lengths,
+            micro,
+            args.batch // micro,
+            options.get("data", {}).get("group_by_length", False),
+            args.steps,
         )
         ordered = [trl_rows[i] for w in windows for i in w] if tool == "trl" else trl_rows
         for precision in args.precisions.split(","):
@@ -442,7 +463,9 @@ def build_specs(args: argparse.Namespace, work: Path) -> tuple[list[dict], dict]
                     "windows_targets": [sum(encoded[i]["num_targets"] for i in w) for w in windows],
                     "trl_rows": ordered,
                     "packed_rows": max(1, round(args.batch * mean_length / args.max_seq_length)),
-                    "pad_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+                    "pad_id": tokenizer.pad_token_id
+                    if tokenizer.pad_token_id is not None
+                    else tokenizer.eos_token_id,
                 }
             )
     data = {
@@ -484,9 +507,11 @@ def report(results: dict[tuple[str, str], list[RunResult]], peaks: dict[str, flo
     runs = [r for rs in results.values() for r in rs]
     common = min(r.cum_targets[-1] for r in runs)
     lines = [
-        f"examples {data['examples']}, lengths {data['lengths'][0]}..{data['lengths'][-1]} "
-        f"(median {statistics.median(data['lengths'])}), target fraction {data['target_fraction']:.2f}, "
-        f"{data['flops_per_token'] / 1e9:.3f} GFLOP per token",
+        (
+            f"examples {data['examples']}, lengths {data['lengths'][0]}..{data['lengths'][-1]} "
+            f"(median {statistics.median(data['lengths'])}), target fraction {data['target_fraction']:.2f}, "
+            f"{data['flops_per_token'] / 1e9:.3f} GFLOP per token"
+        ),
         "peak matmul: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()),
         f"loss@T: T = {common} target tokens (the fewest any run trained on)",
         "",
@@ -524,14 +549,20 @@ def ratios(summary: dict[tuple[str, str], tuple[float, int, float]]) -> list[str
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--tools", help=f"comma-separated, from {', '.join(VARIANTS)}")
-    parser.add_argument("--precisions", default=None, help="comma-separated fp32,bf16 (default: cpu fp32, cuda bf16)")
+    parser.add_argument(
+        "--precisions", default=None, help="comma-separated fp32,bf16 (default: cpu fp32, cuda bf16)"
+    )
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps per run")
     parser.add_argument("--batch", type=int, default=8, help="sequences per optimizer step")
     parser.add_argument("--repeats", type=int, default=1, help="rounds of the alternating runs")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads in each run (0: torch's default)")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch threads in each run (0: torch's default)"
+    )
     parser.add_argument("--min-tokens", type=int, default=None)
     parser.add_argument("--max-tokens", type=int, default=None)
     parser.add_argument("--max-seq-length", type=int, default=None)
@@ -571,7 +602,9 @@ def run_all(args: argparse.Namespace, work: Path) -> None:
           f"x {args.batch} sequences, max_seq_length {args.max_seq_length}, repeats {args.repeats}")  # fmt: skip
     print(report(results, peaks, data))
     if args.json:
-        args.json.write_text(json.dumps({f"{k[0]}/{k[1]}": [asdict(r) for r in v] for k, v in results.items()}))
+        args.json.write_text(
+            json.dumps({f"{k[0]}/{k[1]}": [asdict(r) for r in v] for k, v in results.items()})
+        )
 
 
 if __name__ == "__main__":

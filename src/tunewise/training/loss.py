@@ -99,7 +99,7 @@ def is_right_padded(attention_mask: torch.Tensor) -> bool:
     return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
 
 
-def _decoder(model: nn.Module) -> nn.Module:
+def _decoder(model: Any) -> nn.Module:  # a PreTrainedModel or a PeftModel around one
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return base.get_decoder()
 
@@ -113,7 +113,7 @@ class CausalLMLoss(nn.Module):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.model = model
+        self.model: Any = model  # PreTrainedModel API (get_output_embeddings), not just nn.Module
 
     def forward(
         self,
