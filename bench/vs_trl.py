@@ -41,6 +41,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "tunewise-grouped": ("tunewise", {"data": {"group_by_length": True}}),
     "tunewise-packed": ("tunewise", {"data": {"packing": True}}),
     "tunewise-mb1": ("tunewise", {"micro_batch": 1}),  # one example per micro-batch: no padding at all
+    "tunewise-compiled": ("tunewise", {"data": {"packing": True}, "training": {"torch_compile": True}}),
+    "tunewise-compiled-mb4": (  # two packed micro-batches of 4 per step: half the activation memory
+        "tunewise",
+        {"data": {"packing": True}, "training": {"torch_compile": True}, "micro_batch": 4},
+    ),
     "trl": ("trl", {}),  # SFTTrainer's defaults (gradient checkpointing on)
     "trl-nogc": ("trl", {"gradient_checkpointing": False}),
     "trl-grouped": ("trl", {"gradient_checkpointing": False, "train_sampling_strategy": "group_by_length"}),
@@ -261,7 +266,8 @@ def run_tunewise(spec: dict) -> RunResult:
             "logging_steps": 1,
             "precision": spec["precision"],
             "seed": SEED,
-        },
+        }
+        | options.get("training", {}),
         "evaluation": {"task_metric": "none", "num_sample_prompts": 0},
     }
     tunewise.train(config)  # its console output goes to the pipe the parent discards

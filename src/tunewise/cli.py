@@ -33,6 +33,7 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
 
+
 ConfigArg = Annotated[Path | None, typer.Argument(help="YAML config (default: the quickstart settings).")]
 SetOpt = Annotated[
     list[str] | None,

@@ -43,6 +43,7 @@ from tunewise.models.adapters import (
     count_parameters,
     quantization_config,
 )
+from tunewise.models.fast import VARLEN_SDPA, compile_layers, compile_problem, use_fast_lora_dropout
 from tunewise.models.load import load_model, load_tokenizer, materialize, model_overrides, resolve_source
 from tunewise.training.loop import Hooks, LoopSettings, LoopState, NonFiniteError, fit
 from tunewise.training.loss import CausalLMLoss
@@ -95,6 +96,8 @@ def prepare_model(cfg: TunewiseConfig) -> tuple[Any, PreTrainedTokenizerBase, Pa
     )
     if problems:  # before any weights are read or converted
         raise ConfigError([Problem(p.key, p.message) for p in problems])
+    if cfg.training.torch_compile and (why := compile_problem(probe_hardware().device_type)):
+        raise ConfigError([Problem("training.torch_compile", why)])
     model_dir = materialize(resolve_source(m.model_name_or_path))
     tokenizer = load_tokenizer(model_dir, m.trust_remote_code)
     if tokenizer.pad_token is None:
@@ -123,6 +126,8 @@ def prepare_model(cfg: TunewiseConfig) -> tuple[Any, PreTrainedTokenizerBase, Pa
         config_overrides=overrides,
         quantization_config=quant,
     )
+    if cfg.data.packing and m.attn_implementation == "sdpa":
+        model.set_attn_implementation(VARLEN_SDPA)  # packed rows: attention within each example only
     set_seed(cfg.training.seed)  # adapter initialisation
     lora = LoraSettings(**{k: getattr(a, k) for k in LoraSettings.__dataclass_fields__})
     model = apply_method(
@@ -132,6 +137,9 @@ def prepare_model(cfg: TunewiseConfig) -> tuple[Any, PreTrainedTokenizerBase, Pa
         quantized=quant is not None,
         gradient_checkpointing=cfg.training.gradient_checkpointing,
     )
+    use_fast_lora_dropout(model)
+    if cfg.training.torch_compile:
+        compile_layers(model)
     return model, tokenizer, model_dir, overrides
 
 

@@ -17,6 +17,7 @@ from tunewise.data.collate import (
     shifted_targets,
 )
 from tunewise.data.tokenize import IGNORE, TokenizeSettings, encode_row
+from tunewise.models.fast import VARLEN_SDPA
 from tunewise.testing import build_tiny_model, build_tiny_tokenizer, tiny_chat_rows
 from tunewise.training.loss import CausalLMLoss
 
@@ -64,7 +65,8 @@ def assert_same(a: tuple[float, torch.Tensor], b: tuple[float, torch.Tensor], la
     assert (a[1] - b[1]).abs().max().item() < 1e-5, f"{layout}: gradients differ"
 
 
-ATTENTION = ["sdpa", "eager"]
+# VARLEN_SDPA: tunewise's per-example sdpa for packed rows (models/fast.py), plain sdpa otherwise.
+ATTENTION = ["sdpa", "eager", VARLEN_SDPA]
 
 
 # --- equivalence with one example at a time ----------------------------------------------------------------

@@ -507,6 +507,19 @@ _ENTRIES = [
         interactions="per_device_train_batch_size and max_seq_length (what it lets you raise).",
     ),
     _k(
+        "torch_compile",
+        what="Compiles each decoder layer with torch.compile (inductor, dynamic shapes, so varying sequence "
+        "lengths reuse one graph): norms, activations, rotary embeddings and residual adds run as fused "
+        "kernels, and cheap intermediates are recomputed in the backward pass instead of stored. The "
+        "first step pays the compile (about a minute on 2 CPU cores); later steps are faster.",
+        hf=_TA + "torch_compile",
+        why="false, as in HF: compiling costs start-up time and needs a C++ compiler on CPU. Measured on "
+        "SmolLM2-135M LoRA, 2 CPU cores: docs/performance.md.",
+        interactions="data.packing (packed rows on CPU attend per example, which splits each compiled "
+        "layer at the attention call); gradient_checkpointing.",
+        mistakes="Timing a short run that includes the compile; turning it on for a run of a few steps.",
+    ),
+    _k(
         "learning_rate",
         what="The peak step size of the optimizer, reached after warmup and then shaped by the scheduler. "
         "The most important dial: too high diverges or erases pretrained knowledge, too low barely moves.",

@@ -181,6 +181,8 @@ class TrainingConfig(_Section):
     """Target sequences per optimizer update (per-device x accumulation x devices) for the auto rule."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, ~30% more compute."""
+    torch_compile: bool = False
+    """torch.compile each decoder layer: faster steps after a one-off compile (needs a C++ compiler on CPU)."""
     learning_rate: Annotated[float, Field(gt=0)] | Auto = "auto"
     """Peak learning rate; auto picks a method-specific default (2e-4 LoRA/QLoRA, 2e-5 full)."""
     lr_scheduler_type: SchedulerName = "linear"

@@ -1,0 +1,138 @@
+"""Speed paths for training, each through a public extension point of torch, PEFT or transformers.
+
+- `LoraDropout`: PEFT's LoRA dropout with a cheaper mask. On CPU `nn.Dropout` draws one
+  Bernoulli sample per element (aten::bernoulli_), which was 23% of a LoRA step on SmolLM2 with
+  `lora_dropout: 0.05` (docs/performance.md). Here one 64-bit draw makes four 16-bit uniforms,
+  each compared with an integer threshold: 3x faster, and the drop probability is the configured
+  one rounded to a multiple of 1/65536 (0.05 -> 0.0500031), with the kept values scaled by
+  1 / (1 - that probability) so the expectation is exact. The module replaces the `nn.Dropout`
+  in PEFT's `lora_dropout` ModuleDicts: the module tree, state dict and saved adapter are unchanged.
+- `varlen_sdpa`: attention for packed rows, registered with transformers' AttentionInterface.
+  Given `cu_seq_lens_q` (as flash-attention's varlen path takes it) it runs causal sdpa within
+  each example, so attention costs sum(L_i^2), not (sum L_i)^2 under a block-diagonal mask; without
+  it, it is transformers' sdpa unchanged.
+- `compile_layers`: `torch.compile` of each repeated decoder layer, in place (the module tree and
+  state-dict keys stay as they are, unlike wrapping), with dynamic shapes so varying sequence
+  lengths do not recompile.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import shutil
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+_LEVELS = 1 << 16  # uniforms per 16-bit draw
+
+
+class LoraDropout(nn.Dropout):
+    """`nn.Dropout(p)` whose mask comes from 16-bit uniforms (see the module doc)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dropped = round(self.p * _LEVELS)
+        if not self.training or self.p == 0 or dropped in (0, _LEVELS) or self.inplace:
+            # A p too close to 0 or 1 for 16 bits (or an in-place dropout) keeps torch's exact sampler.
+            return super().forward(x)
+        words = torch.empty(math.ceil(x.numel() / 4), dtype=torch.int64, device=x.device)
+        # random_() alone leaves the top bit of an int64 at 0: ask for the full range.
+        uniforms = words.random_(-(2**63), 2**63 - 1).view(torch.int16)[: x.numel()].view(x.shape)
+        keep = uniforms >= dropped - _LEVELS // 2
+        return x * keep * (_LEVELS / (_LEVELS - dropped))
+
+
+def use_fast_lora_dropout(model: nn.Module) -> int:
+    """Swap every LoRA `nn.Dropout` of a PEFT model for `LoraDropout`; returns how many."""
+    swapped = 0
+    for module in model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if not isinstance(dropouts, nn.ModuleDict):
+            continue
+        for name, dropout in dropouts.items():
+            if type(dropout) is nn.Dropout:
+                dropouts[name] = LoraDropout(dropout.p)
+                swapped += 1
+    return swapped
+
+
+VARLEN_SDPA = "tunewise_varlen_sdpa"
+
+
+def varlen_sdpa(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Causal sdpa within each packed example of a one-row batch; plain sdpa otherwise."""
+    per_example = (
+        cu_seq_lens_q is not None
+        and query.shape[0] == 1
+        and getattr(module, "is_causal", True)
+        # A sliding window or a position bias lives in the mask sdpa would get: keep that path.
+        and getattr(module, "sliding_window", None) is None
+        and kwargs.get("position_bias") is None
+    )
+    if not per_example:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    assert cu_seq_lens_q is not None
+    bounds = cu_seq_lens_q.tolist()
+    parts = [
+        # No mask: each slice is one example, and sdpa's is_causal kernel skips the upper triangle.
+        sdpa_attention_forward(
+            module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, dropout, scaling
+        )[0]
+        for a, b in itertools.pairwise(bounds)
+    ]
+    return torch.cat(parts, dim=1), None
+
+
+AttentionInterface.register(VARLEN_SDPA, varlen_sdpa)
+# Masks as sdpa builds them, for the calls that fall through to plain sdpa (padded batches).
+AttentionMaskInterface.register(VARLEN_SDPA, sdpa_mask)
+
+
+def cu_seq_lens(position_ids: torch.Tensor) -> torch.Tensor:
+    """Example boundaries of a packed row (positions restart at 0 for each example): [0, l1, l1+l2, ...]."""
+    starts = (position_ids[0] == 0).nonzero().flatten()
+    end = torch.tensor([position_ids.shape[1]], device=position_ids.device)
+    return torch.cat([starts, end]).to(torch.int32)
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a model: the largest ModuleList whose children share one class."""
+    best: list[nn.Module] = []
+    for module in model.modules():
+        repeated = isinstance(module, nn.ModuleList) and len({type(c) for c in module}) == 1
+        if repeated and len(module) > len(best):
+            best = list(module)
+    return best
+
+
+def compile_problem(device_type: str) -> str | None:
+    """Why torch.compile cannot run here, or None. Inductor builds C++ kernels on CPU."""
+    if device_type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        return (
+            "torch.compile on CPU builds C++ kernels and no C++ compiler (g++, c++, clang++) is on PATH: "
+            "install one (Debian/Ubuntu: apt install g++) or set training.torch_compile: false"
+        )
+    return None
+
+
+def compile_layers(model: nn.Module) -> int:
+    """Compile each decoder layer in place; one compiled graph serves all of them. Returns how many."""
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)

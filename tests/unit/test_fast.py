@@ -1,0 +1,137 @@
+"""The speed paths of models/fast.py give the computation they replace."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from tunewise.models import fast
+from tunewise.models.fast import LoraDropout, compile_layers, decoder_layers, use_fast_lora_dropout
+from tunewise.testing import build_tiny_model
+from tunewise.training.loss import CausalLMLoss
+
+N = 1_000_000
+
+
+def test_lora_dropout_drops_p_of_the_values_and_keeps_the_expectation() -> None:
+    torch.manual_seed(0)
+    dropout = LoraDropout(0.1).train()
+    out = dropout(torch.ones(N))
+    dropped = (out == 0).float().mean().item()
+    # Binomial standard deviation sqrt(p(1-p)/N) = 3e-4: 5 sigma.
+    assert abs(dropped - 0.1) < 1.5e-3
+    p_eff = round(0.1 * 65536) / 65536
+    kept = out[out != 0]
+    assert torch.allclose(kept, torch.full_like(kept, 1 / (1 - p_eff)))
+    assert abs(out.mean().item() - 1.0) < 2e-3
+
+
+def test_lora_dropout_is_identity_in_eval_and_reproducible_from_the_seed() -> None:
+    x = torch.randn(64, 32)
+    dropout = LoraDropout(0.3)
+    assert torch.equal(dropout.eval()(x), x)
+    dropout.train()
+    torch.manual_seed(5)
+    a = dropout(x)
+    state = torch.get_rng_state()
+    b = dropout(x)
+    torch.set_rng_state(state)  # what a resumed run does
+    assert torch.equal(dropout(x), b)
+    assert not torch.equal(a, b)
+
+
+def test_lora_dropout_masks_are_independent_across_the_four_values_of_a_draw() -> None:
+    # One int64 feeds four elements; correlated lanes would show as a biased neighbour count.
+    torch.manual_seed(1)
+    drop = LoraDropout(0.5).train()(torch.ones(N)) == 0
+    lanes = drop.view(-1, 4).float()
+    for i in range(4):
+        assert abs(lanes[:, i].mean().item() - 0.5) < 3e-3
+    both = (lanes[:, 0] * lanes[:, 3]).mean().item()
+    assert abs(both - 0.25) < 3e-3
+
+
+def test_lora_dropout_gradient_is_the_mask_times_the_scale() -> None:
+    torch.manual_seed(2)
+    x = torch.randn(1000, 16, requires_grad=True)
+    out = LoraDropout(0.2).train()(x)
+    out.sum().backward()
+    assert x.grad is not None
+    scale = 65536 / (65536 - round(0.2 * 65536))
+    expected = (out != 0).float() * scale
+    assert torch.allclose(x.grad, expected)
+
+
+def test_tiny_or_in_place_dropout_keeps_torchs_sampler() -> None:
+    x = torch.ones(1000)
+    torch.manual_seed(3)
+    ours = LoraDropout(1e-6).train()(x)
+    torch.manual_seed(3)
+    assert torch.equal(ours, nn.functional.dropout(x, 1e-6, training=True))
+
+
+def lora_model(dropout: float) -> nn.Module:
+    model = build_tiny_model(64, seed=0)
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear")
+    return get_peft_model(model, config)
+
+
+def test_swap_replaces_each_lora_dropout_and_leaves_the_state_dict_alone() -> None:
+    model = lora_model(0.05)
+    keys = list(model.state_dict())
+    lora_layers = [m for m in model.modules() if hasattr(m, "lora_A")]
+    assert use_fast_lora_dropout(model) == len(lora_layers) == 2 * 7
+    assert list(model.state_dict()) == keys
+    swapped = [m.lora_dropout["default"] for m in lora_layers]
+    assert all(type(d) is LoraDropout and d.p == 0.05 for d in swapped)
+    assert use_fast_lora_dropout(lora_model(0.0)) == 0  # PEFT uses nn.Identity for 0
+
+
+def test_compile_problem_names_the_missing_compiler(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fast.shutil, "which", lambda name: None)
+    problem = fast.compile_problem("cpu")
+    assert problem is not None and "g++" in problem and "torch_compile: false" in problem
+    assert fast.compile_problem("cuda") is None
+
+
+def test_decoder_layers_finds_the_repeated_blocks() -> None:
+    model = build_tiny_model(64, num_hidden_layers=3)
+    assert decoder_layers(model) == list(model.model.layers)
+
+
+def packed_loss_and_grads(model: nn.Module) -> tuple[float, torch.Tensor]:
+    torch.manual_seed(7)
+    ids = torch.randint(3, 64, (1, 40))
+    positions = torch.cat([torch.arange(n) for n in (9, 17, 14)]).unsqueeze(0)
+    loss = CausalLMLoss(model)(input_ids=ids, targets=ids, position_ids=positions)
+    loss.backward()
+    grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    return loss.item(), grads
+
+
+def test_compiled_layers_give_the_eager_loss_and_gradients() -> None:
+    eager = packed_loss_and_grads(build_tiny_model(64, seed=0, attn_implementation=fast.VARLEN_SDPA))
+    model = build_tiny_model(64, seed=0, attn_implementation=fast.VARLEN_SDPA)
+    keys = list(model.state_dict())
+    assert compile_layers(model) == 2
+    compiled = packed_loss_and_grads(model)
+    assert list(model.state_dict()) == keys  # compiled in place: checkpoints keep their names
+    assert abs(compiled[0] - eager[0]) < 1e-4 * abs(eager[0])
+    assert (compiled[1] - eager[1]).abs().max().item() < 1e-4
+
+
+def test_varlen_sdpa_attends_within_each_example_and_ignores_the_block_mask() -> None:
+    torch.manual_seed(8)
+    module = nn.Module()
+    module.num_key_value_groups, module.is_causal = 2, True
+    q, k, v = torch.randn(1, 4, 30, 8), torch.randn(1, 2, 30, 8), torch.randn(1, 2, 30, 8)
+    bounds = torch.tensor([0, 7, 19, 30], dtype=torch.int32)
+    # A mask that allows nothing: were it used, the output would be NaN.
+    blocked = torch.zeros(1, 1, 30, 30, dtype=torch.bool)
+    out, _ = fast.varlen_sdpa(module, q, k, v, blocked, scaling=0.5, cu_seq_lens_q=bounds)
+    for a, b in ((0, 7), (7, 19), (19, 30)):
+        kr, vr = k[:, :, a:b].repeat_interleave(2, 1), v[:, :, a:b].repeat_interleave(2, 1)
+        ref = nn.functional.scaled_dot_product_attention(q[:, :, a:b], kr, vr, is_causal=True, scale=0.5)
+        assert torch.allclose(out[:, a:b], ref.transpose(1, 2), atol=1e-6)
