@@ -42,9 +42,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "tunewise-packed": ("tunewise", {"data": {"packing": True}}),
     "tunewise-mb1": ("tunewise", {"micro_batch": 1}),  # one example per micro-batch: no padding at all
     "tunewise-compiled": ("tunewise", {"data": {"packing": True}, "training": {"torch_compile": True}}),
-    "tunewise-compiled-mb4": (  # two packed micro-batches of 4 per step: half the activation memory
+    "tunewise-compiled-mb2": (  # four packed micro-batches of 2 per step: a quarter of the activations
         "tunewise",
-        {"data": {"packing": True}, "training": {"torch_compile": True}, "micro_batch": 4},
+        {"data": {"packing": True}, "training": {"torch_compile": True}, "micro_batch": 2},
     ),
     "trl": ("trl", {}),  # SFTTrainer's defaults (gradient checkpointing on)
     "trl-nogc": ("trl", {"gradient_checkpointing": False}),

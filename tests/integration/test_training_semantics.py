@@ -37,6 +37,7 @@ from tunewise.config.resolve import Hardware, choose_precision, probe_hardware, 
 from tunewise.data.collate import collate_padded, iterate_batches
 from tunewise.data.tokenize import IGNORE
 from tunewise.models.adapters import LoraSettings, apply_method
+from tunewise.models.fast import VARLEN_SDPA, LoraDropout
 from tunewise.report import plan_summary
 from tunewise.testing import build_tiny_model, build_tiny_tokenizer, tiny_chat_rows
 from tunewise.training.loop import (
@@ -451,6 +452,32 @@ def test_gradient_checkpointing_end_to_end_full_fine_tuning(make_config: ConfigM
     ]
     assert runs[1].curve() == pytest.approx(runs[0].curve(), abs=1e-5)
     assert runs[1].curve("grad_norm") == pytest.approx(runs[0].curve("grad_norm"), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------- speed paths
+
+
+def test_packing_compile_and_checkpointing_follow_the_plain_loss_curve(make_config: ConfigMaker) -> None:
+    """Packed rows (per-example sdpa), torch.compile and checkpointing change speed, not the math."""
+    packed = {"packing": True}
+    plain = train(make_config(data=packed, training={"max_steps": 3}))
+    fast = train(
+        make_config(
+            data=packed,
+            training={"max_steps": 3, "torch_compile": True, "gradient_checkpointing": True},
+        )
+    )
+    assert fast.curve() == pytest.approx(plain.curve(), abs=1e-4)
+    assert fast.curve("grad_norm") == pytest.approx(plain.curve("grad_norm"), rel=1e-4)
+    assert len(set(plain.curve())) == 3, "the weights moved between steps"
+
+
+def test_packed_runs_use_per_example_attention_and_lora_dropout_is_swapped(make_config: ConfigMaker) -> None:
+    prep = tunewise.run.prepare(make_config(data={"packing": True}, adapter={"lora_dropout": 0.1}))
+    assert prep.model.config._attn_implementation == VARLEN_SDPA
+    dropouts = [m.lora_dropout["default"] for m in prep.model.modules() if hasattr(m, "lora_dropout")]
+    assert dropouts and all(type(d) is LoraDropout and d.p == 0.1 for d in dropouts)
+    assert tunewise.run.prepare(make_config()).model.config._attn_implementation == "sdpa"
 
 
 # ----------------------------------------------------------------------------------------------- dropout

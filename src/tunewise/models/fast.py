@@ -40,11 +40,12 @@ class LoraDropout(nn.Dropout):
         if not self.training or self.p == 0 or dropped in (0, _LEVELS) or self.inplace:
             # A p too close to 0 or 1 for 16 bits (or an in-place dropout) keeps torch's exact sampler.
             return super().forward(x)
-        words = torch.empty(math.ceil(x.numel() / 4), dtype=torch.int64, device=x.device)
-        # random_() alone leaves the top bit of an int64 at 0: ask for the full range.
-        uniforms = words.random_(-(2**63), 2**63 - 1).view(torch.int16)[: x.numel()].view(x.shape)
-        keep = uniforms >= dropped - _LEVELS // 2
-        return x * keep * (_LEVELS / (_LEVELS - dropped))
+        # Full-range int64 (random_() alone would leave each top bit 0); randint, not random_, so
+        # torch.compile traces it instead of breaking the graph at every dropout.
+        words = torch.randint(-(2**63), 2**63 - 1, (math.ceil(x.numel() / 4),), device=x.device)
+        uniforms = words.view(torch.int16)[: x.numel()].view(x.shape)
+        drop = uniforms < dropped - _LEVELS // 2
+        return x.masked_fill(drop, 0.0).mul_(_LEVELS / (_LEVELS - dropped))
 
 
 def use_fast_lora_dropout(model: nn.Module) -> int:
