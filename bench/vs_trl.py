@@ -53,7 +53,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "trl-packing-nogc": ("trl", {"packing": True, "gradient_checkpointing": False}),
     "hf": ("hf", {}),  # plain PyTorch loop over a PEFT model, HF's own loss (full logits)
 }
-DEFAULT_TOOLS = {"cpu": "tunewise-mb1,trl-nogc,trl-packing-nogc", "cuda": "tunewise,hf"}
+DEFAULT_TOOLS = {"cpu": "tunewise-compiled-mb2,trl-packing-nogc,trl", "cuda": "tunewise,hf"}
 
 
 # ------------------------------------------------------------------------------------------- data

@@ -198,6 +198,9 @@ def sampling(cfg: TunewiseConfig) -> SamplingSettings:
     )
 
 
+# Compiled layers (training.torch_compile) serve training; evaluation and generation run them eagerly, which
+# spares a compile per new shape (each decoding step with a KV cache is one) for a few passes.
+@torch.compiler.set_stance("force_eager")
 def evaluate_all(prep: Prepared, loss_module: torch.nn.Module, device: torch.device, with_task: bool) -> dict:
     """eval_loss, eval_perplexity and (with_task) the task metric and the answers given."""
     cfg = prep.config
@@ -535,6 +538,7 @@ def _public(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if not k.startswith("_")}
 
 
+@torch.compiler.set_stance("force_eager")
 def _samples(prep: Prepared, before: dict, after: dict, n: int) -> list[dict]:
     rows = prep.data.validation_rows
     if not n or rows is None or "_answers" not in after or "messages" not in rows.column_names:

@@ -472,6 +472,20 @@ def test_packing_compile_and_checkpointing_follow_the_plain_loss_curve(make_conf
     assert len(set(plain.curve())) == 3, "the weights moved between steps"
 
 
+def test_a_compiled_run_evaluates_and_generates_as_an_eager_one(make_config: ConfigMaker) -> None:
+    """Evaluation and generation after compiled training (eager there: set_stance) give the eager run's results."""
+    sections = {"evaluation": {"task_metric": "exact_match", "num_sample_prompts": 2, "max_eval_samples": 4}}
+    runs = [
+        train(make_config(validation=True, training={"max_steps": 2, "torch_compile": on}, **sections))
+        for on in (False, True)
+    ]
+    eager, compiled = (r.summary for r in runs)
+    assert compiled["eval_before"] == eager["eval_before"]
+    assert compiled["eval_after"]["eval_loss"] == pytest.approx(eager["eval_after"]["eval_loss"], abs=1e-4)
+    assert "exact_match" in compiled["eval_after"]
+    assert [x["after"] for x in compiled["samples"]] == [x["after"] for x in eager["samples"]]
+
+
 def test_packed_runs_use_per_example_attention_and_lora_dropout_is_swapped(make_config: ConfigMaker) -> None:
     prep = tunewise.run.prepare(make_config(data={"packing": True}, adapter={"lora_dropout": 0.1}))
     assert prep.model.config._attn_implementation == VARLEN_SDPA
