@@ -1,5 +1,5 @@
 # make demo: set up .venv and fine-tune the embedded SmolLM2 on the built-in task (CPU, ~8 min)
-# make test: set up .venv and run the test suite (what .ci/run calls)
+# make test: set up .venv, lint (ruff, mypy) and run the test suite (what .ci/run calls)
 VENV ?= .venv
 PYTHON ?= python3
 
@@ -14,9 +14,10 @@ $(VENV)/.installed: pyproject.toml scripts/setup.sh
 demo: setup
 	$(VENV)/bin/tunewise train examples/quickstart.yaml
 
-test: setup
+test: lint
 	$(VENV)/bin/python -m pytest -q
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench scripts
+	$(VENV)/bin/ruff format --check src tests bench scripts
 	$(VENV)/bin/mypy src/tunewise

@@ -115,8 +115,9 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks of a model: the largest ModuleList whose children share one class."""
     best: list[nn.Module] = []
     for module in model.modules():
-        repeated = isinstance(module, nn.ModuleList) and len({type(c) for c in module}) == 1
-        if repeated and len(module) > len(best):
+        if not isinstance(module, nn.ModuleList) or len({type(c) for c in module}) != 1:
+            continue
+        if len(module) > len(best):
             best = list(module)
     return best
 
