@@ -61,6 +61,8 @@ def plan_lints(prep: Prepared) -> list[dict]:
         use_rslora=cfg.adapter.use_rslora,
         has_validation=prep.data.validation is not None,
         pad_to_multiple_of=cfg.data.pad_to_multiple_of,
+        packing=cfg.data.packing,
+        padding_waste_percent=_padding_waste(prep),
     )
     out = [
         {"severity": p.severity, "key": p.path, "message": p.message, "fix": ""}
@@ -70,6 +72,25 @@ def plan_lints(prep: Prepared) -> list[dict]:
     return out + [
         {"severity": x.severity, "key": x.key, "message": x.message, "fix": x.fix} for x in lint(facts)
     ]
+
+
+def _padding_waste(prep: Prepared) -> float:
+    """Padding % of the first epoch's batches as the loop would cut and pad them (unpacked)."""
+    from tunewise.data.collate import batch_indices
+    from tunewise.data.inspect import batch_cost
+
+    d, t = prep.config.data, prep.config.training
+    lengths = list(prep.data.train["length"])
+    batches = batch_indices(
+        lengths,
+        int(t.per_device_train_batch_size),
+        shuffle=True,
+        seed=t.data_seed if t.data_seed is not None else t.seed,
+        group_by_length=d.group_by_length,
+    )
+    pad_to_length = d.max_seq_length if d.padding == "max_length" else None
+    cost = batch_cost(lengths, batches, pad_to_length=pad_to_length, pad_to_multiple_of=d.pad_to_multiple_of)
+    return float(cost["waste_percent"])
 
 
 def plan_summary(prep: Prepared) -> dict:

@@ -131,6 +131,26 @@ def test_cli_plan_json(tiny_config: dict, tmp_path: Path) -> None:
     assert isinstance(plan["lints"], list)
 
 
+def test_cli_plan_suggests_packing_when_padding_is_heavy(tiny_config: dict, tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(tiny_config))
+
+    def packing_lints(*sets: str) -> list[dict]:
+        args = ["plan", str(path), "--json", *[a for s in sets for a in ("--set", s)]]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        return [x for x in json.loads(result.stdout)["lints"] if x["key"] == "data.packing"]
+
+    # Examples padded to max_seq_length 128: the lint quotes the waste `data inspect` reports.
+    (heavy,) = packing_lints("padding=max_length")
+    inspect = CliRunner().invoke(app, ["data", "inspect", str(path), "--json", "--set", "padding=max_length"])
+    padding = json.loads(inspect.stdout)["padding"]
+    expected = padding[padding["configured_strategy"]]["waste_percent"]
+    assert expected > 25 and heavy["message"].startswith(f"{expected:.0f}% of the tokens")
+    assert heavy["fix"].startswith("set packing: true")
+    assert packing_lints("packing=true") == []
+
+
 def test_cli_plan_reports_config_errors_with_nonzero_exit(tiny_config: dict, tmp_path: Path) -> None:
     tiny_config["training"]["learning_rate"] = -1
     tiny_config["data"]["max_seq_len"] = 10

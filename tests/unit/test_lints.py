@@ -198,3 +198,17 @@ def test_warmup_edge_and_several_lints_in_config_order() -> None:
     assert lints_for(warmup_steps=60) == []  # exactly 20%
     keys = [x.key for x in lints_for(learning_rate=1e-2, warmup_steps=200, logging_steps=400)]
     assert keys == ["training.learning_rate", "training.warmup_steps", "training.logging_steps"]
+
+
+def test_heavy_padding_suggests_packing_and_packing_or_light_padding_silences_it() -> None:
+    assert lints_for(padding_waste_percent=40.0) == [
+        Lint(
+            "info",
+            "data.packing",
+            "40% of the tokens in this run's batches are padding, computed and thrown away; packing keeps "
+            "the same batches and loss without it",
+            "set packing: true (data inspect shows the numbers)",
+        )
+    ]
+    assert lints_for(padding_waste_percent=40.0, packing=True) == []
+    assert lints_for(padding_waste_percent=10.0) == []

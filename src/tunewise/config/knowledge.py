@@ -242,9 +242,12 @@ _ENTRIES = [
         "padded batch's while no compute goes to padding. A batch is still N examples, so steps per epoch, "
         "effective batch and learning-rate schedules keep their HF meaning.",
         hf="trl.SFTConfig.packing / padding_free (ours keeps batch = examples, like padding_free)",
-        why="false in the schema for the plainest batches; the quickstart turns it on because it is faster.",
+        why="false in the schema for the plainest batches; the quickstart turns it on because it is faster "
+        "(1.7x padded batches on CPU, docs/performance.md). The plan suggests it when a quarter or more of the "
+        "batch tokens would be padding.",
         interactions="padding, padding_side and group_by_length no longer matter; pad_to_multiple_of rounds the "
-        "packed row.",
+        "packed row. With attn_implementation sdpa, attention runs per example (tunewise_varlen_sdpa), costing "
+        "the sum of squared example lengths, not the square of the row length.",
         mistakes="Expecting TRL's fixed-length packing, which changes the number of rows and so the step count; "
         "ours does not.",
     ),
