@@ -315,7 +315,8 @@ _ENTRIES = [
     _k(
         "lora_dropout",
         what="Dropout applied to the input of each LoRA branch (before A) during training; the frozen path "
-        "is untouched.",
+        "is untouched. On CPU tunewise draws the masks 4x cheaper than nn.Dropout (16-bit uniforms), so the "
+        "probability used is this one rounded to 1/65536 (0.05 -> 0.0500031), with exact rescaling.",
         hf=_LC + "lora_dropout",
         why="0.05: light regularisation, the QLoRA paper's value for its largest models (0.1 for up to 13B). "
         "PEFT's default is 0.",

@@ -1,6 +1,6 @@
 """Speed paths for training, each through a public extension point of torch, PEFT or transformers.
 
-- `LoraDropout`: PEFT's LoRA dropout with a cheaper mask. On CPU `nn.Dropout` draws one
+- `LoraDropout`: PEFT's LoRA dropout with a cheaper mask on CPU, where `nn.Dropout` draws one
   Bernoulli sample per element (aten::bernoulli_), which was 23% of a LoRA step on SmolLM2 with
   `lora_dropout: 0.05` (docs/performance.md). Here one 64-bit draw makes four 16-bit uniforms,
   each compared with an integer threshold: 3x faster, and the drop probability is the configured
@@ -37,8 +37,9 @@ class LoraDropout(nn.Dropout):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dropped = round(self.p * _LEVELS)
-        if not self.training or self.p == 0 or dropped in (0, _LEVELS) or self.inplace:
-            # A p too close to 0 or 1 for 16 bits (or an in-place dropout) keeps torch's exact sampler.
+        if x.device.type != "cpu" or not self.training or dropped in (0, _LEVELS) or self.inplace:
+            # GPUs have a fused dropout kernel (Philox) already; a p too close to 0 or 1 for 16 bits, or an
+            # in-place dropout, keeps torch's exact sampler.
             return super().forward(x)
         # Full-range int64 (random_() alone would leave each top bit 0); randint, not random_, so
         # torch.compile traces it instead of breaking the graph at every dropout.
