@@ -34,7 +34,7 @@ TOTAL_STEPS = 4  # 2 epochs x 2 windows: ceil(9 rows / 4 per global batch) = 3 b
 
 
 def write_config(root: Path, model_dir: Path, per_device_batch: int, name: str) -> Path:
-    files = {"train.jsonl": tiny_chat_rows(9, seed=1), "validation.jsonl": tiny_chat_rows(4, seed=2)}
+    files = {"train.jsonl": tiny_chat_rows(9, seed=1), "validation.jsonl": tiny_chat_rows(3, seed=2)}
     for file, rows in files.items():
         (root / file).write_text("".join(json.dumps(row) + "\n" for row in rows))
     config = {
@@ -54,6 +54,8 @@ def write_config(root: Path, model_dir: Path, per_device_batch: int, name: str) 
             "warmup_steps": 1,
             "logging_steps": 1,
             "eval_steps": 3,
+            # 3 validation batches: under DDP rank 0 evaluates two, rank 1 one (and one discarded rerun).
+            "per_device_eval_batch_size": 1,
             "save_steps": 2,
             "save_total_limit": None,
             "precision": "fp32",

@@ -54,16 +54,36 @@ def score(metric: str, predictions: list[str], references: list[str]) -> float:
 def eval_loss(
     loss_module: torch.nn.Module, dataset: object, batch_size: int, pad_id: int, device: torch.device
 ) -> dict:
-    """Mean cross-entropy per target token over the whole set, and its perplexity."""
+    """Mean cross-entropy per target token over the whole set, and its perplexity.
+
+    Under torch.distributed each rank takes every world-th batch and the sums are all-reduced. Every rank
+    runs the same number of forward passes (a rank short of a batch reruns one and discards it), as
+    DDP's buffer broadcast and FSDP's all-gathers in forward need.
+    """
+    world, rank = _world()
+    n = len(dataset)  # type: ignore[arg-type]
+    batches = [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+    mine = batches[rank::world]
     was_training = loss_module.training
     loss_module.eval()
-    total, count = 0.0, 0
-    for start in range(0, len(dataset), batch_size):  # type: ignore[arg-type]
-        rows = dataset[start : start + batch_size]  # type: ignore[index]
-        examples = [{"input_ids": i, "labels": lab} for i, lab in zip(rows["input_ids"], rows["labels"])]
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, target tokens
+    for i in range(math.ceil(len(batches) / world)):
+        start, stop = mine[i] if i < len(mine) else batches[0]
+        rows = dataset[start:stop]  # type: ignore[index]
+        examples = [{"input_ids": x, "labels": y} for x, y in zip(rows["input_ids"], rows["labels"])]
         batch = {k: v.to(device) for k, v in collate_padded(examples, pad_id).items()}
-        total += float(loss_module(**batch))
-        count += int((batch["targets"] != IGNORE).sum())
+        summed = loss_module(**batch)
+        if i < len(mine):
+            sums += torch.stack([summed.double(), (batch["targets"] != IGNORE).sum().double()])
     loss_module.train(was_training)
-    loss = total / max(count, 1)
+    if world > 1:
+        torch.distributed.all_reduce(sums)
+    total, count = sums.tolist()
+    loss = total / max(count, 1.0)
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+
+
+def _world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
