@@ -135,3 +135,15 @@ def test_varlen_sdpa_attends_within_each_example_and_ignores_the_block_mask() ->
         kr, vr = k[:, :, a:b].repeat_interleave(2, 1), v[:, :, a:b].repeat_interleave(2, 1)
         ref = nn.functional.scaled_dot_product_attention(q[:, :, a:b], kr, vr, is_causal=True, scale=0.5)
         assert torch.allclose(out[:, a:b], ref.transpose(1, 2), atol=1e-6)
+
+
+def test_cpu_varlen_ops_pass_torch_library_opcheck() -> None:
+    # Fake (meta) kernels, autograd registration and schema agree with the real kernels: what
+    # torch.compile relies on to keep a layer in one graph around them.
+    torch.manual_seed(9)
+    q, k, v = torch.randn(1, 4, 30, 8), torch.randn(1, 2, 30, 8), torch.randn(1, 2, 30, 8)
+    bounds = torch.tensor([0, 11, 30], dtype=torch.int32)
+    torch.library.opcheck(fast._cpu_varlen_attention, (q.requires_grad_(), k, v, bounds, 0.35))
+    out, lse = fast._cpu_varlen_attention(q.detach(), k, v, bounds, 0.35)
+    args = (torch.randn_like(out), q.detach(), k, v, out, lse, bounds, 0.35)
+    torch.library.opcheck(fast._cpu_varlen_attention_backward, args)

@@ -89,6 +89,12 @@ def varlen_sdpa(
     if not per_example:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     assert cu_seq_lens_q is not None
+    if query.device.type == "cpu" and not (module.training and dropout):
+        # One opaque op: torch.compile keeps the whole layer in one graph around it.
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        q, k, v = query.contiguous(), key.contiguous(), value.contiguous()  # the layouts the fakes declare
+        out = _cpu_varlen_attention(q, k, v, cu_seq_lens_q, scale)[0]
+        return out.transpose(1, 2).contiguous(), None
     bounds = cu_seq_lens_q.tolist()
     parts = [
         # No mask: each slice is one example, and sdpa's is_causal kernel skips the upper triangle.
@@ -99,6 +105,90 @@ def varlen_sdpa(
     ]
     return torch.cat(parts, dim=1), None
 
+
+@torch.library.custom_op("tunewise::cpu_varlen_attention", mutates_args=())
+def _cpu_varlen_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bounds: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal flash attention on each [a, b) slice of the sequence axis; returns (output, logsumexp)."""
+    parts = [
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], 0.0, True, attn_mask=None, scale=scale
+        )
+        for a, b in itertools.pairwise(bounds.tolist())
+    ]
+    # Fixed layouts, as the fake below declares them: the output in (batch, length, heads, dim) memory, which
+    # is what the caller transposes to, and a contiguous logsumexp.
+    out = torch.cat([o.transpose(1, 2) for o, _ in parts], 1).contiguous().transpose(1, 2)
+    return out, torch.cat([lse for _, lse in parts], 2).contiguous()
+
+
+@_cpu_varlen_attention.register_fake
+def _(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bounds: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, heads, length, dim = query.shape
+    return query.new_empty(batch, length, heads, dim).transpose(1, 2), query.new_empty(query.shape[:3])
+
+
+def _save_for_varlen_backward(ctx: Any, inputs: tuple, output: tuple) -> None:
+    query, key, value, bounds, scale = inputs
+    ctx.save_for_backward(query, key, value, *output, bounds)
+    ctx.scale = scale
+
+
+def _varlen_backward(ctx: Any, grad_out: torch.Tensor, grad_lse: torch.Tensor) -> tuple:
+    dq, dk, dv = _cpu_varlen_attention_backward(grad_out, *ctx.saved_tensors, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+# The backward is an op of its own too, so compiled backward graphs treat it as opaque (bounds.tolist()
+# inside a traced function would break the graph).
+@torch.library.custom_op("tunewise::cpu_varlen_attention_backward", mutates_args=())
+def _cpu_varlen_attention_backward(
+    grad_out: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    bounds: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grads = [
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_out[:, :, a:b].contiguous(),
+            query[:, :, a:b],
+            key[:, :, a:b],
+            value[:, :, a:b],
+            out[:, :, a:b],
+            lse[:, :, a:b],
+            0.0,
+            True,
+            attn_mask=None,
+            scale=scale,
+        )
+        for a, b in itertools.pairwise(bounds.tolist())
+    ]
+    dq, dk, dv = (torch.cat([g[i] for g in grads], 2).contiguous() for i in range(3))
+    return dq, dk, dv
+
+
+@_cpu_varlen_attention_backward.register_fake
+def _(
+    grad_out: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    bounds: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)
+
+
+_cpu_varlen_attention.register_autograd(_varlen_backward, setup_context=_save_for_varlen_backward)
 
 AttentionInterface.register(VARLEN_SDPA, varlen_sdpa)
 # Masks as sdpa builds them, for the calls that fall through to plain sdpa (padded batches).
