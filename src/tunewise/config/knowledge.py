@@ -519,8 +519,9 @@ _ENTRIES = [
         hf=_TA + "torch_compile",
         why="false, as in HF: compiling costs start-up time and needs a C++ compiler on CPU. Measured on "
         "SmolLM2-135M LoRA, 2 CPU cores: docs/performance.md.",
-        interactions="data.packing (packed rows on CPU attend per example, which splits each compiled "
-        "layer at the attention call); gradient_checkpointing.",
+        interactions="data.packing (on CPU its per-example attention is an opaque custom op, so each layer "
+        "still compiles to one graph; with attention dropout it falls back to a graph break per layer); "
+        "gradient_checkpointing.",
         mistakes="Timing a short run that includes the compile; turning it on for a run of a few steps.",
     ),
     _k(
