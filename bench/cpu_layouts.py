@@ -6,14 +6,14 @@
     for l in padded packed segments segments2 mb1; do python bench/cpu_layouts.py $l; done
 
 Every layout trains the same windows of 8 examples (50-500 tokens, vs_trl.py's data) with
-tunewise's CausalLMLoss and one AdamW step per window; the first two windows are warm-up.
+tunewise's CausalLMLoss, its LoRA dropout and one AdamW step per window; the first two windows are warm-up.
 
 - padded:    one right-padded micro-batch of 8 (tunewise's default)
-- packed:    one packed row of 8 (tunewise's `packing: true`): sdpa gets a block-diagonal mask, so it
-             computes attention over the whole row, (sum of lengths)^2
-- segments:  the same packed row, attention run per example (`segment_attention` below): a prototype
-             of what tunewise's packing could do on CPU, where there is no varlen flash kernel
-- segments2: packed rows of 2 examples, 4 micro-batches per window, with segment attention
+- packed:    one packed row of 8 with plain sdpa: a block-diagonal mask, so attention runs over the
+             whole row, (sum of lengths)^2 (tunewise's packing before models/fast.py)
+- segments:  the same packed row with tunewise's per-example attention (`tunewise_varlen_sdpa`, what
+             `packing: true` uses now)
+- segments2: packed rows of 2 examples, 4 micro-batches per window, per-example attention
 - mb1:       8 micro-batches of 1 example (`per_device_train_batch_size: 1`): no padding
 
 Used for the recommendations in docs/performance.md; not part of tunewise.
@@ -22,55 +22,13 @@ Used for the recommendations in docs/performance.md; not part of tunewise.
 from __future__ import annotations
 
 import argparse
-import itertools
 import resource
 import time
 
 import torch
-import torch.nn.functional as F
-from transformers import AttentionInterface, set_seed
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface
+from transformers import set_seed
 
 SEED = 42
-
-
-def segment_attention(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    position_ids: torch.Tensor | None = None,
-    **kwargs: object,
-) -> tuple[torch.Tensor, None]:
-    """Causal attention within each example of a packed row (positions restart at 0), sdpa otherwise."""
-    if position_ids is None or query.shape[0] != 1 or attention_mask is not None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-    starts = (position_ids[0] == 0).nonzero().flatten().tolist() + [query.shape[2]]
-    parts = [
-        F.scaled_dot_product_attention(
-            query[:, :, s:e],
-            key[:, :, s:e],
-            value[:, :, s:e],
-            is_causal=True,
-            dropout_p=dropout,
-            scale=scaling,
-            enable_gqa=True,
-        )
-        for s, e in itertools.pairwise(starts)
-    ]
-    return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
-
-
-def no_mask(*args: object, **kwargs: object) -> None:
-    return None  # segment_attention needs no mask: the position ids say where examples start
-
-
-AttentionInterface.register("segments", segment_attention)
-AttentionMaskInterface.register("segments", no_mask)
 
 
 def windows(n_windows: int, tokenizer: object) -> list[list[dict]]:
@@ -105,6 +63,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     from tunewise.models.adapters import LoraSettings, apply_method
+    from tunewise.models.fast import VARLEN_SDPA, compile_layers, use_fast_lora_dropout
     from tunewise.models.load import load_model, load_tokenizer, materialize, resolve_source
     from tunewise.training.loss import CausalLMLoss
 
@@ -114,11 +73,11 @@ def main() -> None:
     set_seed(SEED)
     lora = LoraSettings(r=16, lora_alpha=32, lora_dropout=args.lora_dropout)
     model = apply_method(model, "lora", lora, quantized=False, gradient_checkpointing=False)
+    use_fast_lora_dropout(model)
     if args.layout.startswith("segments"):
-        model.set_attn_implementation("segments")
+        model.set_attn_implementation(VARLEN_SDPA)
     if args.compile:
-        for layer in model.get_base_model().model.layers:
-            layer.compile(dynamic=True)
+        compile_layers(model)
     loss_module = CausalLMLoss(model).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     tokens, first_loss, start = 0, 0.0, 0.0

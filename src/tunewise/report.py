@@ -75,22 +75,18 @@ def plan_lints(prep: Prepared) -> list[dict]:
 
 
 def _padding_waste(prep: Prepared) -> float:
-    """Padding % of the first epoch's batches as the loop would cut and pad them (unpacked)."""
-    from tunewise.data.collate import batch_indices
-    from tunewise.data.inspect import batch_cost
+    """Padding % of the first epoch's batches, unpacked, as `data inspect` computes it for this config."""
+    from tunewise.data.inspect import padding_waste
 
     d, t = prep.config.data, prep.config.training
-    lengths = list(prep.data.train["length"])
-    batches = batch_indices(
-        lengths,
+    waste = padding_waste(
+        list(prep.data.train["length"]),
         int(t.per_device_train_batch_size),
-        shuffle=True,
         seed=t.data_seed if t.data_seed is not None else t.seed,
-        group_by_length=d.group_by_length,
+        pad_to_length=d.max_seq_length if d.padding == "max_length" else None,
+        pad_to_multiple_of=d.pad_to_multiple_of,
     )
-    pad_to_length = d.max_seq_length if d.padding == "max_length" else None
-    cost = batch_cost(lengths, batches, pad_to_length=pad_to_length, pad_to_multiple_of=d.pad_to_multiple_of)
-    return float(cost["waste_percent"])
+    return float(waste["length_grouped" if d.group_by_length else "random"]["waste_percent"])
 
 
 def plan_summary(prep: Prepared) -> dict:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -122,26 +124,44 @@ def test_compiled_layers_give_the_eager_loss_and_gradients() -> None:
     assert (compiled[1] - eager[1]).abs().max().item() < 1e-4
 
 
-def test_varlen_sdpa_attends_within_each_example_and_ignores_the_block_mask() -> None:
+def heads_view(length: int, heads: int) -> torch.Tensor:
+    """(1, heads, length, 8) as the model passes it: a transposed view of (1, length, heads, 8)."""
+    return torch.randn(1, length, heads, 8).transpose(1, 2)
+
+
+def per_example_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: list[int]) -> list:
+    return [
+        nn.functional.scaled_dot_product_attention(
+            q[:, :, a:b], k[:, :, a:b].repeat_interleave(2, 1), v[:, :, a:b].repeat_interleave(2, 1),
+            is_causal=True, scale=0.5,
+        ).transpose(1, 2)
+        for a, b in itertools.pairwise(bounds)
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("path", ["custom op (CPU)", "per-example sdpa (GPU, attention dropout)"])
+def test_varlen_sdpa_attends_within_each_example_and_ignores_the_block_mask(path: str) -> None:
     torch.manual_seed(8)
     module = nn.Module()
     module.num_key_value_groups, module.is_causal = 2, True
-    q, k, v = torch.randn(1, 4, 30, 8), torch.randn(1, 2, 30, 8), torch.randn(1, 2, 30, 8)
-    bounds = torch.tensor([0, 7, 19, 30], dtype=torch.int32)
-    # A mask that allows nothing: were it used, the output would be NaN.
-    blocked = torch.zeros(1, 1, 30, 30, dtype=torch.bool)
-    out, _ = fast.varlen_sdpa(module, q, k, v, blocked, scaling=0.5, cu_seq_lens_q=bounds)
-    for a, b in ((0, 7), (7, 19), (19, 30)):
-        kr, vr = k[:, :, a:b].repeat_interleave(2, 1), v[:, :, a:b].repeat_interleave(2, 1)
-        ref = nn.functional.scaled_dot_product_attention(q[:, :, a:b], kr, vr, is_causal=True, scale=0.5)
-        assert torch.allclose(out[:, a:b], ref.transpose(1, 2), atol=1e-6)
+    q, k, v = heads_view(30, 4), heads_view(30, 2), heads_view(30, 2)
+    bounds = [0, 7, 19, 30]
+    if path.startswith("custom"):
+        # A mask that allows nothing: were it used, the output would be NaN.
+        blocked = torch.zeros(1, 1, 30, 30, dtype=torch.bool)
+        cu = torch.tensor(bounds, dtype=torch.int32)
+        out, _ = fast.varlen_sdpa(module, q, k, v, blocked, scaling=0.5, cu_seq_lens_q=cu)
+    else:
+        out = fast.per_example_sdpa(module, q, k, v, bounds, 0.0, 0.5)
+    for (a, b), ref in zip(itertools.pairwise(bounds), per_example_reference(q, k, v, bounds), strict=True):
+        assert torch.allclose(out[:, a:b], ref, atol=1e-6)
 
 
 def test_cpu_varlen_ops_pass_torch_library_opcheck() -> None:
     # Fake (meta) kernels, autograd registration and schema agree with the real kernels: what
     # torch.compile relies on to keep a layer in one graph around them.
     torch.manual_seed(9)
-    q, k, v = torch.randn(1, 4, 30, 8), torch.randn(1, 2, 30, 8), torch.randn(1, 2, 30, 8)
+    q, k, v = (torch.randn(1, h, 30, 8) for h in (4, 2, 2))  # contiguous, as varlen_sdpa passes them
     bounds = torch.tensor([0, 11, 30], dtype=torch.int32)
     torch.library.opcheck(fast._cpu_varlen_attention, (q.requires_grad_(), k, v, bounds, 0.35))
     out, lse = fast._cpu_varlen_attention(q.detach(), k, v, bounds, 0.35)

@@ -94,18 +94,31 @@ def varlen_sdpa(
     if query.device.type == "cpu" and not (module.training and dropout):
         # One opaque op: torch.compile keeps the whole layer in one graph around it.
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        q, k, v = query.contiguous(), key.contiguous(), value.contiguous()  # the layouts the fakes declare
+        # Contiguous inputs and outputs: inductor may lay out its buffers otherwise than eager, and a
+        # custom op's fake must predict the real strides (empty_like on permuted inputs failed there).
+        q, k, v = query.contiguous(), key.contiguous(), value.contiguous()
         out = _cpu_varlen_attention(q, k, v, cu_seq_lens_q, scale)[0]
         return out.transpose(1, 2).contiguous(), None
-    bounds = cu_seq_lens_q.tolist()
+    return per_example_sdpa(module, query, key, value, cu_seq_lens_q.tolist(), dropout, scaling), None
+
+
+def per_example_sdpa(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    bounds: list[int],
+    dropout: float,
+    scaling: float | None,
+) -> torch.Tensor:
+    """transformers' sdpa on each [a, b) slice, unmasked (causal); the path for GPUs and attention dropout."""
     parts = [
-        # No mask: each slice is one example, and sdpa's is_causal kernel skips the upper triangle.
         sdpa_attention_forward(
             module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, dropout, scaling
         )[0]
         for a, b in itertools.pairwise(bounds)
     ]
-    return torch.cat(parts, dim=1), None
+    return torch.cat(parts, dim=1)
 
 
 @torch.library.custom_op("tunewise::cpu_varlen_attention", mutates_args=())
@@ -178,14 +191,7 @@ def _cpu_varlen_attention_backward(
 
 @_cpu_varlen_attention_backward.register_fake
 def _(
-    grad_out: torch.Tensor,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    bounds: torch.Tensor,
-    scale: float,
+    grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *_: object
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunewise.data.tokenize import IGNORE
-from tunewise.models.fast import cu_seq_lens
+from tunewise.models.fast import VARLEN_SDPA, cu_seq_lens
 
 LOGIT_CHUNK = 1024
 """Rows of logits alive at once: 1024 x 49152 fp32 = 200 MB. 2048 rows ran the head 3% faster on CPU
@@ -129,8 +129,10 @@ class CausalLMLoss(nn.Module):
             # runs as plain causal (sdpa's is_causal kernels, which skip the upper triangle).
             attention_mask = None
         varlen = {}
-        if position_ids is not None and attention_mask is None and input_ids.shape[0] == 1:
-            # A packed row: its example boundaries, as flash-attention's varlen kwargs (models.fast).
+        packed = attention_mask is None and input_ids.shape[0] == 1
+        if position_ids is not None and packed and self.model.config._attn_implementation == VARLEN_SDPA:
+            # The row's example boundaries, as flash-attention's varlen kwarg, for models.fast.varlen_sdpa
+            # (other attentions find them from position_ids themselves).
             varlen["cu_seq_lens_q"] = cu_seq_lens(position_ids)
         hidden = _decoder(self.model)(
             input_ids=input_ids,
