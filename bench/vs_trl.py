@@ -2,6 +2,7 @@
 
     python bench/vs_trl.py                                  # CPU: SmolLM2-135M, ~10 min on 2 cores
     python bench/vs_trl.py --device cuda                    # 1B-class random llama, sequence length 2048
+    python bench/vs_trl.py --device cuda --tokenizer DIR    # ... where the embedded GGUF cannot be read
 
 Every run is its own subprocess (fresh peak RSS), in alternating order (a, b, c, a, b, c, ...), on
 the same chat data: a deterministic "reverse these words" task whose examples spread evenly from
@@ -52,8 +53,14 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "trl-packing": ("trl", {"packing": True}),
     "trl-packing-nogc": ("trl", {"packing": True, "gradient_checkpointing": False}),
     "hf": ("hf", {}),  # plain PyTorch loop over a PEFT model, HF's own loss (full logits)
+    "hf-mb8": ("hf", {"micro_batch": 8}),  # ... in padded micro-batches of 8
+    "hf-packed": ("hf", {"packing": True}),  # ... padding-free: flattened rows, sdpa with a block mask
+    "hf-packed-mb8": ("hf", {"packing": True, "micro_batch": 8}),
 }
-DEFAULT_TOOLS = {"cpu": "tunewise-compiled-mb2,trl-packing-nogc,trl", "cuda": "tunewise,hf"}
+DEFAULT_TOOLS = {
+    "cpu": "tunewise-compiled-mb2,trl-packing-nogc,trl",
+    "cuda": "tunewise-compiled,tunewise-packed,hf",
+}
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -166,14 +173,20 @@ CUDA_CONFIG = {  # Llama-3.2-1B's shape (vocab: SmolLM2's tokenizer), randomly i
 }
 
 
-def prepare_model_dir(device: str, work: Path) -> Path:
-    """The embedded SmolLM2 on CPU; on CUDA a random 1B-class llama with SmolLM2's tokenizer (no download)."""
+def prepare_model_dir(device: str, work: Path, tokenizer_dir: Path | None = None) -> Path:
+    """The embedded SmolLM2 on CPU; on CUDA a random 1B-class llama with SmolLM2's tokenizer (no download).
+
+    `tokenizer_dir` (CUDA only): a folder with SmolLM2's tokenizer and config.json, for machines that
+    have no copy of the embedded GGUF (or no `gguf` package) to convert.
+    """
     from transformers import AutoConfig, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from tunewise.models.load import materialize, resolve_source
 
-    # A private copy: the shared cache entry can be rebuilt by other processes during a long benchmark.
-    smol = Path(shutil.copytree(materialize(resolve_source("smollm2-135m-instruct")), work / "smollm2"))
+    if device == "cuda" and tokenizer_dir is not None:
+        smol = tokenizer_dir
+    else:  # a private copy: the shared cache entry can be rebuilt by other processes during a long benchmark
+        smol = Path(shutil.copytree(materialize(resolve_source("smollm2-135m-instruct")), work / "smollm2"))
     if device == "cpu":
         return smol
     target = work / "llama-1b-random"
@@ -187,7 +200,8 @@ def prepare_model_dir(device: str, work: Path) -> Path:
         **CUDA_CONFIG,
     )
     torch.manual_seed(SEED)
-    LlamaForCausalLM(config).save_pretrained(target)
+    with torch.device("cuda"):  # initialising 1.2B parameters on the CPU takes longer than a run
+        LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(target)
     tokenizer.save_pretrained(target)
     return target
 
@@ -368,9 +382,16 @@ def run_trl(spec: dict) -> RunResult:
 
 
 def run_hf(spec: dict) -> RunResult:
-    """HF Transformers + PEFT as most scripts use them: bf16 base, padded batches, model(labels=...)."""
+    """HF Transformers + PEFT as most scripts use them: bf16 base, autocast, model(labels=...) (full logits).
+
+    Micro-batches of `micro_batch` sequences (default: the whole batch), padded, or with `packing`
+    flattened into one row as HF's DataCollatorWithFlattening does (position ids restart per example;
+    transformers then gives sdpa a block-diagonal mask). Each micro-batch's loss is a sum over the
+    window's target count (`num_items_in_batch`), so accumulation gives the one-big-batch gradient.
+    """
     from transformers import get_linear_schedule_with_warmup
 
+    options = VARIANTS[spec["name"]][1]
     device, bf16 = spec["device"], spec["precision"] == "bf16"
     dtype = torch.bfloat16 if bf16 else torch.float32
     model = lora_model(Path(spec["model_dir"]), dtype, spec["lora_dropout"]).to(device)
@@ -380,29 +401,33 @@ def run_hf(spec: dict) -> RunResult:
     scheduler = get_linear_schedule_with_warmup(optimizer, 1, spec["steps"])
     meter, losses = StepMeter(device), []
     model.register_forward_pre_hook(meter.forward_pre_hook, with_kwargs=True)
-    examples = spec["trl_rows"]
+    examples, micro = spec["trl_rows"], options.get("micro_batch", spec["batch"])
+    collate = _flatten if options.get("packing") else _pad
     for step in range(spec["steps"]):
-        batch = _pad([examples[i] for i in spec["windows"][step]], spec["pad_id"], device)
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-            loss = model(**batch).loss
-        loss.backward()
+        window = [examples[i] for i in spec["windows"][step]]
+        items = sum(sum(t != -100 for t in e["labels"][1:]) for e in window)
+        total = 0.0
+        for start in range(0, len(window), micro):
+            batch = collate(window[start : start + micro], spec["pad_id"], device)
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+                # use_cache=False: no KV cache in training (with one, transformers ignores packed position ids).
+                loss = model(
+                    **batch, use_cache=False, num_items_in_batch=torch.tensor(items, device=device)
+                ).loss
+            loss.backward()
+            total += loss.item()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(total)
         meter.end_step()
     rate, span = _rate(meter.step_tokens, meter.clock)
+    note = f"micro-batches of {micro}" + (", flattened" if options.get("packing") else ", padded")
     return RunResult(
-        spec["name"],
-        spec["precision"],
-        rate,
-        _peak_bytes(device),
-        span,
-        meter.step_targets,
-        losses,
-        spec["load"],
-    )
+        spec["name"], spec["precision"], rate, _peak_bytes(device), span, meter.step_targets, losses,
+        spec["load"], note,
+    )  # fmt: skip
 
 
 def _pad(examples: list[dict], pad_id: int, device: str) -> dict[str, torch.Tensor]:
@@ -420,6 +445,15 @@ def _pad(examples: list[dict], pad_id: int, device: str) -> dict[str, torch.Tens
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 
+def _flatten(examples: list[dict], pad_id: int, device: str) -> dict[str, torch.Tensor]:
+    """One row, as DataCollatorWithFlattening: each example's first label is -100 (no cross-example target)."""
+    ids = [t for e in examples for t in e["input_ids"]]
+    labels = [t for e in examples for t in [-100, *e["labels"][1:]]]
+    positions = [i for e in examples for i in range(len(e["input_ids"]))]
+    columns = {"input_ids": ids, "labels": labels, "position_ids": positions}
+    return {k: torch.tensor([v], device=device) for k, v in columns.items()}
+
+
 # ----------------------------------------------------------------------------------------- parent
 
 
@@ -427,7 +461,7 @@ def build_specs(args: argparse.Namespace, work: Path) -> tuple[list[dict], dict]
     """One spec per (variant, precision), and what the report needs to know about the data."""
     from transformers import AutoConfig, AutoTokenizer
 
-    model_dir = prepare_model_dir(args.device, work)
+    model_dir = prepare_model_dir(args.device, work, args.tokenizer)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     rows = chat_rows(args.steps * args.batch, SEED, args.min_tokens, args.max_tokens)
     encoded = encode_rows(rows, tokenizer, args.max_seq_length)
@@ -573,6 +607,11 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=None)
     parser.add_argument("--max-seq-length", type=int, default=None)
     parser.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout (tunewise's default)")
+    parser.add_argument(
+        "--tokenizer",
+        type=Path,
+        help="CUDA: a folder with SmolLM2's tokenizer files (default: the embedded model's)",
+    )
     parser.add_argument("--json", type=Path, help="also write every run's numbers here")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -167,3 +167,70 @@ def test_cpu_varlen_ops_pass_torch_library_opcheck() -> None:
     out, lse = fast._cpu_varlen_attention(q.detach(), k, v, bounds, 0.35)
     args = (torch.randn_like(out), q.detach(), k, v, out, lse, bounds, 0.35)
     torch.library.opcheck(fast._cpu_varlen_attention_backward, args)
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_flash_varlen_matches_per_example_attention_and_its_gradients(dtype: torch.dtype) -> None:
+    torch.manual_seed(10)
+    module = nn.Module()
+    module.num_key_value_groups, module.is_causal = 4, True
+    bounds = [0, 300, 1100, 1101, 2048]  # a one-token example too
+    # (1, heads, length, 64) views of (1, length, heads, 64), grouped-query (32 query, 8 key/value heads).
+    q, k, v = (torch.randn(1, 2048, h, 64, device="cuda").transpose(1, 2) for h in (32, 8, 8))
+    lowp = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    full = [t.detach().float().requires_grad_() for t in lowp]
+    assert fast.flash_varlen_problem(lowp[0]) is None
+    blocked = torch.zeros(1, 1, 2048, 2048, dtype=torch.bool, device="cuda")  # were it used: NaN
+    cu = torch.tensor(bounds, dtype=torch.int32, device="cuda")
+    out, _ = fast.varlen_sdpa(module, *lowp, blocked, scaling=0.125, cu_seq_lens_q=cu)
+    ref = torch.cat(
+        [
+            nn.functional.scaled_dot_product_attention(
+                full[0][:, :, a:b], full[1][:, :, a:b].repeat_interleave(4, 1),
+                full[2][:, :, a:b].repeat_interleave(4, 1), is_causal=True, scale=0.125,
+            ).transpose(1, 2)
+            for a, b in itertools.pairwise(bounds)
+        ],
+        dim=1,
+    )  # fmt: skip
+    assert out.shape == ref.shape == (1, 2048, 32, 64)
+    assert relative_error(out, ref) < 1e-2
+    grad = torch.randn_like(ref)
+    out.backward(grad.to(dtype))
+    ref.backward(grad)
+    for low, high in zip(lowp, full, strict=True):
+        assert relative_error(low.grad, high.grad) < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_flash_varlen_problem_says_why_not() -> None:
+    assert "fp16 or bf16" in str(fast.flash_varlen_problem(torch.zeros(1, 2, 4, 8, device="cuda")))
+    assert "head_dim" in str(fast.flash_varlen_problem(torch.zeros(1, 2, 4, 12, device="cuda").half()))
+    assert fast.flash_varlen_problem(torch.zeros(1, 2, 4, 8)) == "not on CUDA"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_bf16_layers_on_cuda_give_the_eager_loss_and_gradients() -> None:
+    def run(compiled: bool) -> tuple[float, torch.Tensor]:
+        model = build_tiny_model(64, seed=0, attn_implementation=fast.VARLEN_SDPA, head_dim=16)
+        model = model.to("cuda", torch.bfloat16)
+        if compiled:
+            compile_layers(model)
+        torch.manual_seed(7)
+        ids = torch.randint(3, 64, (1, 40), device="cuda")
+        positions = torch.cat([torch.arange(n) for n in (9, 17, 14)]).unsqueeze(0).cuda()
+        loss = CausalLMLoss(model)(input_ids=ids, targets=ids, position_ids=positions)
+        loss.backward()
+        return loss.item(), torch.cat([p.grad.flatten().float() for p in model.parameters()])
+
+    (eager_loss, eager_grads), (loss, grads) = run(False), run(True)
+    assert abs(loss - eager_loss) < 1e-2 * abs(eager_loss)
+    assert relative_error(grads, eager_grads) < 3e-2

@@ -91,6 +91,9 @@ def varlen_sdpa(
     if not per_example:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     assert cu_seq_lens_q is not None
+    if flash_varlen_problem(query) is None:
+        longest = kwargs.get("max_length_q") or int(cu_seq_lens_q.diff().max())
+        return flash_varlen(query, key, value, cu_seq_lens_q, longest, dropout, scaling), None
     if query.device.type == "cpu" and not (module.training and dropout):
         # One opaque op: torch.compile keeps the whole layer in one graph around it.
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
@@ -102,6 +105,44 @@ def varlen_sdpa(
     return per_example_sdpa(module, query, key, value, cu_seq_lens_q.tolist(), dropout, scaling), None
 
 
+def flash_varlen_problem(query: torch.Tensor) -> str | None:
+    """Why flash attention's varlen kernel cannot take this query, or None."""
+    if query.device.type != "cuda":
+        return "not on CUDA"
+    if query.dtype not in (torch.float16, torch.bfloat16):
+        return f"{query.dtype} (flash attention takes fp16 or bf16)"
+    if query.shape[-1] % 8 or query.shape[-1] > 256:
+        return f"head_dim {query.shape[-1]} (flash attention takes multiples of 8 up to 256)"
+    if torch.cuda.get_device_capability(query.device) < (8, 0):
+        return "GPU older than Ampere (sm_80)"
+    if not torch.backends.cuda.flash_sdp_enabled():
+        return "flash attention is disabled (torch.backends.cuda.enable_flash_sdp)"
+    return None
+
+
+def flash_varlen(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    bounds: torch.Tensor,
+    longest: int,
+    dropout: float,
+    scaling: float | None,
+) -> torch.Tensor:
+    """Causal flash attention within each [a, b) slice of a one-row batch, in one kernel launch.
+
+    torch's own varlen kernel (the one `torch.nn.attention.varlen` wraps), called through its aten
+    op, which has autograd and a meta function, so it runs inside compiled graphs. Grouped-query
+    attention needs no repeated keys: the kernel takes fewer key/value heads as they are.
+    In: (1, heads, length, dim); out: (1, length, heads, dim), as transformers' attention returns it.
+    """
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (length, heads, dim) views
+    out = torch.ops.aten._flash_attention_forward(
+        q, k, v, bounds, bounds, longest, longest, dropout, True, False, scale=scaling
+    )[0]
+    return out[None]
+
+
 def per_example_sdpa(
     module: nn.Module,
     query: torch.Tensor,
@@ -111,7 +152,7 @@ def per_example_sdpa(
     dropout: float,
     scaling: float | None,
 ) -> torch.Tensor:
-    """transformers' sdpa on each [a, b) slice, unmasked (causal); the path for GPUs and attention dropout."""
+    """transformers' sdpa on each [a, b) slice, unmasked (causal): GPUs without flash attention, CPU attention dropout."""
     parts = [
         sdpa_attention_forward(
             module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, dropout, scaling

@@ -120,7 +120,7 @@ def _improved(value: float, best: float | None, greater: bool, threshold: float)
     return value > best + threshold if greater else value < best - threshold
 
 
-def global_sum(accelerator: Accelerator, value: int) -> int:
+def global_count(accelerator: Accelerator, value: int) -> int:
     if accelerator.num_processes == 1:
         return value
     t = torch.tensor([value], device=accelerator.device, dtype=torch.long)
@@ -135,8 +135,20 @@ def train_step(
     max_grad_norm: float | None,
 ) -> tuple[float, float, int]:
     """Forward/backward every micro-batch of one window, then clip. Returns (loss, grad_norm, targets)."""
+    loss, grad_norm, targets = launch_step(accelerator, loss_module, window, max_grad_norm)
+    return float(loss), float(grad_norm), targets
+
+
+def launch_step(
+    accelerator: Accelerator,
+    loss_module: torch.nn.Module,
+    window: list[dict[str, torch.Tensor]],
+    max_grad_norm: float | None,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """`train_step` without waiting for the device: the loss and gradient norm stay tensors, so the caller
+    can prepare the next window while the GPU computes this one."""
     local_targets = sum(int((b["targets"] != IGNORE).sum()) for b in window)
-    window_targets = global_sum(accelerator, local_targets)
+    window_targets = global_count(accelerator, local_targets)
     loss_sum = torch.zeros((), device=accelerator.device)
     for i, batch in enumerate(window):
         last = i == len(window) - 1
@@ -149,8 +161,8 @@ def train_step(
         loss_sum += summed.detach()
     limit = max_grad_norm if max_grad_norm else float("inf")
     grad_norm = accelerator.clip_grad_norm_(loss_module.parameters(), limit)
-    loss = global_sum_float(accelerator, loss_sum) / max(window_targets, 1)
-    return loss, float(grad_norm), window_targets
+    loss = global_sum(accelerator, loss_sum) / max(window_targets, 1)
+    return loss, torch.as_tensor(grad_norm), window_targets
 
 
 def _zero_through_parameters(module: torch.nn.Module) -> torch.Tensor:
@@ -164,10 +176,10 @@ def _zero_through_parameters(module: torch.nn.Module) -> torch.Tensor:
     return sum((p.sum() for p in module.parameters() if p.requires_grad), torch.zeros(())) * 0.0
 
 
-def global_sum_float(accelerator: Accelerator, value: torch.Tensor) -> float:
+def global_sum(accelerator: Accelerator, value: torch.Tensor) -> torch.Tensor:
     if accelerator.num_processes > 1:
         value = accelerator.reduce(value.clone(), reduction="sum")
-    return float(value)
+    return value
 
 
 def windows_from(
@@ -220,11 +232,12 @@ def fit(
     windows = windows_from(
         settings, train_dataset, lengths, state, accelerator.process_index, accelerator.num_processes
     )
+    upcoming = next(windows)
     while state.step < settings.total_steps and state.stop_reason is None:
-        epoch, w, example_ids, window = next(windows)
-        loss, grad_norm, targets = train_step(
-            accelerator, loss_module, optimizer, window, settings.max_grad_norm
-        )
+        epoch, w, example_ids, window = upcoming
+        loss_t, grad_norm_t, targets = launch_step(accelerator, loss_module, window, settings.max_grad_norm)
+        upcoming = next(windows)  # read and collate the next window while the device computes this one
+        loss, grad_norm = float(loss_t), float(grad_norm_t)
         state.epoch, state.window = epoch, w + 1
         scaled = accelerator.scaler is not None  # fp16: the loss scaler owns overflowing gradients
         if not math.isfinite(loss) or (not math.isfinite(grad_norm) and not scaled):
@@ -239,6 +252,7 @@ def fit(
                     accelerator.process_index,
                     accelerator.num_processes,
                 )
+                upcoming = next(windows)
             continue
         learning_rate = scheduler.get_last_lr()[0]  # the rate this update uses, as HF logs it
         optimizer.step()
@@ -251,7 +265,7 @@ def fit(
         state.step += 1
         # Fix: a rank's stand-in micro-batch (no example ids, one pad token) is not data seen.
         seen = sum(int(b["input_ids"].numel()) - _pads(b) for ids, b in zip(example_ids, window) if ids)
-        state.tokens += global_sum(accelerator, seen)
+        state.tokens += global_count(accelerator, seen)
         state.target_tokens += targets
         losses_since_log.append(loss)
         elapsed = time.perf_counter() - started

@@ -128,12 +128,13 @@ class CausalLMLoss(nn.Module):
             # mask changes only the pads' own outputs, which have no target. Without it attention
             # runs as plain causal (sdpa's is_causal kernels, which skip the upper triangle).
             attention_mask = None
-        varlen = {}
+        varlen: dict[str, Any] = {}
         packed = attention_mask is None and input_ids.shape[0] == 1
         if position_ids is not None and packed and self.model.config._attn_implementation == VARLEN_SDPA:
-            # The row's example boundaries, as flash-attention's varlen kwarg, for models.fast.varlen_sdpa
-            # (other attentions find them from position_ids themselves).
-            varlen["cu_seq_lens_q"] = cu_seq_lens(position_ids)
+            # The row's example boundaries and longest example, as flash-attention's varlen kwargs, for
+            # models.fast.varlen_sdpa (other attentions find them from position_ids themselves).
+            bounds = cu_seq_lens(position_ids)
+            varlen = {"cu_seq_lens_q": bounds, "max_length_q": int(bounds.diff().max())}
         hidden = _decoder(self.model)(
             input_ids=input_ids,
             attention_mask=attention_mask,
