@@ -243,11 +243,12 @@ _ENTRIES = [
         "effective batch and learning-rate schedules keep their HF meaning.",
         hf="trl.SFTConfig.packing / padding_free (ours keeps batch = examples, like padding_free)",
         why="false in the schema for the plainest batches; the quickstart turns it on because it is faster "
-        "(1.7x padded batches on CPU, docs/performance.md). The plan suggests it when a quarter or more of the "
+        "(1.7x padded batches on CPU; 3.2x a padded HF + PEFT loop on an H100, docs/performance.md). The plan "
+        "suggests it when a quarter or more of the "
         "batch tokens would be padding.",
         interactions="padding, padding_side and group_by_length no longer matter; pad_to_multiple_of rounds the "
-        "packed row. With attn_implementation sdpa, attention runs per example (tunewise_varlen_sdpa), costing "
-        "the sum of squared example lengths, not the square of the row length.",
+        "packed row. With attn_implementation sdpa, attention runs per example (tunewise_varlen_sdpa; on GPUs "
+        "torch's flash varlen kernel), costing the sum of squared example lengths, not the square of the row length.",
         mistakes="Expecting TRL's fixed-length packing, which changes the number of rows and so the step count; "
         "ours does not.",
     ),

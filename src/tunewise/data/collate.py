@@ -4,12 +4,13 @@ Labels are shifted here, per example (`targets[t]` is the token position t must 
 packed row never asks the last token of one example to predict the first token of the next.
 
 Packing flattens the examples of a micro-batch into a single row whose `position_ids` restart at 0
-for every example and passes no attention mask: transformers then builds a block-diagonal causal
-mask from the position ids (sdpa and eager on CPU, flash-attention varlen on GPU), so no example
-attends to another. A batch stays N examples, exactly as without packing, so steps per epoch and
-every other count keep their Hugging Face meaning; only the pad tokens disappear. On CPU (sdpa,
-eager) attention still runs over the whole row with that mask, so its cost grows with the square
-of the row's length; only flash-attention skips the masked blocks.
+for every example and passes no attention mask, so no example attends to another: with
+`attn_implementation: sdpa` tunewise's `models.fast.varlen_sdpa` attends within each example (torch's
+flash varlen kernel on GPU, a per-example loop on CPU: cost sum(L_i^2)); with eager attention
+transformers builds a block-diagonal causal mask from the position ids (cost (sum L_i)^2), and
+flash_attention_2 takes the boundaries from them. A batch stays N examples, exactly as without
+packing, so steps per epoch and every other count keep their Hugging Face meaning; only the pad
+tokens disappear.
 """
 
 from __future__ import annotations

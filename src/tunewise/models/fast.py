@@ -8,11 +8,13 @@
   1 / (1 - that probability) so the expectation is exact. The module replaces the `nn.Dropout`
   in PEFT's `lora_dropout` ModuleDicts: the module tree, state dict and saved adapter are unchanged.
 - `varlen_sdpa`: attention for packed rows, registered with transformers' AttentionInterface.
-  Given `cu_seq_lens_q` (as flash-attention's varlen path takes it) it runs causal sdpa within
+  Given `cu_seq_lens_q` (as flash-attention's varlen path takes it) it runs causal attention within
   each example, so attention costs sum(L_i^2), not (sum L_i)^2 under a block-diagonal mask; without
-  it, it is transformers' sdpa unchanged. On CPU (no attention dropout) the loop over examples is a
-  `torch.library` custom op with its own backward op, opaque to torch.compile, so a compiled layer
-  stays one graph (+5% a step against a graph break at every attention call).
+  it, it is transformers' sdpa unchanged. On CUDA (fp16/bf16, Ampere or newer) that is torch's own
+  flash-attention varlen kernel, one launch for the whole row (`flash_varlen`). On CPU (no attention
+  dropout) the loop over examples is a `torch.library` custom op with its own backward op, opaque to
+  torch.compile, so a compiled layer stays one graph (+5% a step against a graph break at every
+  attention call). Elsewhere (fp32 on a GPU, attention dropout on CPU): sdpa on each example's slice.
 - `compile_layers`: `torch.compile` of each repeated decoder layer, in place (the module tree and
   state-dict keys stay as they are, unlike wrapping), with dynamic shapes so varying sequence
   lengths do not recompile.

@@ -1,0 +1,52 @@
+"""The HF baselines of bench/vs_trl.py compute the loss a fair comparison needs."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+
+from tunewise.testing import build_tiny_model
+
+
+def load_bench() -> object:
+    path = Path(__file__).parents[2] / "bench" / "vs_trl.py"
+    spec = importlib.util.spec_from_file_location("vs_trl", path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("vs_trl", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def examples(lengths: list[int]) -> list[dict]:
+    torch.manual_seed(3)
+    rows = []
+    for n in lengths:
+        ids = torch.randint(3, 64, (n,)).tolist()
+        prompt = n // 3  # the first third is prompt: no targets there
+        rows.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    return rows
+
+
+def test_flattened_and_padded_hf_batches_give_the_same_loss() -> None:
+    bench = load_bench()
+    model = build_tiny_model(64, seed=0, attn_implementation="sdpa").eval()
+    rows = examples([9, 17, 5, 12])
+    targets = sum(sum(t != -100 for t in r["labels"][1:]) for r in rows)
+    items = torch.tensor(targets)
+    padded = model(**bench._pad(rows, 0, "cpu"), use_cache=False, num_items_in_batch=items).loss
+    flat = bench._flatten(rows, 0, "cpu")
+    packed = model(**flat, use_cache=False, num_items_in_batch=items).loss
+    # Summed over the targets (not a mean per micro-batch), so micro-batches of a window add up exactly.
+    halves = sum(
+        model(**bench._flatten(part, 0, "cpu"), use_cache=False, num_items_in_batch=items).loss
+        for part in (rows[:2], rows[2:])
+    )
+    assert torch.allclose(packed, padded, atol=1e-5)
+    assert torch.allclose(halves, padded, atol=1e-5)
+    # The control: with a KV cache transformers ignores packed position ids and attends across examples.
+    leaky = model(**flat, num_items_in_batch=items).loss
+    assert not torch.allclose(leaky, padded, atol=1e-3)
