@@ -50,11 +50,16 @@ class _TargetCrossEntropy(torch.autograd.Function):
         for start in range(0, targets.numel(), chunk):
             h, t = hidden[start : start + chunk], targets[start : start + chunk]
             logits = F.linear(h, weight, bias).float()  # autocast, if on, picks the matmul dtype
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            target_logits = logits.gather(1, t[:, None])
+            top = logits.amax(dim=-1, keepdim=True)
+            # In place: exp(logits - max) overwrites the logits, so no second vocabulary-wide tensor exists
+            # (torch.logsumexp would allocate two) and softmax below reuses it.
+            exps = logits.sub_(top).exp_()
+            sums = exps.sum(dim=-1, keepdim=True)
+            total += (sums.log() + top - target_logits).sum()  # logsumexp - target logit
             if not (need_h or need_w or need_b):
                 continue
-            probs = logits.sub_(lse[:, None]).exp_()  # d CE / d logits = softmax - one-hot, in place
+            probs = exps.div_(sums)  # d CE / d logits = softmax - one-hot, in place
             probs[torch.arange(t.numel(), device=t.device), t] -= 1
             if grad_h is not None:
                 grad_h[start : start + chunk] = torch.mm(probs.to(weight.dtype), weight).to(grad_h.dtype)
