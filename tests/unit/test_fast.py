@@ -213,7 +213,10 @@ def test_flash_varlen_matches_per_example_attention_and_its_gradients(dtype: tor
 def test_flash_varlen_problem_says_why_not() -> None:
     assert "fp16 or bf16" in str(fast.flash_varlen_problem(torch.zeros(1, 2, 4, 8, device="cuda")))
     assert "head_dim" in str(fast.flash_varlen_problem(torch.zeros(1, 2, 4, 12, device="cuda").half()))
-    assert fast.flash_varlen_problem(torch.zeros(1, 2, 4, 8)) == "not on CUDA"
+
+
+def test_cpu_queries_never_take_the_flash_varlen_path() -> None:
+    assert fast.flash_varlen_problem(torch.zeros(1, 2, 4, 8, dtype=torch.bfloat16)) == "not on CUDA"
 
 
 @pytest.mark.gpu
