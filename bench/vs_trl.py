@@ -385,7 +385,7 @@ def run_hf(spec: dict) -> RunResult:
     """HF Transformers + PEFT as most scripts use them: bf16 base, autocast, model(labels=...) (full logits).
 
     Micro-batches of `micro_batch` sequences (default: the whole batch), padded, or with `packing`
-    flattened into one row as HF's DataCollatorWithFlattening does (position ids restart per example;
+    flattened into one row by HF's DataCollatorWithFlattening (position ids restart per example;
     transformers then gives sdpa a block-diagonal mask). Each micro-batch's loss is a sum over the
     window's target count (`num_items_in_batch`), so accumulation gives the one-big-batch gradient.
     """
@@ -406,7 +406,7 @@ def run_hf(spec: dict) -> RunResult:
     for step in range(spec["steps"]):
         window = [examples[i] for i in spec["windows"][step]]
         items = sum(sum(t != -100 for t in e["labels"][1:]) for e in window)
-        total = 0.0
+        total = torch.zeros((), device=device)
         for start in range(0, len(window), micro):
             batch = collate(window[start : start + micro], spec["pad_id"], device)
             with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
@@ -415,12 +415,12 @@ def run_hf(spec: dict) -> RunResult:
                     **batch, use_cache=False, num_items_in_batch=torch.tensor(items, device=device)
                 ).loss
             loss.backward()
-            total += loss.item()
+            total += loss.detach()  # read once per step, as HF's Trainer does, not once per micro-batch
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(total)
+        losses.append(total.item())
         meter.end_step()
     rate, span = _rate(meter.step_tokens, meter.clock)
     note = f"micro-batches of {micro}" + (", flattened" if options.get("packing") else ", padded")
@@ -446,12 +446,11 @@ def _pad(examples: list[dict], pad_id: int, device: str) -> dict[str, torch.Tens
 
 
 def _flatten(examples: list[dict], pad_id: int, device: str) -> dict[str, torch.Tensor]:
-    """One row, as DataCollatorWithFlattening: each example's first label is -100 (no cross-example target)."""
-    ids = [t for e in examples for t in e["input_ids"]]
-    labels = [t for e in examples for t in [-100, *e["labels"][1:]]]
-    positions = [i for e in examples for i in range(len(e["input_ids"]))]
-    columns = {"input_ids": ids, "labels": labels, "position_ids": positions}
-    return {k: torch.tensor([v], device=device) for k, v in columns.items()}
+    """One row from HF's own DataCollatorWithFlattening (each example's first label -100, positions restart)."""
+    from transformers import DataCollatorWithFlattening
+
+    batch = DataCollatorWithFlattening(return_position_ids=True)(examples)
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 # ----------------------------------------------------------------------------------------- parent
