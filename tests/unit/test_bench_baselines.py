@@ -50,3 +50,32 @@ def test_flattened_and_padded_hf_batches_give_the_same_loss() -> None:
     # The control: with a KV cache transformers ignores packed position ids and attends across examples.
     leaky = model(**flat, num_items_in_batch=items).loss
     assert not torch.allclose(leaky, padded, atol=1e-3)
+
+
+def test_flop_counts_match_a_hand_count_of_smollm2() -> None:
+    """SmolLM2-135M: 30 layers, hidden 576, 9 heads / 3 KV heads of 64, MLP 1536, vocab 49152, LoRA r 16."""
+    from types import SimpleNamespace
+
+    bench = load_bench()
+    config = SimpleNamespace(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        num_hidden_layers=30,
+        vocab_size=49152,
+        head_dim=64,
+    )
+    shape = bench.model_shape(config, 16)
+    layer = 576 * 576 * 2 + 576 * 192 * 2 + 3 * 576 * 1536
+    assert shape.body_params == 30 * layer
+    assert shape.head_params == 49152 * 576
+    lora = 16 * (2 * (576 + 576) + 2 * (576 + 192) + 3 * (576 + 1536))
+    assert shape.lora_params == 30 * lora
+    attention = 6 * 30 * 576 * 300**2
+    required = bench.example_flops(shape, 300, 120)
+    assert required == 4 * 30 * layer * 300 + 4 * 49152 * 576 * 120 + 6 * 30 * lora * 300 + attention
+    nominal = bench.nominal_flops(shape, 300)
+    assert nominal == 4 * (30 * layer + 49152 * 576) * 300 + attention
+    # With every position a target the two counts differ only by the LoRA term.
+    assert bench.example_flops(shape, 300, 300) - nominal == 6 * 30 * lora * 300
