@@ -144,7 +144,10 @@ def nominal_flops(shape: Shape, length: int) -> float:
     It charges the LM head at every position, which `example_flops` does not (tunewise computes it
     at target positions only), so MFU by this count is the higher of the two where targets are sparse.
     """
-    return 4 * (shape.body_params + shape.head_params) * length + 6 * shape.layers * shape.attention_width * length**2
+    return (
+        4 * (shape.body_params + shape.head_params) * length
+        + 6 * shape.layers * shape.attention_width * length**2
+    )
 
 
 def measure_peak(device: str, dtype: torch.dtype, trials: int = 5) -> float:
