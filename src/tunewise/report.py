@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
@@ -111,6 +111,8 @@ def plan_summary(prep: Prepared) -> dict:
         "mean_tokens_per_example": round(tokens / max(len(lengths), 1), 1),
         "steps_per_epoch": plan.steps_per_epoch,
         "num_epochs": plan.num_epochs,
+        "max_steps_overrides": plan.max_steps_overrides,
+        "num_train_epochs": cfg.training.num_train_epochs,
         "total_steps": plan.total_steps,
         "warmup_steps": prep.steps.warmup_steps,
         "effective_batch_size": effective,
@@ -150,6 +152,17 @@ def memory_by_method(prep: Prepared) -> dict[str, dict[str, int]]:
     return {method: e.as_dict() for method, e in estimates.items()}
 
 
+def steps_line(s: dict[str, Any]) -> str:
+    """How the optimizer steps were counted: from max_steps (HF: it overrides epochs) or from epochs."""
+    total, per_epoch = s["total_steps"], s["steps_per_epoch"]
+    if s["max_steps_overrides"]:
+        return (
+            f"[bold]{total}[/] optimizer steps (max_steps; {per_epoch} per pass over the data, "
+            f"so {total / per_epoch:.3g} passes)"
+        )
+    return f"{per_epoch}/epoch x {s['num_train_epochs']:g} epochs = [bold]{total}[/] optimizer steps"
+
+
 def print_plan(console: Console, prep: Prepared) -> None:
     s = plan_summary(prep)
     console.rule("[bold]plan")
@@ -164,9 +177,8 @@ def print_plan(console: Console, prep: Prepared) -> None:
         f"{s['truncated']} truncated, {s['dropped_no_targets']} dropped (no targets), {s['skipped_rows']} bad rows skipped"
     )
     console.print(
-        f"steps: {s['steps_per_epoch']}/epoch x {s['num_epochs']} epochs = [bold]{s['total_steps']}[/] optimizer steps, "
-        f"{s['warmup_steps']} warmup; effective batch {s['effective_batch_size']} sequences "
-        f"(~{s['effective_batch_tokens']:,} tokens)"
+        f"steps: {steps_line(s)}, {s['warmup_steps']} warmup; effective batch {s['effective_batch_size']} "
+        f"sequences (~{s['effective_batch_tokens']:,} tokens)"
     )
     table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
     for col in ("setting", "value", "source", "why"):

@@ -131,6 +131,28 @@ def test_cli_plan_json(tiny_config: dict, tmp_path: Path) -> None:
     assert isinstance(plan["lints"], list)
 
 
+def test_cli_plan_says_how_the_steps_were_counted(tiny_config: dict, tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(tiny_config))
+
+    def steps_line(*sets: str) -> str:
+        args = ["plan", str(path), *[a for s in sets for a in ("--set", s)]]
+        result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+        assert result.exit_code == 0, result.output
+        (line,) = [x for x in result.stdout.splitlines() if x.startswith("steps:")]
+        return line
+
+    # 64 rows, batch 8: 8 steps per epoch. max_steps overrides epochs (HF), and the line says so.
+    assert steps_line("max_steps=3", "num_train_epochs=2").startswith(
+        "steps: 3 optimizer steps (max_steps; 8 per pass over the data, so 0.375 passes)"
+    )
+    assert steps_line("max_steps=-1", "num_train_epochs=1.5").startswith(
+        "steps: 8/epoch x 1.5 epochs = 12 optimizer steps"
+    )
+    plan = json.loads(CliRunner().invoke(app, ["plan", str(path), "--json", "--set", "max_steps=3"]).stdout)
+    assert plan["max_steps_overrides"] is True and plan["total_steps"] == 3
+
+
 def test_cli_plan_suggests_packing_when_padding_is_heavy(tiny_config: dict, tmp_path: Path) -> None:
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(tiny_config))
