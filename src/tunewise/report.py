@@ -181,8 +181,11 @@ def print_plan(console: Console, prep: Prepared) -> None:
         f"sequences (~{s['effective_batch_tokens']:,} tokens)"
     )
     table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
-    for col in ("setting", "value", "source", "why"):
-        table.add_column(col)
+    # Setting names are config paths a user copies: whole on one line; the explanation wraps instead.
+    table.add_column("setting", no_wrap=True, min_width=max(map(len, PLAN_KEYS)))
+    table.add_column("value")
+    table.add_column("source")
+    table.add_column("why", overflow="fold")
     quantized = prep.config.quantization.load_in_4bit is True or prep.config.quantization.load_in_8bit
     for key in PLAN_KEYS:
         if key.startswith("quantization.bnb") and not quantized:

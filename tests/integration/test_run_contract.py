@@ -153,6 +153,19 @@ def test_cli_plan_says_how_the_steps_were_counted(tiny_config: dict, tmp_path: P
     assert plan["max_steps_overrides"] is True and plan["total_steps"] == 3
 
 
+def test_cli_plan_fits_80_columns_without_cutting_setting_names(tiny_config: dict, tmp_path: Path) -> None:
+    from tunewise.report import PLAN_KEYS
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(tiny_config))
+    result = CliRunner().invoke(app, ["plan", str(path)], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert max(map(len, lines)) <= 80 and "…" not in result.stdout
+    shown = {line.split()[0] for line in lines if line.split() and line.split()[0] in PLAN_KEYS}
+    assert {"training.per_device_train_batch_size", "training.gradient_accumulation_steps"} <= shown
+
+
 def test_cli_plan_suggests_packing_when_padding_is_heavy(tiny_config: dict, tmp_path: Path) -> None:
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(tiny_config))
