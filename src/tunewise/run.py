@@ -34,8 +34,8 @@ from tunewise.config.resolve import (
 from tunewise.config.schema import TunewiseConfig
 from tunewise.data.build import DataBundle, build_data
 from tunewise.data.tokenize import TokenizeSettings
-from tunewise.eval.metrics import choose_task_metric, eval_loss, score
-from tunewise.infer.generate import SamplingSettings, generate, prompt_messages
+from tunewise.eval.metrics import choose_task_metric, eval_loss, generate_answers, score
+from tunewise.infer.generate import SamplingSettings, prompt_messages
 from tunewise.models.adapters import (
     LoraSettings,
     apply_method,
@@ -216,7 +216,7 @@ def evaluate_all(prep: Prepared, loss_module: torch.nn.Module, device: torch.dev
         references = [ref for _, ref in pairs]
         metric = choose_task_metric(cfg.evaluation.task_metric, references)
         if metric:
-            answers = generate(
+            answers = generate_answers(
                 prep.model,
                 prep.tokenizer,
                 [p for p, _ in pairs],

@@ -60,7 +60,9 @@ def write_config(root: Path, model_dir: Path, per_device_batch: int, name: str) 
             "save_total_limit": None,
             "precision": "fp32",
         },
-        "evaluation": {"num_sample_prompts": 0, "task_metric": "none"},
+        # Generation for the task metric is sharded too: rank 0 answers prompts 1 and 3, rank 1 prompt 2.
+        "evaluation": {"num_sample_prompts": 3, "task_metric": "exact_match"},
+        "generation": {"max_new_tokens": 8},
     }
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -89,24 +91,25 @@ def rank_output(logs: Path, rank: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def single_process(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+def single_process(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], dict]:
     root = tmp_path_factory.mktemp("one-process")
     config = write_config(root, tiny_model_dir, per_device_batch=4, name="run")
     AcceleratorState._reset_state(reset_partial_state=True)
     tunewise.run.train(config, console=Console(file=io.StringIO()))
-    return rows(root / "run")
+    return rows(root / "run"), json.loads((root / "run" / "summary.json").read_text())
 
 
 def test_two_gloo_processes_follow_one_process(
-    single_process: list[dict], tiny_model_dir: Path, tmp_path: Path
+    single_process: tuple[list[dict], dict], tiny_model_dir: Path, tmp_path: Path
 ) -> None:
+    single_rows, single_summary = single_process
     config = write_config(tmp_path, tiny_model_dir, per_device_batch=2, name="run")
     launch(["-m", "tunewise.cli", "train", str(config)], tmp_path / "logs")
     out = tmp_path / "run"
     ddp = rows(out)
 
     # One writer: exactly the rows of the one-process run, once each, and one run directory.
-    assert len(ddp) == len(single_process), "\n".join(map(json.dumps, ddp))
+    assert len(ddp) == len(single_rows), "\n".join(map(json.dumps, ddp))
     train_rows = [r for r in ddp if "loss" in r]
     assert [r["step"] for r in train_rows] == list(range(1, TOTAL_STEPS + 1))
     summary = json.loads((out / "summary.json").read_text())
@@ -116,7 +119,7 @@ def test_two_gloo_processes_follow_one_process(
     assert "plan" not in rank_output(tmp_path / "logs", 1)
 
     # The same training: loss, gradient norm, learning rate and token counts step by step.
-    for mine, reference in zip(ddp, single_process, strict=True):
+    for mine, reference in zip(ddp, single_rows, strict=True):
         assert mine.keys() == reference.keys() and mine["step"] == reference["step"]
         for key in ("loss", "eval_loss"):
             if key in reference:
@@ -125,3 +128,9 @@ def test_two_gloo_processes_follow_one_process(
             assert mine["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-5)
             for key in ("learning_rate", "tokens", "epoch"):
                 assert mine[key] == reference[key], (key, mine["step"])
+
+    # Greedy answers before training (identical weights), each prompt answered on one rank, gathered.
+    samples = summary["samples"]
+    assert [x["before"] for x in samples] == [x["before"] for x in single_summary["samples"]]
+    assert len({x["before"] for x in samples}) == 3 and summary["task_metric"] == "exact_match"
+    assert summary["eval_before"]["exact_match"] == single_summary["eval_before"]["exact_match"]

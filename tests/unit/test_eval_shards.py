@@ -1,4 +1,4 @@
-"""eval_loss under torch.distributed: each rank a share of the batches, equal forward counts, exact sums."""
+"""Evaluation under torch.distributed: each rank a share of the batches; the same results as one process."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 
 from tunewise.data.tokenize import TokenizeSettings, encode_row
 from tunewise.eval import metrics
+from tunewise.infer.generate import SamplingSettings, prompt_messages
 from tunewise.testing import build_tiny_model, build_tiny_tokenizer, tiny_chat_rows
 from tunewise.training.loss import CausalLMLoss
 
@@ -47,3 +48,43 @@ def test_ranks_split_the_batches_and_their_sums_add_up_to_one_process(
     assert count == sum(targets)
     assert shares[1][1] == targets[2] + targets[3]  # rank 1: batch 1 (rows 2-3); rank 0: batches 0 and 2
     assert total / count == pytest.approx(single["eval_loss"], rel=1e-6)
+
+
+class Gathered(Exception):
+    """Stops a rank at its all_gather_object, once its share is recorded."""
+
+
+def test_ranks_answer_every_world_th_batch_and_all_get_one_process_answers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model(len(tok), seed=1)
+    prompts = [prompt_messages(r["messages"])[0] for r in tiny_chat_rows(5, seed=6)]
+    greedy = SamplingSettings(max_new_tokens=6, do_sample=False)
+    single = metrics.generate_answers(model, tok, prompts, greedy, 2, None)  # batches at 0, 2, 4
+    assert len(single) == 5 and len(set(single)) > 1  # distinct prompts, distinct greedy answers
+
+    shares: dict[int, dict[int, list[str]]] = {}
+
+    def record(out: list, share: dict, rank: int) -> None:
+        shares[rank] = share
+        raise Gathered
+
+    for rank in (0, 1):
+        monkeypatch.setattr(metrics, "_world", lambda rank=rank: (2, rank))
+        monkeypatch.setattr(
+            torch.distributed, "all_gather_object", lambda out, obj, rank=rank: record(out, obj, rank)
+        )
+        with pytest.raises(Gathered):
+            metrics.generate_answers(model, tok, prompts, greedy, 2, None)
+    assert sorted(shares[0]) == [0, 4] and sorted(shares[1]) == [2]
+    assert shares[0][0] == single[0:2] and shares[1][2] == single[2:4] and shares[0][4] == single[4:]
+
+    monkeypatch.setattr(
+        torch.distributed,
+        "all_gather_object",
+        lambda out, obj: out.__setitem__(slice(None), [shares[0], shares[1]]),
+    )
+    for rank in (0, 1):
+        monkeypatch.setattr(metrics, "_world", lambda rank=rank: (2, rank))
+        assert metrics.generate_answers(model, tok, prompts, greedy, 2, None) == single

@@ -7,9 +7,11 @@ import math
 from collections.abc import Callable
 
 import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tunewise.data.collate import collate_padded
 from tunewise.data.tokenize import IGNORE
+from tunewise.infer.generate import SamplingSettings, generate
 
 
 def _as_json(text: str) -> object:
@@ -81,6 +83,34 @@ def eval_loss(
     total, count = sums.tolist()
     loss = total / max(count, 1.0)
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+
+
+def generate_answers(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: list[list[dict]],
+    settings: SamplingSettings,
+    batch_size: int,
+    chat_template: str | None,
+) -> list[str]:
+    """`generate` for every conversation; under torch.distributed each rank answers every world-th batch.
+
+    The batches are the ones a single process makes (same members, same left padding), so greedy answers
+    are the same as there; every rank gets all the answers, in order.
+    """
+    world, rank = _world()
+    starts = range(0, len(conversations), batch_size)
+    mine = {
+        start: generate(
+            model, tokenizer, conversations[start : start + batch_size], settings, batch_size, chat_template
+        )
+        for start in starts[rank::world]
+    }
+    if world > 1:
+        shares: list[dict[int, list[str]] | None] = [None] * world
+        torch.distributed.all_gather_object(shares, mine)
+        mine = {start: answers for share in shares if share for start, answers in share.items()}
+    return [answer for start in starts for answer in mine[start]]
 
 
 def _world() -> tuple[int, int]:
