@@ -7,10 +7,18 @@ import itertools
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from torch import nn
 
 from tunewise.models import fast
-from tunewise.models.fast import LoraDropout, compile_layers, decoder_layers, use_fast_lora_dropout
+from tunewise.models.adapters import LoraSettings, apply_method, lora_config
+from tunewise.models.fast import (
+    LoraDropout,
+    MergedLoraLinear,
+    compile_layers,
+    decoder_layers,
+    use_fast_lora_dropout,
+)
 from tunewise.testing import build_tiny_model
 from tunewise.training.loss import CausalLMLoss
 
@@ -237,3 +245,79 @@ def test_compiled_bf16_layers_on_cuda_give_the_eager_loss_and_gradients() -> Non
     (eager_loss, eager_grads), (loss, grads) = run(False), run(True)
     assert abs(loss - eager_loss) < 1e-2 * abs(eager_loss)
     assert relative_error(grads, eager_grads) < 3e-2
+
+
+def lora_pair(dropout: float) -> tuple[nn.Module, nn.Module]:
+    """The same tiny LoRA model through tunewise (MergedLoraLinear) and through plain PEFT, B nonzero."""
+    settings = LoraSettings(r=4, lora_alpha=8, lora_dropout=dropout)
+    ours = apply_method(
+        build_tiny_model(64, seed=0), "lora", settings, quantized=False, gradient_checkpointing=False
+    )
+    peft = get_peft_model(build_tiny_model(64, seed=0), lora_config(settings))
+    torch.manual_seed(3)
+    for name, param in ours.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.1)  # zero at init: make the adapter's share of y and dx count
+    peft.load_state_dict(ours.state_dict())
+    return ours, peft
+
+
+def loss_and_grads(model: nn.Module, ids: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
+    loss = CausalLMLoss(model)(input_ids=ids, targets=ids)
+    loss.backward()
+    return loss.item(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_merged_lora_linear_gives_peft_outputs_and_gradients() -> None:
+    ours, peft = lora_pair(0.0)
+    layers = [m for m in ours.modules() if isinstance(m, PeftLoraLinear)]
+    assert len(layers) == 2 * 7 and all(type(m) is MergedLoraLinear for m in layers)
+    assert list(ours.state_dict()) == list(peft.state_dict())  # same tree, same adapter files
+    ids = torch.randint(3, 64, (2, 24), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.allclose(ours(input_ids=ids).logits, peft(input_ids=ids).logits, atol=1e-5)
+    loss, grads = loss_and_grads(ours, ids)
+    expected_loss, expected = loss_and_grads(peft, ids)
+    assert abs(loss - expected_loss) < 1e-6 * abs(expected_loss)
+    assert grads.keys() == expected.keys() and len(grads) == 2 * 2 * 7
+    for name, grad in grads.items():
+        assert torch.allclose(grad, expected[name], rtol=1e-4, atol=1e-6), name
+    # The input gradient through W + s B A: a layer's own x gradient equals PEFT's.
+    x = torch.randn(3, 5, 32, requires_grad=True)
+    layer, reference = layers[0], next(m for m in peft.modules() if isinstance(m, PeftLoraLinear))
+    (layer(x) ** 2).sum().backward()
+    merged_grad = x.grad.clone()
+    x.grad = None
+    (reference(x) ** 2).sum().backward()
+    assert torch.allclose(merged_grad, x.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_merged_lora_linear_keeps_peft_forward_where_it_does_not_apply() -> None:
+    ours, _ = lora_pair(0.0)
+    layer = next(m for m in ours.modules() if isinstance(m, MergedLoraLinear))
+    x = torch.randn(2, 32)
+    assert layer._merged_forward_adapter(x, (), {}) == "default"
+    with torch.no_grad():  # generation: no B A product per token
+        assert layer._merged_forward_adapter(x, (), {}) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer._merged_forward_adapter(x, (), {}) is None
+    assert layer._merged_forward_adapter(x.double(), (), {}) is None
+    layer.to(torch.bfloat16)  # W + s B A in bf16 would round the adapter's share away
+    assert layer._merged_forward_adapter(x.bfloat16(), (), {}) is None
+    layer.float()
+    with ours.disable_adapter():
+        assert layer._merged_forward_adapter(x, (), {}) is None
+    dropped, _ = lora_pair(0.05)
+    layer = next(m for m in dropped.modules() if isinstance(m, MergedLoraLinear))
+    assert layer._merged_forward_adapter(x, (), {}) is None  # dropout masks only the adapter's input
+
+
+def test_compiled_merged_lora_layers_give_the_eager_loss_and_gradients() -> None:
+    ids = torch.randint(3, 64, (1, 30), generator=torch.Generator().manual_seed(9))
+    eager_loss, eager = loss_and_grads(lora_pair(0.0)[0], ids)
+    model = lora_pair(0.0)[0]
+    compile_layers(model)
+    loss, grads = loss_and_grads(model, ids)
+    assert abs(loss - eager_loss) < 1e-4 * abs(eager_loss)
+    for name, grad in grads.items():
+        assert torch.allclose(grad, eager[name], rtol=1e-3, atol=1e-5), name

@@ -21,6 +21,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_t
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
+from tunewise.models.fast import MergedLoraLinear
 from tunewise.models.load import ModelLoadError
 from tunewise.models.memory import MemoryEstimate, ParamSpec, estimate_memory
 
@@ -283,8 +284,12 @@ def apply_method(
     if method == "full":
         model.requires_grad_(True)
         return model
+    config = lora_config(lora)
+    if not quantized:
+        # bitsandbytes' layers subclass nn.Linear too: only a plain model takes the merged-weight forward.
+        config._register_custom_module({nn.Linear: MergedLoraLinear})
     try:
-        return get_peft_model(model, lora_config(lora))
+        return get_peft_model(model, config)
     except ValueError as exc:
         if "not found in the base model" not in str(exc):
             raise
