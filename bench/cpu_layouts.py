@@ -3,6 +3,7 @@
     python bench/cpu_layouts.py padded            # one layout per process: peak RSS is its own
     python bench/cpu_layouts.py segments --lora-dropout 0
     python bench/cpu_layouts.py mb1 --compile
+    python bench/cpu_layouts.py segments2 --compile --lora-dropout 0 --peft-linear   # vs tunewise's merged LoRA
     for l in padded packed segments segments2 mb1; do python bench/cpu_layouts.py $l; done
 
 Every layout trains the same windows of 8 examples (50-500 tokens, vs_trl.py's data) with
@@ -15,6 +16,9 @@ tunewise's CausalLMLoss, its LoRA dropout and one AdamW step per window; the fir
              `packing: true` uses now)
 - segments2: packed rows of 2 examples, 4 micro-batches per window, per-example attention
 - mb1:       8 micro-batches of 1 example (`per_device_train_batch_size: 1`): no padding
+
+--peft-linear builds the adapters with plain PEFT (its LoRA Linear), not tunewise's `apply_method`
+(whose `MergedLoraLinear` trains without dropout as one matmul with W + s B A).
 
 Used for the recommendations in docs/performance.md; not part of tunewise.
 """
@@ -59,10 +63,13 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=6, help="windows of 8 examples, 2 of them warm-up")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (dynamic)")
+    parser.add_argument("--peft-linear", action="store_true", help="PEFT's LoRA Linear, not MergedLoraLinear")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from tunewise.models.adapters import LoraSettings, apply_method
+    from peft import get_peft_model
+
+    from tunewise.models.adapters import LoraSettings, apply_method, lora_config
     from tunewise.models.fast import VARLEN_SDPA, compile_layers, use_fast_lora_dropout
     from tunewise.models.load import load_model, load_tokenizer, materialize, resolve_source
     from tunewise.training.loss import CausalLMLoss
@@ -72,7 +79,10 @@ def main() -> None:
     model = load_model(model_dir)
     set_seed(SEED)
     lora = LoraSettings(r=16, lora_alpha=32, lora_dropout=args.lora_dropout)
-    model = apply_method(model, "lora", lora, quantized=False, gradient_checkpointing=False)
+    if args.peft_linear:
+        model = get_peft_model(model, lora_config(lora))
+    else:
+        model = apply_method(model, "lora", lora, quantized=False, gradient_checkpointing=False)
     use_fast_lora_dropout(model)
     if args.layout.startswith("segments"):
         model.set_attn_implementation(VARLEN_SDPA)
@@ -95,7 +105,8 @@ def main() -> None:
         tokens += sum(e["length"] for e in window)
     rate = tokens / (time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"{args.layout} lora_dropout={args.lora_dropout}{' compiled' if args.compile else ''}: "
+    flags = (" compiled" if args.compile else "") + (" peft-linear" if args.peft_linear else "")
+    print(f"{args.layout} lora_dropout={args.lora_dropout}{flags}: "
           f"{rate:.1f} tokens/s, peak RSS {peak:.2f} GiB, {torch.get_num_threads()} threads, "
           f"first-window loss {first_loss:.6f} (equal across layouts)")  # fmt: skip
 

@@ -1,6 +1,6 @@
 """The same LoRA job with tunewise and with TRL's SFTTrainer (CPU), or HF Transformers + PEFT (CUDA).
 
-    python bench/vs_trl.py                                  # CPU: SmolLM2-135M, ~10 min on 2 cores
+    python bench/vs_trl.py                                  # CPU: SmolLM2-135M, ~18 min on 2 cores
     python bench/vs_trl.py --device cuda                    # 1B-class random llama, sequence length 2048
     python bench/vs_trl.py --device cuda --tokenizer DIR    # ... where the embedded GGUF cannot be read
 
