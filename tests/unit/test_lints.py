@@ -175,9 +175,26 @@ def test_each_lint(changes: dict[str, Any], expected: Lint) -> None:
 
 def test_multiples_of_8_only_on_gpu() -> None:
     for device in ("cpu", "mps"):
-        assert lints_for(device_type=device, per_device_train_batch_size=3, max_seq_length=500) == []
+        assert (
+            lints_for(device_type=device, precision="fp32", per_device_train_batch_size=3, max_seq_length=500)
+            == []
+        )
     keys = [x.key for x in lints_for(per_device_train_batch_size=3, max_seq_length=500)]
     assert keys == ["data.max_seq_length", "training.per_device_train_batch_size"]
+
+
+def test_bf16_on_cpu_warns_only_without_bf16_instructions() -> None:
+    (warning,) = lints_for(device_type="cpu")
+    assert warning == Lint(
+        "warning",
+        "training.precision",
+        "bf16 on a CPU without bf16 matmul instructions (AVX512_BF16 or AMX): they are emulated, 7x "
+        "slower than fp32 in an autocast linear on an AVX2 CPU (docs/performance.md)",
+        "use precision: auto (fp32 here) or fp32",
+    )
+    assert lints_for(device_type="cpu", cpu_native_bf16=True) == []
+    assert lints_for(device_type="cpu", precision="fp32") == []
+    assert lint(SANE) == []  # a GPU: its bf16 is native
 
 
 def test_alpha_ratio_skipped_for_rslora_and_full() -> None:

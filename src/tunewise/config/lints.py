@@ -52,6 +52,8 @@ class PlanFacts:
     packing: bool = False
     padding_waste_percent: float | None = None
     """% of the tokens in the first epoch's (unpacked) batches that are padding."""
+    cpu_native_bf16: bool = False
+    """The CPU has bf16 matmul instructions (AVX512_BF16 or AMX)."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,7 @@ def lint(facts: PlanFacts) -> list[Lint]:
         *_alpha_ratio(facts),
         *_tensor_cores(facts),
         *_fp16_on_bf16_model(facts),
+        *_bf16_on_cpu(facts),
         *_no_validation(facts),
         *_padding(facts),
     ]
@@ -173,6 +176,16 @@ def _fp16_on_bf16_model(f: PlanFacts) -> list[Lint]:
     )
     fix = "use precision: bf16 on a GPU that supports it (Ampere or newer), or fp32"
     return [Lint("warning", "training.precision", message, fix)]
+
+
+def _bf16_on_cpu(f: PlanFacts) -> list[Lint]:
+    if f.device_type != "cpu" or f.precision != "bf16" or f.cpu_native_bf16:
+        return []
+    message = (
+        "bf16 on a CPU without bf16 matmul instructions (AVX512_BF16 or AMX): they are emulated, 7x "
+        "slower than fp32 in an autocast linear on an AVX2 CPU (docs/performance.md)"
+    )
+    return [Lint("warning", "training.precision", message, "use precision: auto (fp32 here) or fp32")]
 
 
 def _no_validation(f: PlanFacts) -> list[Lint]:

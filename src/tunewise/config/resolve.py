@@ -25,12 +25,14 @@ class Hardware:
     bf16_supported: bool
     world_size: int = 1
     cpu_bf16_faster: bool = False  # measured by bench/cpu_bf16.py; see docs/performance.md
+    cpu_native_bf16: bool = False  # AVX512_BF16 or AMX: without them bf16 matmuls are emulated
 
 
 def probe_hardware(world_size: int = 1) -> Hardware:
     if torch.cuda.is_available():
         return Hardware("cuda", torch.cuda.is_bf16_supported(), world_size)
-    return Hardware("cpu", False, world_size)
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return Hardware("cpu", False, world_size, cpu_native_bf16=native)
 
 
 @dataclass(frozen=True)
