@@ -11,9 +11,10 @@
   training forward without LoRA dropout computes x (W + s B A)^T: one matmul instead of the base matmul,
   two thin rank-r matmuls and an add; B A costs one small matmul per call (r is tiny next to W's sides).
   Backward computes dx = dy W + (s dy B) A, the thin s dy B serving dA too, so nothing weight-sized is
-  kept from forward, and the rank-r products for the adapter's own gradients. Any other case (dropout, several adapters, DoRA, a LoRA bias, bf16 or fp16, mixed
-  dtypes or autocast, no gradient) is PEFT's forward, unchanged; so are the module tree, state dict and
-  adapter files. Measured on CPU: +14-23% tokens/s in a compiled packed step (docs/performance.md).
+  kept from forward, and the rank-r products for the adapter's own gradients. Any other case (dropout,
+  several adapters, DoRA, a LoRA bias, bf16 or fp16, mixed dtypes or autocast, no gradient) is PEFT's
+  forward, unchanged; so are the module tree, state dict and adapter files. Measured on CPU: +14-23%
+  tokens/s in a compiled packed step (docs/performance.md).
 - `varlen_sdpa`: attention for packed rows, registered with transformers' AttentionInterface.
   Given `cu_seq_lens_q` (as flash-attention's varlen path takes it) it runs causal attention within
   each example, so attention costs sum(L_i^2), not (sum L_i)^2 under a block-diagonal mask; without
@@ -58,10 +59,8 @@ class LoraDropout(nn.Dropout):
         # torch.compile traces it instead of breaking the graph at every dropout.
         words = torch.randint(-(2**63), 2**63 - 1, (math.ceil(x.numel() / 4),), device=x.device)
         uniforms = words.view(torch.int16)[: x.numel()].view(x.shape)
-        # x * (mask * scale), as nn.Dropout computes it (so inf and NaN inputs give what they give there): one
-        # fused multiply under torch.compile, 15-20% faster than masked_fill and a scale pass.
-        keep = uniforms >= dropped - _LEVELS // 2
-        return x * (keep.to(x.dtype) * (_LEVELS / (_LEVELS - dropped)))
+        drop = uniforms < dropped - _LEVELS // 2
+        return x.masked_fill(drop, 0.0).mul_(_LEVELS / (_LEVELS - dropped))
 
 
 def use_fast_lora_dropout(model: nn.Module) -> int:
