@@ -285,6 +285,7 @@ def test_merged_lora_linear_gives_peft_outputs_and_gradients() -> None:
     # The input gradient through W + s B A: a layer's own x gradient equals PEFT's.
     x = torch.randn(3, 5, 32, requires_grad=True)
     layer, reference = layers[0], next(m for m in peft.modules() if isinstance(m, PeftLoraLinear))
+    assert type(layer(x).grad_fn).__name__ == "_MergedLoraBackward"  # the fold ran, not PEFT's forward
     (layer(x) ** 2).sum().backward()
     merged_grad = x.grad.clone()
     x.grad = None
