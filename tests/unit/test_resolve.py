@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tunewise.config.load import load_config
 from tunewise.config.resolve import (
@@ -115,3 +116,13 @@ def test_resolved_config_reloads_without_warnings_about_ignored_keys() -> None:
     again = load_config(__import__("yaml").safe_load(dump_config(res.config)))
     assert again.training.greater_is_better is False
     assert [p for p in check_config(again) if p.severity != "info"] == []
+
+
+def test_cpu_bf16_probe_says_no_when_torch_lacks_its_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tunewise.config import resolve
+
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
+    assert resolve._cpu_has_native_bf16() is False
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert resolve._cpu_has_native_bf16() is True

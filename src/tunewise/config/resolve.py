@@ -31,8 +31,13 @@ class Hardware:
 def probe_hardware(world_size: int = 1) -> Hardware:
     if torch.cuda.is_available():
         return Hardware("cuda", torch.cuda.is_bf16_supported(), world_size)
-    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return Hardware("cpu", False, world_size, cpu_native_bf16=native)
+    return Hardware("cpu", False, world_size, cpu_native_bf16=_cpu_has_native_bf16())
+
+
+def _cpu_has_native_bf16() -> bool:
+    """AVX512_BF16 or AMX, by torch's own (private) CPU checks; a torch too old to have them says no."""
+    names = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(check() for name in names if (check := getattr(torch.cpu, name, None)) is not None)
 
 
 @dataclass(frozen=True)
