@@ -8,7 +8,7 @@ Every run is its own subprocess (fresh peak RSS), in alternating order (a, b, c,
 the same chat data: a deterministic "reverse these words" task whose examples spread evenly from
 about 50 to about 500 tokens, trained on the assistant turns only. Both tools get the very same
 token ids and loss masks (TRL receives them pre-tokenised), the same LoRA (r 16, alpha 32, dropout
-0.05, all linear layers, same seed), optimizer settings and schedule. Only the training steps are
+0 by default, all linear layers, same seed), optimizer settings and schedule. Only the training steps are
 timed, from the end of the first optimizer step to the end of the last (the first step pays for
 one-off allocations in both tools). See bench/README.md for what each column means.
 """
@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 SEED = 42
-LORA = {"r": 16, "lora_alpha": 32}  # lora_dropout: --lora-dropout, tunewise's default 0.05
+LORA = {"r": 16, "lora_alpha": 32}  # lora_dropout: --lora-dropout, default 0 (PEFT's and tunewise's)
 LEARNING_RATE = 2e-4
 
 # name: (tool, options). Every variant is a setting a user of that tool can choose.
@@ -621,7 +621,9 @@ def main() -> None:
     parser.add_argument("--min-tokens", type=int, default=None)
     parser.add_argument("--max-tokens", type=int, default=None)
     parser.add_argument("--max-seq-length", type=int, default=None)
-    parser.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout (tunewise's default)")
+    parser.add_argument(
+        "--lora-dropout", type=float, default=0.0, help="LoRA dropout (PEFT's and tunewise's default: 0)"
+    )
     parser.add_argument(
         "--tokenizer",
         type=Path,

@@ -37,7 +37,7 @@ from tunewise.config.resolve import Hardware, choose_precision, probe_hardware, 
 from tunewise.data.collate import collate_padded, iterate_batches
 from tunewise.data.tokenize import IGNORE
 from tunewise.models.adapters import LoraSettings, apply_method
-from tunewise.models.fast import VARLEN_SDPA, LoraDropout
+from tunewise.models.fast import VARLEN_SDPA, LoraDropout, MergedLoraLinear
 from tunewise.report import plan_summary
 from tunewise.testing import build_tiny_model, build_tiny_tokenizer, tiny_chat_rows
 from tunewise.training.loop import (
@@ -492,6 +492,20 @@ def test_packed_runs_use_per_example_attention_and_lora_dropout_is_swapped(make_
     dropouts = [m.lora_dropout["default"] for m in prep.model.modules() if hasattr(m, "lora_dropout")]
     assert dropouts and all(type(d) is LoraDropout and d.p == 0.1 for d in dropouts)
     assert tunewise.run.prepare(make_config()).model.config._attn_implementation == "sdpa"
+
+
+def test_lora_by_default_has_no_dropout_and_trains_each_layer_as_one_merged_matmul(
+    make_config: ConfigMaker,
+) -> None:
+    config = make_config()
+    del config["adapter"]["lora_dropout"]  # the default, as PEFT's: 0
+    model = tunewise.run.prepare(config).model.train()
+    layers = [m for m in model.modules() if isinstance(m, MergedLoraLinear)]
+    assert len(layers) == 2 * 7  # every linear of the tiny 2-layer llama
+    for layer in layers:
+        assert isinstance(layer.lora_dropout["default"], torch.nn.Identity)
+        out = layer(torch.randn(3, layer.in_features))
+        assert type(out.grad_fn).__name__ == "_MergedLoraBackward"  # the fold, not PEFT's forward
 
 
 # ----------------------------------------------------------------------------------------------- dropout

@@ -321,8 +321,9 @@ _ENTRIES = [
         "(and fp32) each adapted linear trains as one matmul with W + s B A instead of the frozen matmul "
         "plus two thin adapter matmuls: 14-23% more tokens/s on CPU (docs/performance.md).",
         hf=_LC + "lora_dropout",
-        why="0.05: light regularisation, the QLoRA paper's value for its largest models (0.1 for up to 13B). "
-        "PEFT's default is 0.",
+        why="0: PEFT's own default (also LLaMA-Factory's and Unsloth's), and the fast path: with dropout the "
+        "adapter's input is no longer the frozen layer's, so the merged matmul cannot apply. 0.05-0.1 adds "
+        "light regularisation (the QLoRA paper's values: 0.1 up to 13B, 0.05 above).",
         lora="0 to 0.1",
         mistakes="High dropout on a small dataset expecting it to stop overfitting; fewer epochs work better.",
     ),

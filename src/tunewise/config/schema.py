@@ -127,8 +127,8 @@ class AdapterConfig(_Section):
     """LoRA rank."""
     lora_alpha: float = Field(default=32, gt=0)
     """LoRA scaling numerator: the update is scaled by lora_alpha / r (or / sqrt(r) with rsLoRA)."""
-    lora_dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
-    """Dropout on the LoRA input."""
+    lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """Dropout on the LoRA input (PEFT's default 0; at 0 each adapted fp32 layer trains as one merged matmul)."""
     target_modules: NonEmptyStr | NonEmptyList = "all-linear"
     """Modules that get adapters: names, `all-linear`, or a regex."""
     bias: Literal["none", "all", "lora_only"] = "none"

@@ -61,7 +61,7 @@ def quantization_config(
 class LoraSettings:
     r: int = 16
     lora_alpha: float = 32
-    lora_dropout: float = 0.05
+    lora_dropout: float = 0.0
     target_modules: str | list[str] = "all-linear"
     bias: str = "none"
     use_rslora: bool = False
