@@ -1,9 +1,9 @@
 """Training-step speed and memory of micro-batch layouts on identical windows (CPU experiments).
 
     python bench/cpu_layouts.py padded            # one layout per process: peak RSS is its own
-    python bench/cpu_layouts.py segments --lora-dropout 0
+    python bench/cpu_layouts.py segments --lora-dropout 0.05
     python bench/cpu_layouts.py mb1 --compile
-    python bench/cpu_layouts.py segments2 --compile --lora-dropout 0 --peft-linear   # vs tunewise's merged LoRA
+    python bench/cpu_layouts.py segments2 --compile --peft-linear   # plain PEFT vs tunewise's merged LoRA (dropout 0)
     for l in padded packed segments segments2 mb1; do python bench/cpu_layouts.py $l; done
 
 Every layout trains the same windows of 8 examples (50-500 tokens, vs_trl.py's data) with
@@ -59,7 +59,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("layout", choices=["padded", "packed", "segments", "segments2", "mb1"])
-    parser.add_argument("--lora-dropout", type=float, default=0.05)
+    parser.add_argument("--lora-dropout", type=float, default=0.0)  # PEFT's and tunewise's default
     parser.add_argument("--windows", type=int, default=6, help="windows of 8 examples, 2 of them warm-up")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (dynamic)")

@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 # What tunewise imports that the image lacks, pinned to this venv's versions (typing_extensions: pydantic
 # needs a recent one).
 PACKAGES=(pydantic pydantic_core annotated-types typing-inspection typing_extensions datasets dill multiprocess)
-DEVICE_PYTHON=3.12
+DEVICE_PYTHON=${DEVICE_PYTHON:-3.12}  # the GPU image's Python
 
 fetch() {
     local py=.venv/bin/python
