@@ -145,6 +145,39 @@ def test_kbit_preparation_puts_norms_in_fp32(wide_model_dir: Path) -> None:
     assert weight_bytes(ParamSpec(tuple(state.shape), "4bit-double-quant", False)) == real
 
 
+def test_an_evaluation_before_training_leaves_qlora_gradients_unchanged(wide_model_dir: Path) -> None:
+    # On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight at its first no-grad eval forward for a
+    # bf16 kernel without a backward; training after tunewise's eval_before then lost the input gradients.
+    def gradients(evaluate_first: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)  # the same LoRA A inits
+        quant = quantization_config(True, False, "nf4", True, "float32")
+        model = apply_method(
+            load_model(wide_model_dir, quantization_config=quant),
+            "qlora",
+            LoraSettings(r=4),
+            quantized=True,
+            gradient_checkpointing=False,
+        )
+        for name, param in model.named_parameters():
+            if "lora_B" in name:  # B starts at zero: perturb it (seeded) so every A gets a gradient
+                param.data.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(7)) / 10)
+        if evaluate_first:
+            logits(model)
+        model.train()
+        model(input_ids=IDS, labels=IDS).loss.backward()
+        layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+        assert len(layers) == 2 * 7
+        assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, after_eval = gradients(False), gradients(True)
+    assert len(plain) == 2 * 7 * 2 and plain.keys() == after_eval.keys()
+    first = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"
+    assert plain[first].abs().max() > 1e-4  # the lowest layer's adapter gets a gradient through the body
+    for name in plain:
+        assert torch.allclose(after_eval[name], plain[name], atol=1e-6, rtol=1e-5), name
+
+
 def test_qlora_steps_on_cpu_reload_and_merge(
     wide_model_dir: Path, train_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

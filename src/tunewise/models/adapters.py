@@ -22,7 +22,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
 from tunewise.models.fast import MergedLoraLinear
-from tunewise.models.load import ModelLoadError
+from tunewise.models.load import ModelLoadError, keep_4bit_weights_unpacked
 from tunewise.models.memory import MemoryEstimate, ParamSpec, estimate_memory
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -279,6 +279,7 @@ def apply_method(
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         if getattr(model, "is_loaded_in_8bit", False):
             _log_int8_cast_once()
+        keep_4bit_weights_unpacked(model)  # also done by load_model; this model may come from elsewhere
     if gradient_checkpointing:
         _enable_checkpointing(model)
     if method == "full":

@@ -190,7 +190,7 @@ def load_model(
     for name, value in (config_overrides or {}).items():
         setattr(config, name, value)
     try:
-        return AutoModelForCausalLM.from_pretrained(
+        model = AutoModelForCausalLM.from_pretrained(
             model_dir,
             config=config,
             dtype=_DTYPES[dtype],
@@ -204,3 +204,27 @@ def load_model(
                 f"{model_dir} needs custom code; set model.trust_remote_code: true only if you trust its author"
             ) from exc
         raise
+    if quantization_config is not None:
+        keep_4bit_weights_unpacked(model)
+    return model
+
+
+def keep_4bit_weights_unpacked(model: torch.nn.Module) -> int:
+    """Stop bitsandbytes repacking 4-bit weights for its CPU inference kernel; returns how many layers.
+
+    On a CPU with AVX512-BF16 (bitsandbytes 0.50), a `Linear4bit`'s first forward in eval mode without
+    gradients (an evaluation) rewrites its weight into a layout for a bf16 kernel that has no backward:
+    training after that evaluation computed wrong gradients for every layer below (the input gradient
+    through the frozen weight is lost; measured: 70% off in the first layer), ran the frozen matmuls in
+    bf16 whatever `bnb_4bit_compute_dtype` said, and each state_dict (a checkpoint) re-quantised the
+    block scales, changing the frozen base in memory. The module reads `support_avx512bf16_for_cpu`
+    (set from the CPU probe in its constructor) before repacking: cleared, evaluation runs the same
+    de-quantising matmul in the compute dtype as training, and a reloaded adapter evaluates as the
+    trained model did.
+    """
+    import bitsandbytes as bnb
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
