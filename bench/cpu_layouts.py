@@ -64,6 +64,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (dynamic)")
     parser.add_argument("--peft-linear", action="store_true", help="PEFT's LoRA Linear, not MergedLoraLinear")
+    parser.add_argument(
+        "--bf16", action="store_true", help="bf16 base, fp32 adapters, bf16 autocast (as tunewise)"
+    )
+    parser.add_argument("--profile", type=int, default=0, help="print the top N ops of the timed windows")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -76,13 +80,16 @@ def main() -> None:
 
     model_dir = materialize(resolve_source("smollm2-135m-instruct"))
     tokenizer = load_tokenizer(model_dir)
-    model = load_model(model_dir)
+    model = load_model(model_dir, dtype="bfloat16" if args.bf16 else "float32")
     set_seed(SEED)
     lora = LoraSettings(r=16, lora_alpha=32, lora_dropout=args.lora_dropout)
     if args.peft_linear:
         model = get_peft_model(model, lora_config(lora))
     else:
         model = apply_method(model, "lora", lora, quantized=False, gradient_checkpointing=False)
+    for param in model.parameters():  # the adapters keep fp32 master weights, as tunewise's bf16 runs
+        if param.requires_grad:
+            param.data = param.data.float()
     use_fast_lora_dropout(model)
     if args.layout.startswith("segments"):
         model.set_attn_implementation(VARLEN_SDPA)
@@ -91,21 +98,29 @@ def main() -> None:
     loss_module = CausalLMLoss(model).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     tokens, first_loss, start = 0, 0.0, 0.0
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
     for i, window in enumerate(windows(args.windows, tokenizer)):
         if i == 2:
             tokens, start = 0, time.perf_counter()
+            if args.profile:
+                profiler.start()
         batches = micro_batches(args.layout, window, tokenizer.pad_token_id)
         targets = sum(int((b["targets"] != -100).sum()) for b in batches)
         for batch in batches:
-            loss = loss_module(**batch) / targets
+            with torch.autocast("cpu", torch.bfloat16, enabled=args.bf16):
+                loss = loss_module(**batch) / targets
             loss.backward()
             first_loss += float(loss) if i == 0 else 0.0
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         tokens += sum(e["length"] for e in window)
     rate = tokens / (time.perf_counter() - start)
+    if args.profile:
+        profiler.stop()
+        print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     flags = (" compiled" if args.compile else "") + (" peft-linear" if args.peft_linear else "")
+    flags += " bf16" if args.bf16 else ""
     print(f"{args.layout} lora_dropout={args.lora_dropout}{flags}: "
           f"{rate:.1f} tokens/s, peak RSS {peak:.2f} GiB, {torch.get_num_threads()} threads, "
           f"first-window loss {first_loss:.6f} (equal across layouts)")  # fmt: skip

@@ -104,6 +104,7 @@ def make_config(model_dir: Path, train_file: Path, output_dir: Path, **training:
             "logging_steps": 1,
             "save_steps": 2,
             "save_total_limit": None,
+            "precision": "fp32",  # subprocesses resume these runs: the same precision on every CPU (conftest)
             **training,
         },
         "evaluation": {"task_metric": "none", "num_sample_prompts": 0},

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +33,8 @@ from transformers import EarlyStoppingCallback, Trainer, TrainerControl, Trainer
 from transformers.trainer_utils import SaveStrategy
 
 import tunewise.run
-from tunewise.config.load import ConfigError, load_config
-from tunewise.config.resolve import Hardware, choose_precision, probe_hardware, resolve_static
+from tunewise.config.load import ConfigError
+from tunewise.config.resolve import Hardware, choose_precision
 from tunewise.data.collate import collate_padded, iterate_batches
 from tunewise.data.tokenize import IGNORE
 from tunewise.models.adapters import LoraSettings, apply_method
@@ -379,11 +380,23 @@ def test_logged_grad_norm_is_pre_clip_and_update_uses_clipped_gradient(
 # -------------------------------------------------------------------------------------------- precision
 
 
-def test_fp32_is_the_cpu_default_and_the_plan_says_why(make_config: ConfigMaker) -> None:
-    resolution = resolve_static(load_config(make_config()), probe_hardware())
-    choice = resolution.choices["training.precision"]
-    assert (choice.value, choice.source) == ("fp32", "auto")
-    assert "cpu" in choice.reason and "bf16" in choice.reason
+@pytest.mark.real_cpu_precision
+def test_auto_precision_is_bf16_on_a_cpu_with_amx_else_fp32_and_trains(make_config: ConfigMaker) -> None:
+    """The real probe: bf16 where AMX makes it faster (docs/performance.md), fp32 elsewhere, with the reason."""
+    amx = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+    expected = "bf16" if amx else "fp32"
+    config = make_config()
+    prep = tunewise.run.prepare(config)
+    choice = prep.resolution.choices["training.precision"]
+    assert (choice.value, choice.source) == (expected, "auto")
+    assert ("AMX" in choice.reason) is amx and ("not faster" in choice.reason) is not amx
+    # LoRA on bf16: the frozen base in bf16 (half the memory), the adapters' master weights in fp32.
+    frozen = {p.dtype for p in prep.model.parameters() if not p.requires_grad}
+    trained = {p.dtype for p in prep.model.parameters() if p.requires_grad}
+    assert frozen == {torch.bfloat16 if amx else torch.float32} and trained == {torch.float32}
+    run = train(config)
+    losses = run.curve()
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
     # bf16 on CPU only where it was measured faster; CPUs that merely support it stay in fp32.
     assert choose_precision(Hardware("cpu", bf16_supported=True))[0] == "fp32"
     assert choose_precision(Hardware("cpu", bf16_supported=True, cpu_bf16_faster=True))[0] == "bf16"

@@ -118,11 +118,23 @@ def test_resolved_config_reloads_without_warnings_about_ignored_keys() -> None:
     assert [p for p in check_config(again) if p.severity != "info"] == []
 
 
-def test_cpu_bf16_probe_says_no_when_torch_lacks_its_checks(monkeypatch: pytest.MonkeyPatch) -> None:
-    from tunewise.config import resolve
+@pytest.mark.real_cpu_precision
+def test_cpu_bf16_probe_picks_bf16_with_amx_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tunewise.config.resolve import probe_hardware
 
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
-    assert resolve._cpu_has_native_bf16() is False
+    old_torch = probe_hardware()  # a torch without its CPU checks: no native bf16, fp32
+    assert (old_torch.bf16_supported, old_torch.cpu_native_bf16, old_torch.cpu_bf16_faster) == (False,) * 3
+    assert choose_precision(old_torch)[0] == "fp32"
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    avx512_bf16 = probe_hardware()  # native bf16 (no emulation warning) but not measured faster: fp32
+    assert (avx512_bf16.cpu_native_bf16, avx512_bf16.cpu_bf16_faster) == (True, False)
+    assert choose_precision(avx512_bf16)[0] == "fp32"
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
-    assert resolve._cpu_has_native_bf16() is True
+    amx = probe_hardware()
+    assert (amx.bf16_supported, amx.cpu_native_bf16, amx.cpu_bf16_faster) == (True, True, True)
+    value, reason = choose_precision(amx)
+    assert value == "bf16" and "AMX" in reason

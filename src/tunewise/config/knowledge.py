@@ -649,7 +649,7 @@ _ENTRIES = [
         "small gradients from underflowing. fp32 is exact but slower on GPUs.",
         hf="tunewise (TrainingArguments.bf16 / fp16)",
         why="auto: bf16 where the hardware supports it (NVIDIA Ampere or newer), fp16 on older GPUs, fp32 on "
-        "CPU unless bf16 was measured faster there.",
+        "CPU unless it has AMX, where bf16 autocast measured ~1.5x fp32 (docs/performance.md).",
         interactions="bf16/fp16 flags (must agree); torch_dtype; bnb_4bit_compute_dtype.",
         mistakes="fp16 on a model pretrained in bf16: activations beyond 65504 overflow to inf and the loss "
         "turns NaN.",
