@@ -181,6 +181,44 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
+def test_cpu_varlen_attention_in_bf16_computes_its_backward_in_fp32() -> None:
+    # The bf16 forward, then the gradients from an fp32 backward (faster on CPU) cast back to bf16.
+    torch.manual_seed(11)
+    bounds = [0, 40, 41, 120]  # a one-token example too
+    q, k, v = (torch.randn(1, h, 120, 16, dtype=torch.float64) for h in (4, 2, 2))
+    grad = torch.randn(1, 4, 120, 16, dtype=torch.float64)
+    low = [t.bfloat16().requires_grad_() for t in (q, k, v)]
+    full = [t.requires_grad_() for t in (q, k, v)]
+    out = fast._cpu_varlen_attention(*low, torch.tensor(bounds, dtype=torch.int32), 0.25)[0]
+    ref = torch.cat(
+        [
+            nn.functional.scaled_dot_product_attention(
+                full[0][:, :, a:b], full[1][:, :, a:b].repeat_interleave(2, 1),
+                full[2][:, :, a:b].repeat_interleave(2, 1), is_causal=True, scale=0.25,
+            )
+            for a, b in itertools.pairwise(bounds)
+        ],
+        dim=2,
+    )  # fmt: skip
+    assert out.dtype == torch.bfloat16 and relative_error(out, ref) < 1e-2
+    out.backward(grad.bfloat16())
+    ref.backward(grad)
+    for lowp, high in zip(low, full, strict=True):
+        assert lowp.grad is not None and lowp.grad.dtype == torch.bfloat16
+        # bf16 inputs and output gradient (2^-9 rounding each), fp32 arithmetic: well under 1%.
+        assert relative_error(lowp.grad, high.grad) < 1e-2
+    # Bit for bit the fp32 kernel's gradients of the upcast tensors, rounded to bf16.
+    out, lse = fast._cpu_varlen_attention(
+        *(t.detach() for t in low), torch.tensor(bounds, dtype=torch.int32), 0.25
+    )
+    args = [grad.bfloat16(), *(t.detach() for t in low), out]
+    cut = torch.tensor(bounds, dtype=torch.int32)
+    mixed = fast._cpu_varlen_attention_backward(*args, lse, cut, 0.25)
+    upcast = fast._cpu_varlen_attention_backward(*(t.float() for t in args), lse, cut, 0.25)
+    for m, u in zip(mixed, upcast, strict=True):
+        assert m.dtype == torch.bfloat16 and torch.equal(m, u.bfloat16())
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -299,6 +299,11 @@ def _cpu_varlen_attention_backward(
     bounds: torch.Tensor,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dtype = query.dtype
+    if dtype != torch.float32:
+        # CPU flash attention's bf16 backward costs 1.2-3.6x its fp32 one on rows of 50-400 tokens, casts
+        # included (AMX Xeon, 9 query / 3 key-value heads of 64); the forward stays in bf16, 1.6-2.5x faster.
+        grad_out, query, key, value, out = (t.float() for t in (grad_out, query, key, value, out))
     grads = [
         torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             grad_out[:, :, a:b].contiguous(),
@@ -314,7 +319,7 @@ def _cpu_varlen_attention_backward(
         )
         for a, b in itertools.pairwise(bounds.tolist())
     ]
-    dq, dk, dv = (torch.cat([g[i] for g in grads], 2).contiguous() for i in range(3))
+    dq, dk, dv = (torch.cat([g[i] for g in grads], 2).to(dtype).contiguous() for i in range(3))
     return dq, dk, dv
 
 
