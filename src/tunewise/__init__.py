@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -9,6 +10,13 @@ if TYPE_CHECKING:
     from tunewise.config.schema import TunewiseConfig
 
 __version__ = "0.1.0"
+
+# On CPUs with AVX512-BF16, importing bitsandbytes 0.50 tries to fetch a bf16 inference kernel from the HF Hub
+# and logs a warning when it cannot (offline, untrusted). That kernel serves only 4-bit weights repacked for
+# inference, which tunewise turns off (models/load.py: keep_4bit_weights_unpacked): the warning is noise.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward")
+)
 
 
 def train(

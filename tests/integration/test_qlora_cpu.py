@@ -219,3 +219,16 @@ def test_an_8bit_base_steps_on_cpu_and_reloads(
     base = load_model(wide_model_dir, quantization_config=quantization_config(False, True))
     reloaded = PeftModel.from_pretrained(base, Path(summary["output_dir"]))
     assert torch.allclose(logits(reloaded), logits(prep.model), atol=1e-5, rtol=0)
+
+
+def test_bitsandbytes_missing_cpu_inference_kernel_is_not_reported() -> None:
+    # tunewise never repacks 4-bit weights for that kernel; other bitsandbytes warnings still pass.
+    import logging
+
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+
+    def record(message: str) -> logging.LogRecord:
+        return logger.makeRecord(logger.name, logging.WARNING, __file__, 1, message, (), None)
+
+    assert not logger.filter(record("Failed to load CPU gemm_4bit_forward from kernels-community: offline"))
+    assert logger.filter(record("some other bitsandbytes warning"))
