@@ -79,7 +79,7 @@ _ENTRIES = [
         "in a 16-bit weight.",
         hf="from_pretrained(dtype=...) (named torch_dtype before transformers 4.56)",
         why="auto: bfloat16 for a LoRA/QLoRA base when training in bf16, float32 otherwise (fp32 master "
-        "weights for full fine-tuning, and on CPU).",
+        "weights for full fine-tuning, and in fp32 runs: a CPU without AMX).",
         interactions="precision (autocast dtype); bnb_4bit_compute_dtype for 4-bit bases.",
         mistakes="Loading float16 weights of a model pretrained in bfloat16: values past 65504 become inf.",
     ),
