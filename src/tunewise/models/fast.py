@@ -301,7 +301,7 @@ def _cpu_varlen_attention_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dtype = query.dtype
     if dtype != torch.float32:
-        # CPU flash attention's bf16 backward costs 1.2-3.6x its fp32 one on rows of 50-400 tokens, casts
+        # CPU flash attention's bf16 backward costs 1.2-4.6x its fp32 one on rows of 50-400 tokens, casts
         # included (AMX Xeon, 9 query / 3 key-value heads of 64); the forward stays in bf16, 1.6-2.5x faster.
         grad_out, query, key, value, out = (t.float() for t in (grad_out, query, key, value, out))
     grads = [
