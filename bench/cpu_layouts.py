@@ -68,7 +68,14 @@ def main() -> None:
         "--bf16", action="store_true", help="bf16 base, fp32 adapters, bf16 autocast (as tunewise)"
     )
     parser.add_argument("--profile", type=int, default=0, help="print the top N ops of the timed windows")
+    parser.add_argument(
+        "--default-malloc", action="store_true", help="glibc's defaults, not tunewise's keep_freed_memory"
+    )
     args = parser.parse_args()
+    if not args.default_malloc:
+        from tunewise.training.host_memory import keep_freed_memory
+
+        keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     from peft import get_peft_model
@@ -97,11 +104,11 @@ def main() -> None:
         compile_layers(model)
     loss_module = CausalLMLoss(model).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
-    tokens, first_loss, start = 0, 0.0, 0.0
+    tokens, first_loss, start, usage = 0, 0.0, 0.0, resource.getrusage(resource.RUSAGE_SELF)
     profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
     for i, window in enumerate(windows(args.windows, tokenizer)):
         if i == 2:
-            tokens, start = 0, time.perf_counter()
+            tokens, start, usage = 0, time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
             if args.profile:
                 profiler.start()
         batches = micro_batches(args.layout, window, tokenizer.pad_token_id)
@@ -115,15 +122,18 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
         tokens += sum(e["length"] for e in window)
     rate = tokens / (time.perf_counter() - start)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    faults, system = after.ru_minflt - usage.ru_minflt, after.ru_stime - usage.ru_stime
     if args.profile:
         profiler.stop()
         print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     flags = (" compiled" if args.compile else "") + (" peft-linear" if args.peft_linear else "")
-    flags += " bf16" if args.bf16 else ""
+    flags += (" bf16" if args.bf16 else "") + (" default-malloc" if args.default_malloc else "")
     print(f"{args.layout} lora_dropout={args.lora_dropout}{flags}: "
           f"{rate:.1f} tokens/s, peak RSS {peak:.2f} GiB, {torch.get_num_threads()} threads, "
-          f"first-window loss {first_loss:.6f} (equal across layouts)")  # fmt: skip
+          f"first-window loss {first_loss:.6f} (equal across layouts); timed windows: {faults} page faults, "
+          f"{system:.1f} s in the kernel")  # fmt: skip
 
 
 if __name__ == "__main__":

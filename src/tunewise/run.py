@@ -45,6 +45,7 @@ from tunewise.models.adapters import (
 )
 from tunewise.models.fast import VARLEN_SDPA, compile_layers, compile_problem, use_fast_lora_dropout
 from tunewise.models.load import load_model, load_tokenizer, materialize, model_overrides, resolve_source
+from tunewise.training.host_memory import keep_freed_memory
 from tunewise.training.loop import Hooks, LoopSettings, LoopState, NonFiniteError, fit
 from tunewise.training.loss import CausalLMLoss
 from tunewise.training.optim import build_optimizer
@@ -361,6 +362,8 @@ def train(
     config_yaml = dump_config(cfg)
 
     optimizer, scheduler = build_optimization(prep)
+    if prep.hardware.device_type == "cpu" and (note := keep_freed_memory()):
+        prep.notes.append(note)
     loss_module, optimizer = accelerator.prepare(CausalLMLoss(prep.model), optimizer)
     checkpointer = RunCheckpointer(
         output_dir, prep.model, optimizer, scheduler, config_yaml, t.save_total_limit, accelerator.scaler

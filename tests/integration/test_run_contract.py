@@ -69,6 +69,8 @@ def test_run_directory_contract(trained: tuple[dict, dict]) -> None:
     assert on_disk["task_metric"] == "exact_match"
     assert on_disk["eval_after"]["eval_loss"] == pytest.approx(summary["eval_after"]["eval_loss"])
     assert on_disk["stop_reason"] == "max_steps"
+    printed = QUIET.file.getvalue()  # type: ignore[attr-defined]  # the StringIO above
+    assert "host memory: glibc malloc keeps freed blocks for reuse" in printed  # a CPU run on glibc
 
 
 def test_loss_falls_and_only_adapter_weights_change(trained: tuple[dict, dict], tiny_model_dir: Path) -> None:

@@ -24,9 +24,8 @@ class Hardware:
     device_type: str  # "cpu" | "cuda" | "mps"
     bf16_supported: bool
     world_size: int = 1
-    cpu_bf16_faster: bool = (
-        False  # AMX; measured by bench/cpu_bf16.py and bench/vs_trl.py (docs/performance.md)
-    )
+    # AMX; measured by bench/cpu_bf16.py and bench/vs_trl.py (docs/performance.md)
+    cpu_bf16_faster: bool = False
     cpu_native_bf16: bool = False  # AVX512_BF16 or AMX: without them bf16 matmuls are emulated
 
 
