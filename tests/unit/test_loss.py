@@ -60,6 +60,30 @@ def test_target_cross_entropy_matches_full_logits(chunk: int, with_bias: bool) -
     )
 
 
+def test_a_bf16_head_gets_bf16_gradients_close_to_fp32() -> None:
+    """Full fine-tuning in bf16: one bf16 copy of the softmax serves the hidden and the weight gradient."""
+    torch.manual_seed(0)
+    hidden32 = torch.randn(3, 11, 16)
+    head32 = nn.Linear(16, VOCAB, bias=False)
+    targets = torch.randint(0, VOCAB, (3, 11))
+    targets[0, :4] = IGNORE
+    hidden = hidden32.bfloat16().requires_grad_()
+    head = nn.Linear(16, VOCAB, bias=False, dtype=torch.bfloat16)
+    head.weight.data.copy_(head32.weight.data)
+    got = value_and_grads(lambda: target_cross_entropy(hidden, targets, head, 7), [hidden, head.weight])
+    # The reference: the same bf16 values, upcast, in fp32 throughout.
+    hidden_ref = hidden.detach().float().requires_grad_()
+    head_ref = nn.Linear(16, VOCAB, bias=False)
+    head_ref.weight.data.copy_(head.weight.data.float())
+    want = value_and_grads(
+        lambda: target_cross_entropy(hidden_ref, targets, head_ref, 7), [hidden_ref, head_ref.weight]
+    )
+    assert [g.dtype for g in got[1]] == [torch.bfloat16, torch.bfloat16]
+    assert abs(got[0] - want[0]) < 1e-2 * want[0]
+    for g, w in zip(got[1], want[1], strict=True):
+        assert (g.float() - w).abs().max().item() < 0.02 * w.abs().max().item()  # bf16 rounding, ~2^-8
+
+
 def test_without_grad_gives_the_same_sum() -> None:
     torch.manual_seed(0)
     hidden, head = torch.randn(2, 9, 16), nn.Linear(16, VOCAB)

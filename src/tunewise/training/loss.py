@@ -61,10 +61,12 @@ class _TargetCrossEntropy(torch.autograd.Function):
                 continue
             probs = exps.div_(sums)  # d CE / d logits = softmax - one-hot, in place
             probs[torch.arange(t.numel(), device=t.device), t] -= 1
+            # One vocabulary-wide cast serves both products when h has the weight's dtype (full fine-tuning).
+            cast = probs.to(weight.dtype) if grad_h is not None or grad_w is not None else probs
             if grad_h is not None:
-                grad_h[start : start + chunk] = torch.mm(probs.to(weight.dtype), weight).to(grad_h.dtype)
+                grad_h[start : start + chunk] = torch.mm(cast, weight).to(grad_h.dtype)
             if grad_w is not None:
-                grad_w += torch.mm(probs.t().to(h.dtype), h).float()
+                grad_w += torch.mm((cast if h.dtype == weight.dtype else probs.to(h.dtype)).t(), h).float()
             if grad_b is not None:
                 grad_b += probs.sum(0)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
