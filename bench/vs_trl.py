@@ -1,6 +1,6 @@
 """The same LoRA job with tunewise and with TRL's SFTTrainer (CPU), or HF Transformers + PEFT (CUDA).
 
-    python bench/vs_trl.py                                  # CPU: SmolLM2-135M, ~18 min on 2 cores
+    python bench/vs_trl.py                                  # CPU: SmolLM2-135M, ~20-25 min on 2 cores
     python bench/vs_trl.py --device cuda                    # 1B-class random llama, sequence length 2048
     python bench/vs_trl.py --device cuda --tokenizer DIR    # ... where the embedded GGUF cannot be read
 
@@ -52,13 +52,18 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "trl-grouped": ("trl", {"gradient_checkpointing": False, "train_sampling_strategy": "group_by_length"}),
     "trl-packing": ("trl", {"packing": True}),
     "trl-packing-nogc": ("trl", {"packing": True, "gradient_checkpointing": False}),
+    # ... with glibc's malloc set as tunewise sets it on CPU (training/host_memory.py): no mmap, no trimming.
+    "trl-packing-nogc-keepmem": (
+        "trl",
+        {"packing": True, "gradient_checkpointing": False, "keep_memory": True},
+    ),
     "hf": ("hf", {}),  # plain PyTorch loop over a PEFT model, HF's own loss (full logits)
     "hf-mb8": ("hf", {"micro_batch": 8}),  # ... in padded micro-batches of 8
     "hf-packed": ("hf", {"packing": True}),  # ... padding-free: flattened rows, sdpa with a block mask
     "hf-packed-mb8": ("hf", {"packing": True, "micro_batch": 8}),
 }
 DEFAULT_TOOLS = {
-    "cpu": "tunewise-compiled-mb2,trl-packing-nogc,trl",
+    "cpu": "tunewise-compiled-mb2,trl-packing-nogc,trl-packing-nogc-keepmem,trl",
     "cuda": "tunewise-compiled,tunewise-packed,hf",
 }
 
@@ -248,7 +253,11 @@ class RunResult:
 def child_main(spec: dict) -> None:
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
-    tool = VARIANTS[spec["name"]][0]
+    tool, options = VARIANTS[spec["name"]]
+    if options.get("keep_memory"):
+        from tunewise.training.host_memory import keep_freed_memory
+
+        keep_freed_memory()
     result = {"tunewise": run_tunewise, "trl": run_trl, "hf": run_hf}[tool](spec)
     Path(spec["result"]).write_text(json.dumps(asdict(result)))
 
