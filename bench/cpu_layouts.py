@@ -27,7 +27,13 @@ from __future__ import annotations
 
 import argparse
 import resource
+import sys
 import time
+
+from tunewise.training.host_memory import request_huge_pages
+
+if "--default-malloc" not in sys.argv:
+    request_huge_pages()  # before anything allocates a tensor, as the `tunewise` command does
 
 import torch
 from transformers import set_seed
@@ -69,13 +75,15 @@ def main() -> None:
     )
     parser.add_argument("--profile", type=int, default=0, help="print the top N ops of the timed windows")
     parser.add_argument(
-        "--default-malloc", action="store_true", help="glibc's defaults, not tunewise's keep_freed_memory"
+        "--default-malloc",
+        action="store_true",
+        help="glibc's and torch's defaults, not tunewise's set_host_memory",
     )
     args = parser.parse_args()
     if not args.default_malloc:
-        from tunewise.training.host_memory import keep_freed_memory
+        from tunewise.training.host_memory import set_host_memory
 
-        keep_freed_memory()
+        set_host_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     from peft import get_peft_model

@@ -52,7 +52,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "trl-grouped": ("trl", {"gradient_checkpointing": False, "train_sampling_strategy": "group_by_length"}),
     "trl-packing": ("trl", {"packing": True}),
     "trl-packing-nogc": ("trl", {"packing": True, "gradient_checkpointing": False}),
-    # ... with glibc's malloc set as tunewise sets it on CPU (training/host_memory.py): no mmap, no trimming.
+    # ... with host memory set as tunewise sets it on CPU (training/host_memory.py): glibc keeps freed blocks,
+    # torch's large tensors on transparent huge pages.
     "trl-packing-nogc-keepmem": (
         "trl",
         {"packing": True, "gradient_checkpointing": False, "keep_memory": True},
@@ -254,10 +255,14 @@ def child_main(spec: dict) -> None:
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     tool, options = VARIANTS[spec["name"]]
-    if options.get("keep_memory"):
-        from tunewise.training.host_memory import keep_freed_memory
+    if tool == "tunewise" or options.get("keep_memory"):
+        # What the `tunewise` command does before anything allocates (importing transformers does);
+        # tunewise's train() then keeps glibc's freed memory, as set_host_memory does for TRL here.
+        from tunewise.training.host_memory import request_huge_pages, set_host_memory
 
-        keep_freed_memory()
+        request_huge_pages()
+        if tool != "tunewise":
+            set_host_memory()
     result = {"tunewise": run_tunewise, "trl": run_trl, "hf": run_hf}[tool](spec)
     Path(spec["result"]).write_text(json.dumps(asdict(result)))
 

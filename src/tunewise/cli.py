@@ -6,6 +6,10 @@ import json
 from pathlib import Path
 from typing import Annotated
 
+from tunewise.training.host_memory import request_huge_pages
+
+request_huge_pages()  # before torch's first allocation, which reads it (training/host_memory.py)
+
 import typer
 from rich.console import Console
 from rich.text import Text

@@ -45,7 +45,7 @@ from tunewise.models.adapters import (
 )
 from tunewise.models.fast import VARLEN_SDPA, compile_layers, compile_problem, use_fast_lora_dropout
 from tunewise.models.load import load_model, load_tokenizer, materialize, model_overrides, resolve_source
-from tunewise.training.host_memory import keep_freed_memory
+from tunewise.training.host_memory import set_host_memory
 from tunewise.training.loop import Hooks, LoopSettings, LoopState, NonFiniteError, fit
 from tunewise.training.loss import CausalLMLoss
 from tunewise.training.optim import build_optimizer
@@ -349,9 +349,10 @@ def train(
     # A fresh process state per run (as HF's TrainingArguments does), so a second train() in one process may
     # use another precision; cpu=True makes accelerate honour torchrun's environment on a GPU-less machine.
     AcceleratorState._reset_state(reset_partial_state=True)
-    prep = prepare(
-        config, overrides, world_size=PartialState(cpu=probe_hardware().device_type == "cpu").num_processes
-    )
+    cpu = probe_hardware().device_type == "cpu"
+    host_notes = set_host_memory() if cpu else []  # before the model loads (training/host_memory.py)
+    prep = prepare(config, overrides, world_size=PartialState(cpu=cpu).num_processes)
+    prep.notes.extend(host_notes)
     cfg, t = prep.config, prep.config.training
     mixed = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[t.precision]
     accelerator = Accelerator(mixed_precision=mixed, cpu=prep.hardware.device_type == "cpu")
@@ -362,8 +363,6 @@ def train(
     config_yaml = dump_config(cfg)
 
     optimizer, scheduler = build_optimization(prep)
-    if prep.hardware.device_type == "cpu" and (note := keep_freed_memory()):
-        prep.notes.append(note)
     loss_module, optimizer = accelerator.prepare(CausalLMLoss(prep.model), optimizer)
     checkpointer = RunCheckpointer(
         output_dir, prep.model, optimizer, scheduler, config_yaml, t.save_total_limit, accelerator.scaler

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -28,6 +30,8 @@ for _ in range(10):
     step()
 print(json.dumps({"faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, "note": note}))
 """
+# Without torch's huge pages, which importing tunewise.cli (as other tests do) asks for in this process.
+_BASE_ENV = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
 _PAGES = 10 * 2 * 64 * 2**20 // 4096  # ten steps, two 64 MiB blocks each
 
 pytestmark = pytest.mark.skipif(
@@ -37,8 +41,8 @@ pytestmark = pytest.mark.skipif(
 
 def _steps(environ: dict[str, str] | None) -> dict:
     out = subprocess.run(
-        [sys.executable, "-c", _SCRIPT, json.dumps(environ)], capture_output=True, text=True, check=True
-    )
+        [sys.executable, "-c", _SCRIPT, json.dumps(environ)], capture_output=True, text=True, check=True, env=_BASE_ENV
+    )  # fmt: skip
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -59,3 +63,49 @@ def test_the_users_allocator_settings_are_kept(environ: dict[str, str]) -> None:
     result = _steps(environ)
     assert result["faults"] > 0.9 * _PAGES
     assert result["note"] == "host memory: the allocator settings in this environment are kept as they are"
+
+
+# Huge pages: in a fresh process, set before torch's first large allocation (as the `tunewise` command does),
+# or after one (too late: torch reads the variable once).
+_HUGE_SCRIPT = """
+import json, os, sys, torch
+from tunewise.training.host_memory import huge_pages_note, request_huge_pages
+os.environ.update(json.loads(sys.argv[1]))
+early_block = torch.ones(8 * 2**20, dtype=torch.uint8) if sys.argv[2] == "late" else None
+request_huge_pages()  # the process's own environment, which torch reads
+block = torch.ones(64 * 2**20, dtype=torch.uint8)  # touched: its pages are faulted in
+huge_kib = sum(int(line.split()[1]) for line in open("/proc/self/smaps") if line.startswith("AnonHugePages"))
+print(json.dumps({"note": huge_pages_note(), "huge_kib": huge_kib}))
+"""
+
+
+def _huge(environ: dict[str, str], when: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", _HUGE_SCRIPT, json.dumps(environ), when],
+        capture_output=True, text=True, check=True, env=_BASE_ENV,
+    )  # fmt: skip
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _thp_mode() -> str:
+    try:
+        return Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "[never]"
+
+
+@pytest.mark.skipif("[madvise]" not in _thp_mode(), reason="huge pages on this kernel are not by madvise")
+def test_large_tensors_land_on_huge_pages_when_asked_in_time() -> None:
+    early, late = _huge({}, "early"), _huge({}, "late")
+    assert (
+        early["note"]
+        == "host memory: tensors of 2 MiB and more on transparent huge pages (THP_MEM_ALLOC_ENABLE=1)"
+    )
+    assert early["huge_kib"] >= 32 * 1024  # most of the 64 MiB tensor, 2 MiB a page
+    assert late["note"].startswith("host memory: THP_MEM_ALLOC_ENABLE=1 came after torch's first allocation")
+    assert late["huge_kib"] < 4 * 1024  # madvise mode: nothing advised, (almost) no huge pages
+
+
+def test_the_users_choice_is_kept() -> None:
+    users = _huge({"THP_MEM_ALLOC_ENABLE": "0"}, "early")
+    assert users["note"] is None
