@@ -554,8 +554,10 @@ def test_truncating_metrics_survives_a_torn_last_line(tmp_path: Path) -> None:
 
 
 def cli_env() -> dict[str, str]:
-    # COLUMNS: Rich must not wrap the printed resume command; one thread: the host is shared.
-    return {**os.environ, "COLUMNS": "400", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # COLUMNS: Rich must not wrap the printed resume command; one thread: the host is shared. Without the huge
+    # pages setting importing tunewise.cli put into this process: the command must set it itself.
+    inherited = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    return {**inherited, "COLUMNS": "400", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def wait_for(condition: Any, what: str, timeout: float = 120.0) -> None:
@@ -632,6 +634,14 @@ def signalled_runs(
                 info["process"].kill()
                 info["process"].wait()
     return runs
+
+
+def test_the_command_sets_host_memory_before_torch_allocates(signalled_runs: dict[str, dict]) -> None:
+    printed = " ".join(signalled_runs["sigterm"]["stdout"].split())
+    assert "host memory: glibc malloc keeps freed blocks for reuse" in printed
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if thp.exists() and "[never]" not in thp.read_text():  # else the command leaves huge pages alone
+        assert "host memory: tensors of 2 MiB and more on transparent huge pages" in printed
 
 
 @pytest.mark.parametrize("name", ["sigterm", "sigint"])
