@@ -8,7 +8,7 @@ from typing import Annotated
 
 from tunewise.training.host_memory import request_huge_pages
 
-request_huge_pages()  # before torch's first allocation, which reads it (training/host_memory.py)
+request_huge_pages()  # before torch's first large allocation, which reads it (training/host_memory.py)
 
 import typer
 from rich.console import Console

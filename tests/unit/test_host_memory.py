@@ -102,7 +102,9 @@ def test_large_tensors_land_on_huge_pages_when_asked_in_time() -> None:
         == "host memory: tensors of 2 MiB and more on transparent huge pages (THP_MEM_ALLOC_ENABLE=1)"
     )
     assert early["huge_kib"] >= 32 * 1024  # most of the 64 MiB tensor, 2 MiB a page
-    assert late["note"].startswith("host memory: THP_MEM_ALLOC_ENABLE=1 came after torch's first allocation")
+    assert late["note"].startswith(
+        "host memory: THP_MEM_ALLOC_ENABLE=1 came after torch's first large allocation"
+    )
     assert late["huge_kib"] < 4 * 1024  # madvise mode: nothing advised, (almost) no huge pages
 
 

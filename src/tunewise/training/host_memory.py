@@ -15,7 +15,7 @@ Memory is not given back until the process exits.
 (`THP_MEM_ALLOC_ENABLE=1`: `madvise(MADV_HUGEPAGE)` on every block of 2 MiB and more), so what memory the heap still
 has to grow by is faulted in 2 MiB at a time, not 4 KiB. Alternating bf16 runs as above: 544 and 549 tokens/s
 against 508 and 500 (+7-10%), a third fewer page faults, peak RSS +2% (2.27 against 2.22 GiB). torch reads
-the variable once, at its first allocation of any size, so the `tunewise` command sets it before importing
+the variable once, at its first large allocation, so the `tunewise` command sets it before importing
 anything that allocates; `huge_pages_note` checks whether it took effect (the block's mapping is advised).
 """
 
@@ -52,15 +52,15 @@ def keep_freed_memory(environ: dict[str, str] | os._Environ = os.environ) -> str
 
 
 _THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")  # e.g. "always [madvise] never"
-_TORCH_THP = "THP_MEM_ALLOC_ENABLE"  # read by c10's CPU allocator at its first allocation
+_TORCH_THP = "THP_MEM_ALLOC_ENABLE"  # read by c10's CPU allocator at its first large allocation
 _HUGE_PAGE = 2**21
 
 
 def request_huge_pages(environ: dict[str, str] | os._Environ = os.environ) -> None:
     """Set THP_MEM_ALLOC_ENABLE=1 unless the user set it or the kernel has huge pages off.
 
-    Only takes effect before torch allocates its first tensor (importing transformers already does):
-    the `tunewise` command calls it first thing.
+    Only takes effect before torch's first large allocation (a model load makes one): the `tunewise`
+    command calls it first thing.
     """
     if platform.system() != "Linux" or _TORCH_THP in environ:
         return
@@ -79,7 +79,7 @@ def huge_pages_note(environ: dict[str, str] | os._Environ = os.environ) -> str |
     if torch_uses_huge_pages():
         return f"host memory: tensors of 2 MiB and more on transparent huge pages ({_TORCH_THP}=1)"
     return (
-        f"host memory: {_TORCH_THP}=1 came after torch's first allocation, so huge pages are off; "
+        f"host memory: {_TORCH_THP}=1 came after torch's first large allocation, so huge pages are off; "
         "set it before Python starts (the tunewise command does)"
     )
 
