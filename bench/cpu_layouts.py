@@ -81,9 +81,9 @@ def main() -> None:
     )
     args = parser.parse_args()
     if not args.default_malloc:
-        from tunewise.training.host_memory import set_host_memory
+        from tunewise.training.host_memory import keep_freed_memory
 
-        set_host_memory()
+        keep_freed_memory()  # huge pages were asked for above, before the first tensor
     if args.threads:
         torch.set_num_threads(args.threads)
     from peft import get_peft_model

@@ -255,14 +255,12 @@ def child_main(spec: dict) -> None:
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     tool, options = VARIANTS[spec["name"]]
-    if tool == "tunewise" or options.get("keep_memory"):
-        # What the `tunewise` command does before anything allocates (importing transformers does);
-        # tunewise's train() then keeps glibc's freed memory, as set_host_memory does for TRL here.
-        from tunewise.training.host_memory import request_huge_pages, set_host_memory
+    from tunewise.training.host_memory import request_huge_pages, set_host_memory
 
+    if options.get("keep_memory"):  # both settings, as tunewise's command and train() make them
+        set_host_memory()
+    elif tool == "tunewise":  # what the `tunewise` command does before a large allocation; train() the rest
         request_huge_pages()
-        if tool != "tunewise":
-            set_host_memory()
     result = {"tunewise": run_tunewise, "trl": run_trl, "hf": run_hf}[tool](spec)
     Path(spec["result"]).write_text(json.dumps(asdict(result)))
 

@@ -355,7 +355,7 @@ def train(
     prep.notes.extend(host_notes)
     cfg, t = prep.config, prep.config.training
     mixed = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[t.precision]
-    accelerator = Accelerator(mixed_precision=mixed, cpu=prep.hardware.device_type == "cpu")
+    accelerator = Accelerator(mixed_precision=mixed, cpu=cpu)
     main = accelerator.is_main_process
     evals: dict[int, dict] = {}
     output_dir = Path(t.output_dir)
