@@ -48,16 +48,18 @@ def windows(n_windows: int, tokenizer: object) -> list[list[dict]]:
     return [examples[i : i + 8] for i in range(0, len(examples), 8)]
 
 
-def micro_batches(layout: str, window: list[dict], pad_id: int) -> list[dict[str, torch.Tensor]]:
+def micro_batches(
+    layout: str, window: list[dict], pad_id: int, multiple: int | None = None
+) -> list[dict[str, torch.Tensor]]:
     from tunewise.data.collate import collate_packed, collate_padded
 
     if layout == "padded":
-        return [collate_padded(window, pad_id)]
+        return [collate_padded(window, pad_id, pad_to_multiple_of=multiple)]
     if layout in ("packed", "segments"):
-        return [collate_packed(window)]
+        return [collate_packed(window, multiple, pad_id)]
     if layout == "segments2":
-        return [collate_packed(window[i : i + 2]) for i in range(0, len(window), 2)]
-    return [collate_padded([e], pad_id) for e in window]  # mb1
+        return [collate_packed(window[i : i + 2], multiple, pad_id) for i in range(0, len(window), 2)]
+    return [collate_padded([e], pad_id, pad_to_multiple_of=multiple) for e in window]  # mb1
 
 
 def main() -> None:
@@ -72,6 +74,12 @@ def main() -> None:
     parser.add_argument("--peft-linear", action="store_true", help="PEFT's LoRA Linear, not MergedLoraLinear")
     parser.add_argument(
         "--bf16", action="store_true", help="bf16 base, fp32 adapters, bf16 autocast (as tunewise)"
+    )
+    parser.add_argument(
+        "--pad-to-multiple-of",
+        type=int,
+        default=None,
+        help="round each micro-batch's tokens up (a filler example)",
     )
     parser.add_argument("--profile", type=int, default=0, help="print the top N ops of the timed windows")
     parser.add_argument(
@@ -119,7 +127,7 @@ def main() -> None:
             tokens, start, usage = 0, time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
             if args.profile:
                 profiler.start()
-        batches = micro_batches(args.layout, window, tokenizer.pad_token_id)
+        batches = micro_batches(args.layout, window, tokenizer.pad_token_id, args.pad_to_multiple_of)
         targets = sum(int((b["targets"] != -100).sum()) for b in batches)
         for batch in batches:
             with torch.autocast("cpu", torch.bfloat16, enabled=args.bf16):
@@ -138,6 +146,7 @@ def main() -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     flags = (" compiled" if args.compile else "") + (" peft-linear" if args.peft_linear else "")
     flags += (" bf16" if args.bf16 else "") + (" default-malloc" if args.default_malloc else "")
+    flags += f" pad-to-{args.pad_to_multiple_of}" if args.pad_to_multiple_of else ""
     print(f"{args.layout} lora_dropout={args.lora_dropout}{flags}: "
           f"{rate:.1f} tokens/s, peak RSS {peak:.2f} GiB, {torch.get_num_threads()} threads, "
           f"first-window loss {first_loss:.6f} (equal across layouts); timed windows: {faults} page faults, "

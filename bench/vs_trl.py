@@ -58,6 +58,12 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         "trl",
         {"packing": True, "gradient_checkpointing": False, "keep_memory": True},
     ),
+    # ... and each packed batch rounded up to a multiple of 64 tokens (SFTConfig.pad_to_multiple_of), as tunewise
+    # rounds its bf16 batches on CPU: oneDNN compiles a kernel per new matmul shape.
+    "trl-packing-nogc-keepmem-pad64": (
+        "trl",
+        {"packing": True, "gradient_checkpointing": False, "keep_memory": True, "pad_to_multiple_of": 64},
+    ),
     "hf": ("hf", {}),  # plain PyTorch loop over a PEFT model, HF's own loss (full logits)
     "hf-mb8": ("hf", {"micro_batch": 8}),  # ... in padded micro-batches of 8
     "hf-packed": ("hf", {"packing": True}),  # ... padding-free: flattened rows, sdpa with a block mask
@@ -330,15 +336,21 @@ def _cumsum(values: list[int]) -> list[int]:
 class StepMeter:
     """Counts the tokens and targets of every forward call and stamps the end of every step."""
 
-    def __init__(self, device: str) -> None:
-        self.device, self.tokens, self.targets = device, 0, 0
+    def __init__(self, device: str, pad_token_id: int = -1) -> None:
+        self.device, self.pad_token_id, self.tokens, self.targets = device, pad_token_id, 0, 0
         self.step_tokens: list[int] = []
         self.step_targets: list[int] = []
         self.clock: list[float] = []
 
     def forward_pre_hook(self, module: Any, args: tuple, kwargs: dict) -> None:
         mask, ids, labels = kwargs.get("attention_mask"), kwargs["input_ids"], kwargs["labels"]
-        self.tokens += int(mask.sum()) if mask is not None else ids.numel()
+        if mask is not None:
+            self.tokens += int(mask.sum())
+        else:  # padding-free: pad_to_multiple_of's pads trail the row, each at position 0
+            positions = kwargs.get("position_ids")
+            filler = (ids == self.pad_token_id) & (positions == 0) if positions is not None else ids < 0
+            trailing = int(filler[0].flip(0).int().cumprod(0).sum())
+            self.tokens += ids.numel() - trailing
         self.targets += int((labels[:, 1:] != -100).sum())
 
     def end_step(self) -> None:
@@ -360,7 +372,7 @@ def run_trl(spec: dict) -> RunResult:
     packing = options.get("packing", False)
     # Packed rows hold several examples: give TRL as many rows as carry the same tokens per step.
     rows = spec["packed_rows"] if packing else spec["batch"]
-    meter, losses = StepMeter(spec["device"]), {}
+    meter, losses = StepMeter(spec["device"], tokenizer.pad_token_id), {}
 
     class Meter(TrainerCallback):
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
@@ -388,6 +400,7 @@ def run_trl(spec: dict) -> RunResult:
         use_cpu=spec["device"] == "cpu",
         max_length=spec["max_seq_length"],
         packing=packing,
+        pad_to_multiple_of=options.get("pad_to_multiple_of"),
         gradient_checkpointing=options.get("gradient_checkpointing", True),
         # Unpacked, TRL reads the examples in tunewise's order, so both see the very same batches.
         train_sampling_strategy="random" if packing else options.get("train_sampling_strategy", "sequential"),

@@ -485,6 +485,25 @@ def test_packing_compile_and_checkpointing_follow_the_plain_loss_curve(make_conf
     assert len(set(plain.curve())) == 3, "the weights moved between steps"
 
 
+def test_rounding_packed_rows_changes_neither_the_math_nor_the_token_count(make_config: ConfigMaker) -> None:
+    """pad_to_multiple_of (bf16 on CPU sets 64) adds a filler example: no targets, attends to nothing else."""
+    runs = [
+        train(
+            make_config(
+                data={"packing": True, "pad_to_multiple_of": multiple},
+                training={"max_steps": 3, "precision": "fp32"},
+            )
+        )
+        for multiple in (1, 64)
+    ]
+    plain, rounded = runs
+    assert rounded.curve() == pytest.approx(plain.curve(), abs=1e-5)
+    assert rounded.curve("grad_norm") == pytest.approx(plain.curve("grad_norm"), rel=1e-4)
+    # tokens counts the examples' own tokens, not the filler, so tokens_per_second stays honest
+    assert [r["tokens"] for r in rounded.train_rows] == [r["tokens"] for r in plain.train_rows]
+    assert all(r["tokens"] % 64 for r in plain.train_rows), "the filler had something to round"
+
+
 def test_a_compiled_run_evaluates_and_generates_as_an_eager_one(make_config: ConfigMaker) -> None:
     """Evaluation and generation after compiled training (eager there: set_stance) give the eager run's results."""
     sections = {"evaluation": {"task_metric": "exact_match", "num_sample_prompts": 2, "max_eval_samples": 4}}

@@ -79,3 +79,24 @@ def test_flop_counts_match_a_hand_count_of_smollm2() -> None:
     assert nominal == 4 * (30 * layer + 49152 * 576) * 300 + attention
     # With every position a target the two counts differ only by the LoRA term.
     assert bench.example_flops(shape, 300, 300) - nominal == 6 * 30 * lora * 300
+
+
+def test_trl_token_meter_leaves_out_pad_to_multiple_of_filler() -> None:
+    """TRL's padding-free rows rounded up by pad_to_multiple_of: only the examples' tokens count."""
+    bench = load_bench()
+    meter = bench.StepMeter("cpu", pad_token_id=2)  # type: ignore[attr-defined]
+    # Two examples, the first ending in the pad id (eos as pad), then three filler tokens, each at position 0.
+    ids = torch.tensor([[5, 6, 2, 7, 8, 2, 2, 2]])
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0, 0, 0]])
+    labels = torch.full_like(ids, -100)
+    meter.forward_pre_hook(None, (), {"input_ids": ids, "position_ids": positions, "labels": labels})
+    assert meter.tokens == 5
+    meter.forward_pre_hook(
+        None, (), {"input_ids": ids[:, :5], "position_ids": positions[:, :5], "labels": labels[:, :5]}
+    )
+    assert meter.tokens == 10  # no filler: every token counts
+    mask = torch.tensor([[1, 1, 1, 0]])
+    meter.forward_pre_hook(
+        None, (), {"input_ids": ids[:, :4], "attention_mask": mask, "labels": labels[:, :4]}
+    )
+    assert meter.tokens == 13  # padded batches: the attention mask says

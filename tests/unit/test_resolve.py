@@ -138,3 +138,27 @@ def test_cpu_bf16_probe_picks_bf16_with_amx_only(monkeypatch: pytest.MonkeyPatch
     assert (amx.bf16_supported, amx.cpu_native_bf16, amx.cpu_bf16_faster) == (True, True, True)
     value, reason = choose_precision(amx)
     assert value == "bf16" and "AMX" in reason
+
+
+AMX = Hardware("cpu", bf16_supported=True, cpu_bf16_faster=True)
+
+
+@pytest.mark.parametrize(
+    ("hw", "data", "value", "source"),
+    [
+        (AMX, {}, 64, "auto"),  # bf16 on CPU: oneDNN compiles a kernel per new batch shape
+        (CPU, {}, None, "default"),  # fp32 on CPU: MKL, nothing to gain from pad tokens
+        (AMPERE, {}, None, "default"),
+        (AMX, {"pad_to_multiple_of": 8}, 8, "user"),
+        (AMX, {"pad_to_multiple_of": None}, None, "user"),  # an explicit null turns the rounding off
+    ],
+)
+def test_bf16_on_cpu_rounds_batches_to_recurring_shapes(
+    hw: Hardware, data: dict, value: int | None, source: str
+) -> None:
+    res = resolve_static(load_config({"data": data}), hw)
+    assert res.config.data.pad_to_multiple_of == value
+    assert res.choices["data.pad_to_multiple_of"].value == value
+    assert res.choices["data.pad_to_multiple_of"].source == source
+    if source == "auto":
+        assert "oneDNN" in res.choices["data.pad_to_multiple_of"].reason

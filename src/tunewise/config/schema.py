@@ -102,7 +102,7 @@ class DataConfig(_Section):
     padding_side: Literal["right", "left"] = "right"
     """Side that receives pad tokens during training (generation always pads left)."""
     pad_to_multiple_of: int | None = Field(default=None, ge=1)
-    """Round padded lengths up to a multiple of this (8 helps GPU tensor cores)."""
+    """Round padded lengths up to a multiple of this (8 helps GPU tensor cores; bf16 on CPU sets 64)."""
     packing: bool = False
     """Concatenate several examples per row, with no attention across example boundaries."""
     group_by_length: bool = False

@@ -104,7 +104,9 @@ def epoch_windows(
 
 def make_collate(settings: LoopSettings) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
     if settings.packing:
-        return partial(collate_packed, pad_to_multiple_of=settings.pad_to_multiple_of)
+        return partial(
+            collate_packed, pad_to_multiple_of=settings.pad_to_multiple_of, pad_token_id=settings.pad_token_id
+        )
     return partial(
         collate_padded,
         pad_token_id=settings.pad_token_id,
@@ -263,8 +265,9 @@ def fit(
         optimizer.zero_grad(set_to_none=True)
         state.consecutive_nonfinite = 0
         state.step += 1
-        # Fix: a rank's stand-in micro-batch (no example ids, one pad token) is not data seen.
-        seen = sum(int(b["input_ids"].numel()) - _pads(b) for ids, b in zip(example_ids, window) if ids)
+        # The examples' own tokens: not a packed row's filler (pad_to_multiple_of), a padded batch's pads or
+        # the one pad token of a rank's stand-in micro-batch (no example ids).
+        seen = sum(lengths[i] for ids in example_ids for i in ids)
         state.tokens += global_count(accelerator, seen)
         state.target_tokens += targets
         losses_since_log.append(loss)
@@ -308,11 +311,6 @@ def _refuse_silent_fp32(accelerator: Accelerator) -> None:
             "would silently train in fp32. Use precision: bf16 (CPU autocast) or fp32."
         )
         raise ConfigError([Problem("training.precision", message)])
-
-
-def _pads(batch: dict[str, torch.Tensor]) -> int:
-    mask = batch.get("attention_mask")
-    return 0 if mask is None else int((mask == 0).sum())
 
 
 def _evaluate(state: LoopState, settings: LoopSettings, hooks: Hooks) -> None:
