@@ -30,6 +30,7 @@ PLAN_KEYS = [
     "quantization.bnb_4bit_compute_dtype",
     "data.max_seq_length",
     "data.packing",
+    "data.pad_to_multiple_of",
     "training.seed",
 ]
 

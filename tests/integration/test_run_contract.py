@@ -166,6 +166,23 @@ def test_cli_plan_fits_80_columns_without_cutting_setting_names(tiny_config: dic
     assert max(map(len, lines)) <= 80 and "…" not in result.stdout
     shown = {line.split()[0] for line in lines if line.split() and line.split()[0] in PLAN_KEYS}
     assert {"training.per_device_train_batch_size", "training.gradient_accumulation_steps"} <= shown
+    assert "data.pad_to_multiple_of" in shown
+
+
+def test_cli_plan_shows_the_bf16_cpu_batch_rounding(tiny_config: dict, tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(tiny_config))
+
+    def choice(*sets: str) -> dict:
+        args = ["plan", str(path), "--json", *[a for s in sets for a in ("--set", s)]]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)["choices"]["data.pad_to_multiple_of"]
+
+    rounded = choice("precision=bf16")
+    assert (rounded["value"], rounded["source"]) == (64, "auto") and "oneDNN" in rounded["reason"]
+    assert choice("precision=fp32")["value"] is None
+    assert choice("precision=bf16", "pad_to_multiple_of=16") == {"value": 16, "source": "user", "reason": ""}
 
 
 def test_cli_plan_suggests_packing_when_padding_is_heavy(tiny_config: dict, tmp_path: Path) -> None:
