@@ -84,6 +84,37 @@ def test_a_bf16_head_gets_bf16_gradients_close_to_fp32() -> None:
         assert (g.float() - w).abs().max().item() < 0.02 * w.abs().max().item()  # bf16 rounding, ~2^-8
 
 
+@pytest.mark.parametrize("chunk", [16, 1024])
+def test_rounded_rows_of_a_bf16_head_on_cpu_add_nothing(chunk: int) -> None:
+    """oneDNN shape rounding: 37 target rows run as 64; the loss and every gradient are the unrounded ones."""
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 16, dtype=torch.bfloat16, requires_grad=True)
+    head = nn.Linear(16, VOCAB, bias=True, dtype=torch.bfloat16)
+    targets = torch.randint(0, VOCAB, (37,))
+    params = [hidden, *head.parameters()]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rounded = value_and_grads(lambda: target_cross_entropy(hidden, targets, head, chunk), params)
+        plain = value_and_grads(
+            lambda: target_cross_entropy(hidden, targets, head, chunk, row_multiple=1), params
+        )
+    # chunk 16: the third chunk holds real rows 32-36 and rounding rows, the fourth only rounding rows
+    assert rounded[0] == pytest.approx(plain[0], rel=1e-6)
+    for got, want in zip(rounded[1], plain[1], strict=True):
+        assert got.shape == want.shape
+        assert (got.float() - want.float()).abs().max().item() <= 1e-3 * want.float().abs().max().item()
+
+
+def test_row_rounding_is_for_half_precision_matmuls_on_cpu() -> None:
+    from tunewise.training.loss import CPU_HALF_ROW_MULTIPLE, _cpu_half_rounding
+
+    cpu, bf16 = torch.device("cpu"), torch.ones(1, dtype=torch.bfloat16)
+    assert _cpu_half_rounding(cpu, bf16) == CPU_HALF_ROW_MULTIPLE == 64
+    assert _cpu_half_rounding(cpu, torch.ones(1)) == 1  # fp32: MKL, no per-shape kernels
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _cpu_half_rounding(cpu, torch.ones(1)) == 64  # an fp32 head under bf16 autocast
+    assert _cpu_half_rounding(torch.device("cuda"), bf16) == 1
+
+
 def test_without_grad_gives_the_same_sum() -> None:
     torch.manual_seed(0)
     hidden, head = torch.randn(2, 9, 16), nn.Linear(16, VOCAB)

@@ -11,6 +11,10 @@ one twice: 2/3 of the head's FLOPs, and no logits alive during the backward pass
 
 The function returns a *sum*: the loop divides by the number of target tokens in the whole
 accumulated (and, under DDP, global) batch, so the gradient is exactly that of one big batch.
+
+On CPU in bf16 the target rows are rounded up to a multiple of 64 with zero rows that add nothing:
+oneDNN compiles a kernel per new matmul shape, and the target count changes every micro-batch (the
+head 20% faster a row in isolation, and a step's logits blocks recur in size: docs/performance.md).
 """
 
 from __future__ import annotations
@@ -28,6 +32,11 @@ LOGIT_CHUNK = 1024
 """Rows of logits alive at once: 1024 x 49152 fp32 = 200 MB. 2048 rows ran the head 3% faster on CPU
 (under 1% of a step) for twice the memory; 256 rows 8% slower (docs/performance.md)."""
 
+CPU_HALF_ROW_MULTIPLE = 64
+"""On CPU, a bf16/fp16 head runs on oneDNN, which compiles a kernel for every new matrix shape: the rows
+(target tokens) are rounded up to a multiple of this with zero rows, so a few shapes recur (a LOGIT_CHUNK
+stays a multiple of it). The loss and the gradients leave the added rows out."""
+
 
 class _TargetCrossEntropy(torch.autograd.Function):
     """sum_i CE(hidden_i @ W.T + b, target_i), with the gradients computed chunk by chunk in forward."""
@@ -40,7 +49,9 @@ class _TargetCrossEntropy(torch.autograd.Function):
         bias: torch.Tensor | None,
         targets: torch.Tensor,
         chunk: int,
+        rows: int,
     ) -> torch.Tensor:
+        """`rows`: how many leading rows are real; those after it (shape rounding) add nothing."""
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(hidden) if need_h else None
         # fp32 accumulators: a bf16 weight's gradient summed over many chunks would lose bits.
@@ -49,6 +60,7 @@ class _TargetCrossEntropy(torch.autograd.Function):
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, targets.numel(), chunk):
             h, t = hidden[start : start + chunk], targets[start : start + chunk]
+            real = min(max(rows - start, 0), t.numel())
             logits = F.linear(h, weight, bias).float()  # autocast, if on, picks the matmul dtype
             target_logits = logits.gather(1, t[:, None])
             top = logits.amax(dim=-1, keepdim=True)
@@ -56,11 +68,12 @@ class _TargetCrossEntropy(torch.autograd.Function):
             # (torch.logsumexp would allocate two) and softmax below reuses it.
             exps = logits.sub_(top).exp_()
             sums = exps.sum(dim=-1, keepdim=True)
-            total += (sums.log() + top - target_logits).sum()  # logsumexp - target logit
+            total += (sums.log() + top - target_logits)[:real].sum()  # logsumexp - target logit
             if not (need_h or need_w or need_b):
                 continue
             probs = exps.div_(sums)  # d CE / d logits = softmax - one-hot, in place
-            probs[torch.arange(t.numel(), device=t.device), t] -= 1
+            probs[torch.arange(real, device=t.device), t[:real]] -= 1
+            probs[real:] = 0  # the rounding's rows: no gradient for the weight or the bias
             # One vocabulary-wide cast serves both products when h has the weight's dtype (full fine-tuning).
             cast = probs.to(weight.dtype) if grad_h is not None or grad_w is not None else probs
             if grad_h is not None:
@@ -78,7 +91,7 @@ class _TargetCrossEntropy(torch.autograd.Function):
         grad_h, grad_w, grad_b = ctx.saved_tensors
         weight_dtype, bias_dtype = ctx.dtypes
         scale = lambda g, dtype=None: None if g is None else (g * grad_total).to(dtype or g.dtype)
-        return scale(grad_h), scale(grad_w, weight_dtype), scale(grad_b, bias_dtype), None, None
+        return scale(grad_h), scale(grad_w, weight_dtype), scale(grad_b, bias_dtype), None, None, None
 
 
 def _chunk_ce(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -86,8 +99,14 @@ def _chunk_ce(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -
 
 
 def target_cross_entropy(
-    hidden: torch.Tensor, targets: torch.Tensor, lm_head: nn.Module, chunk: int = LOGIT_CHUNK
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    lm_head: nn.Module,
+    chunk: int = LOGIT_CHUNK,
+    row_multiple: int | None = None,
 ) -> torch.Tensor:
+    """`row_multiple`: round the fused path's rows up to a multiple of this; None: CPU_HALF_ROW_MULTIPLE where
+    the head's matmuls run in bf16/fp16 on CPU, else no rounding."""
     keep = targets != IGNORE
     hidden, targets = hidden[keep], targets[keep]
     # The fused path reads the head's weight directly, so it is only taken for a plain Linear whose
@@ -95,11 +114,26 @@ def target_cross_entropy(
     # its own forward, chunk by chunk, as autograd sees fit.
     plain = type(lm_head) is nn.Linear and type(lm_head.weight.data) is torch.Tensor
     if plain and torch.is_grad_enabled():
-        return _TargetCrossEntropy.apply(hidden, lm_head.weight, lm_head.bias, targets, chunk)
+        rows = targets.numel()
+        if row_multiple is None:
+            row_multiple = _cpu_half_rounding(hidden.device, lm_head.weight)
+        extra = -rows % row_multiple
+        if extra:  # zero rows after the real ones (cat's backward hands hidden its own rows' gradient)
+            hidden = torch.cat([hidden, hidden.new_zeros(extra, hidden.shape[-1])])
+            targets = torch.cat([targets, targets.new_zeros(extra)])
+        return _TargetCrossEntropy.apply(hidden, lm_head.weight, lm_head.bias, targets, chunk, rows)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, targets.numel(), chunk):
         total = total + _chunk_ce(lm_head, hidden[start : start + chunk], targets[start : start + chunk])
     return total
+
+
+def _cpu_half_rounding(device: torch.device, weight: Any) -> int:
+    if device.type != "cpu":
+        return 1
+    autocast = torch.is_autocast_enabled("cpu")
+    mm_dtype = torch.get_autocast_dtype("cpu") if autocast else weight.dtype
+    return CPU_HALF_ROW_MULTIPLE if mm_dtype in (torch.bfloat16, torch.float16) else 1
 
 
 def is_right_padded(attention_mask: torch.Tensor) -> bool:
