@@ -15,6 +15,7 @@ tunewise's CausalLMLoss, its LoRA dropout and one AdamW step per window; the fir
 - segments:  the same packed row with tunewise's per-example attention (`tunewise_varlen_sdpa`, what
              `packing: true` uses now)
 - segments2: packed rows of 2 examples, 4 micro-batches per window, per-example attention
+- segments4: packed rows of 4 examples, 2 micro-batches per window, per-example attention
 - mb1:       8 micro-batches of 1 example (`per_device_train_batch_size: 1`): no padding
 
 --peft-linear builds the adapters with plain PEFT (its LoRA Linear), not tunewise's `apply_method`
@@ -57,8 +58,9 @@ def micro_batches(
         return [collate_padded(window, pad_id, pad_to_multiple_of=multiple)]
     if layout in ("packed", "segments"):
         return [collate_packed(window, multiple, pad_id)]
-    if layout == "segments2":
-        return [collate_packed(window[i : i + 2], multiple, pad_id) for i in range(0, len(window), 2)]
+    if layout in ("segments2", "segments4"):
+        size = int(layout[-1])
+        return [collate_packed(window[i : i + size], multiple, pad_id) for i in range(0, len(window), size)]
     return [collate_padded([e], pad_id, pad_to_multiple_of=multiple) for e in window]  # mb1
 
 
@@ -66,7 +68,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("layout", choices=["padded", "packed", "segments", "segments2", "mb1"])
+    parser.add_argument("layout", choices=["padded", "packed", "segments", "segments2", "segments4", "mb1"])
     parser.add_argument("--lora-dropout", type=float, default=0.0)  # PEFT's and tunewise's default
     parser.add_argument("--windows", type=int, default=6, help="windows of 8 examples, 2 of them warm-up")
     parser.add_argument("--threads", type=int, default=0)
