@@ -11,14 +11,10 @@
   training forward without LoRA dropout computes x (W + s B A)^T: one matmul instead of the base matmul,
   two thin rank-r matmuls and an add; B A costs one small matmul per call (r is tiny next to W's sides).
   Backward computes dx = dy W + (s dy B) A, the thin s dy B serving dA too, so nothing weight-sized is
-  kept from forward, and the rank-r products for the adapter's own gradients. Under bf16 or fp16 autocast
-  (where W + s B A would round the adapter's share away) it runs `_HalfLora` instead: the same matmuls as
-  PEFT's forward in the autocast dtype, without PEFT's cast of x to the adapter's fp32 and back (two
-  activation-sized copies each way) and with the adapter's output added inside its matmul (`addmm`). Any
-  other case (dropout, several adapters, DoRA, a LoRA bias, half-precision weights without autocast, mixed
-  dtypes, no gradient) is PEFT's forward, unchanged; so are the module tree, state dict and adapter files.
-  Measured on CPU: +14-23% tokens/s in a compiled packed fp32 step, 6-15% faster adapted linears in bf16
-  (docs/performance.md).
+  kept from forward, and the rank-r products for the adapter's own gradients. Any other case (dropout,
+  several adapters, DoRA, a LoRA bias, bf16 or fp16, mixed dtypes or autocast, no gradient) is PEFT's
+  forward, unchanged; so are the module tree, state dict and adapter files. Measured on CPU: +14-23%
+  tokens/s in a compiled packed step (docs/performance.md).
 - `varlen_sdpa`: attention for packed rows, registered with transformers' AttentionInterface.
   Given `cu_seq_lens_q` (as flash-attention's varlen path takes it) it runs causal attention within
   each example, so attention costs sum(L_i^2), not (sum L_i)^2 under a block-diagonal mask; without
@@ -116,70 +112,25 @@ class _MergedLora(torch.autograd.Function):
         return grad_x, None, None, grad_a, grad_b, None
 
 
-class _HalfLora(torch.autograd.Function):
-    """y = x W^T + s (x A^T) B^T with every matmul in `dtype` (bf16 or fp16), the add inside the adapter's matmul.
-
-    What PEFT's forward computes under autocast, without its detour through the adapter's fp32 dtype (it
-    casts x to fp32, autocast casts it back: two activation-sized copies per adapted linear, and two more for
-    the gradient) and without the output-sized scaling and add. The adapters' gradients come back in their
-    own (fp32 master) dtype.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        lora_a: torch.Tensor,
-        lora_b: torch.Tensor,
-        scaling: float,
-        dtype: torch.dtype,
-    ) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1]).to(dtype)
-        weight, a, b = weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
-        xa = rows @ a.t()
-        base = F.linear(rows, weight, None if bias is None else bias.to(dtype))
-        out = torch.addmm(base, xa, b.t(), alpha=scaling)
-        ctx.save_for_backward(rows, weight, a, b, xa)
-        ctx.scaling, ctx.dtypes = scaling, (x.dtype, lora_a.dtype, lora_b.dtype)
-        return out.view(*x.shape[:-1], out.shape[-1])
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        rows, weight, a, b, xa = ctx.saved_tensors
-        x_dtype, a_dtype, b_dtype = ctx.dtypes
-        grad_rows = grad_out.reshape(-1, grad_out.shape[-1]).to(rows.dtype)
-        grad_h = (grad_rows @ b).mul_(ctx.scaling)  # s dy B: thin, for dA and dx
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.addmm(grad_rows @ weight, grad_h, a)
-            grad_x = grad_x.view(*grad_out.shape[:-1], rows.shape[-1]).to(x_dtype)
-        grad_a = (grad_h.t() @ rows).to(a_dtype)
-        grad_b = (grad_rows.t() @ xa).to(b_dtype).mul_(ctx.scaling)
-        return grad_x, None, None, grad_a, grad_b, None, None
-
-
 class MergedLoraLinear(PeftLoraLinear):
-    """PEFT's LoRA `Linear` with tunewise's training forwards (see the module doc)."""
+    """PEFT's LoRA `Linear` with the merged-weight training forward (see the module doc)."""
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        path = self._training_path(x, args, kwargs)
-        if path is None:
+        adapter = self._merged_forward_adapter(x, args, kwargs)
+        if adapter is None:
             return super().forward(x, *args, **kwargs)
-        adapter, half = path
         base = self.get_base_layer()
-        weights = (base.weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight)
-        scaling = float(self.scaling[adapter])
-        if half is None:
-            return _MergedLora.apply(x, *weights, scaling)
-        return _HalfLora.apply(x, *weights, scaling, half)
+        return _MergedLora.apply(
+            x,
+            base.weight,
+            base.bias,
+            self.lora_A[adapter].weight,
+            self.lora_B[adapter].weight,
+            float(self.scaling[adapter]),
+        )
 
-    def _training_path(
-        self, x: torch.Tensor, args: tuple, kwargs: dict
-    ) -> tuple[str, torch.dtype | None] | None:
-        """(the active adapter, None for the merged fp32 forward or the half dtype of `_HalfLora`) when one of
-        them computes what PEFT's forward would; else None (PEFT's forward)."""
+    def _merged_forward_adapter(self, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
+        """The one active adapter when the merged forward computes what PEFT's would, else None."""
         if args or kwargs or self.disable_adapters or self.merged or len(self.active_adapters) != 1:
             return None
         adapter = self.active_adapters[0]
@@ -194,20 +145,12 @@ class MergedLoraLinear(PeftLoraLinear):
             and isinstance(self.lora_dropout[adapter], nn.Identity)
             and self.lora_B[adapter].bias is None
         )
+        # Full precision only: in bf16 or fp16, W + s B A would round the adapter's small share of each weight
+        # away (PEFT's own merge has the same limit); autocast would run the matmuls in half precision.
+        exact = x.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(x.device.type)
+        same_dtype = x.dtype == base.weight.dtype == lora_a.dtype == lora_b.dtype
         training = torch.is_grad_enabled() and lora_a.requires_grad
-        if not (plain and frozen_base and training and lora_a.dtype == lora_b.dtype):
-            return None
-        device = x.device.type
-        if torch.is_autocast_enabled(device):
-            # Autocast runs each of PEFT's matmuls in its dtype; `_HalfLora` runs the same matmuls in it.
-            half = torch.get_autocast_dtype(device)
-            return (adapter, half) if half in (torch.bfloat16, torch.float16) else None
-        if x.dtype == base.weight.dtype == lora_a.dtype:
-            # Full precision: one matmul with W + s B A. (In bf16 or fp16 that sum would round the adapter's
-            # small share of each weight away, as PEFT's own merge does; those take the half path above
-            # under autocast, and PEFT's forward otherwise.)
-            return (adapter, None) if x.dtype in (torch.float32, torch.float64) else None
-        return None
+        return adapter if plain and frozen_base and exact and same_dtype and training else None
 
 
 VARLEN_SDPA = "tunewise_varlen_sdpa"
