@@ -377,16 +377,16 @@ def run_trl(spec: dict) -> RunResult:
 
     options = VARIANTS[spec["name"]][1]
     bf16 = spec["precision"] == "bf16"
-    model = lora_model(Path(spec["model_dir"]), torch.float32, spec["lora_dropout"])
-    tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
     packing = options.get("packing", False)
     # Packed rows hold several examples: give TRL as many rows as carry the same tokens per step.
     rows = spec["packed_rows"] if packing else spec["batch"]
     accumulation = options.get("accumulation", 1)
-    if rows % accumulation:
+    if rows % accumulation:  # before the model loads
         raise SystemExit(
             f"{spec['name']}: {rows} packed rows a step do not split into {accumulation} micro-batches"
         )
+    model = lora_model(Path(spec["model_dir"]), torch.float32, spec["lora_dropout"])
+    tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
     meter, losses = StepMeter(spec["device"], tokenizer.pad_token_id), {}
 
     class Meter(TrainerCallback):
