@@ -83,6 +83,12 @@ def main() -> None:
         default=None,
         help="round each micro-batch's tokens up (a filler example)",
     )
+    parser.add_argument(
+        "--logit-chunk",
+        type=int,
+        default=0,
+        help="rows of logits per chunk of the fused loss (0: tunewise's for the device)",
+    )
     parser.add_argument("--profile", type=int, default=0, help="print the top N ops of the timed windows")
     parser.add_argument(
         "--default-malloc",
@@ -120,7 +126,7 @@ def main() -> None:
         model.set_attn_implementation(VARLEN_SDPA)
     if args.compile:
         compile_layers(model)
-    loss_module = CausalLMLoss(model).train()
+    loss_module = CausalLMLoss(model, logit_chunk=args.logit_chunk or None).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     tokens, first_loss, start, usage = 0, 0.0, 0.0, resource.getrusage(resource.RUSAGE_SELF)
     profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
@@ -149,6 +155,7 @@ def main() -> None:
     flags = (" compiled" if args.compile else "") + (" peft-linear" if args.peft_linear else "")
     flags += (" bf16" if args.bf16 else "") + (" default-malloc" if args.default_malloc else "")
     flags += f" pad-to-{args.pad_to_multiple_of}" if args.pad_to_multiple_of else ""
+    flags += f" logit-chunk-{args.logit_chunk}" if args.logit_chunk else ""
     print(f"{args.layout} lora_dropout={args.lora_dropout}{flags}: "
           f"{rate:.1f} tokens/s, peak RSS {peak:.2f} GiB, {torch.get_num_threads()} threads, "
           f"first-window loss {first_loss:.6f} (equal across layouts); timed windows: {faults} page faults, "

@@ -74,6 +74,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         "trl",
         {"packing": True, "gradient_checkpointing": False, "keep_memory": True, "accumulation": 2},
     ),
+    # ... and in one packed row per micro-batch (gradient accumulation 4 of the 4 rows a step here)
+    "trl-packing-nogc-keepmem-acc4": (
+        "trl",
+        {"packing": True, "gradient_checkpointing": False, "keep_memory": True, "accumulation": 4},
+    ),
     "hf": ("hf", {}),  # plain PyTorch loop over a PEFT model, HF's own loss (full logits)
     "hf-mb8": ("hf", {"micro_batch": 8}),  # ... in padded micro-batches of 8
     "hf-packed": ("hf", {"packing": True}),  # ... padding-free: flattened rows, sdpa with a block mask

@@ -55,9 +55,42 @@ def test_target_cross_entropy_matches_full_logits(chunk: int, with_bias: bool) -
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
 
     assert_close(
-        value_and_grads(lambda: target_cross_entropy(hidden, targets, head, chunk), params),
+        value_and_grads(lambda c=chunk: target_cross_entropy(hidden, targets, head, c), params),
         value_and_grads(reference, params),
     )
+
+
+class CountLinear(torch.overrides.TorchFunctionMode):
+    """Counts F.linear calls: the fused loss runs the head once per chunk of rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.calls += func is F.linear
+        return func(*args, **(kwargs or {}))
+
+
+def test_on_cpu_the_head_runs_in_chunks_of_128_rows_by_default() -> None:
+    from tunewise.training.loss import CPU_LOGIT_CHUNK, LOGIT_CHUNK, logit_chunk
+
+    assert logit_chunk(torch.device("cpu")) == CPU_LOGIT_CHUNK == 128
+    assert logit_chunk(torch.device("cuda")) == LOGIT_CHUNK == 1024
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 160, 16, requires_grad=True)
+    head = nn.Linear(16, VOCAB)
+    targets = torch.randint(0, VOCAB, (2, 160))
+    targets[1, 100:] = IGNORE  # 260 target rows: chunks of 128, 128 and 4
+    params = [hidden, *head.parameters()]
+    results = {}
+    for chunk in (None, 1024):
+        with CountLinear() as count:
+            results[chunk] = value_and_grads(
+                lambda c=chunk: target_cross_entropy(hidden, targets, head, c), params
+            )
+        assert count.calls == (3 if chunk is None else 1)
+    assert_close(results[None], results[1024])
 
 
 def test_a_bf16_head_gets_bf16_gradients_close_to_fp32() -> None:

@@ -29,13 +29,16 @@ from tunewise.data.tokenize import IGNORE
 from tunewise.models.fast import VARLEN_SDPA, cu_seq_lens
 
 LOGIT_CHUNK = 1024
-"""Rows of logits alive at once: 1024 x 49152 fp32 = 200 MB. 2048 rows ran the head 3% faster on CPU
-(under 1% of a step) for twice the memory; 256 rows 8% slower (docs/performance.md)."""
+"""Rows of logits alive at once on a GPU: 1024 x 49152 fp32 = 200 MB."""
+
+CPU_LOGIT_CHUNK = 128
+"""On CPU: 128 x 49152 fp32 = 25 MB. Whole compiled steps ran as fast as with 1024 rows (fp32 and bf16,
+2026-12-06), and bf16 micro-batches of 4 examples peaked 0.3-0.4 GiB lower in RSS (docs/performance.md)."""
 
 CPU_HALF_ROW_MULTIPLE = 64
 """On CPU, a bf16/fp16 head runs on oneDNN, which compiles a kernel for every new matrix shape: the rows
-(target tokens) are rounded up to a multiple of this with zero rows, so a few shapes recur (a LOGIT_CHUNK
-stays a multiple of it). The loss and the gradients leave the added rows out."""
+(target tokens) are rounded up to a multiple of this with zero rows, so a few shapes recur (a chunk of
+rows stays a multiple of it). The loss and the gradients leave the added rows out."""
 
 
 class _TargetCrossEntropy(torch.autograd.Function):
@@ -102,11 +105,13 @@ def target_cross_entropy(
     hidden: torch.Tensor,
     targets: torch.Tensor,
     lm_head: nn.Module,
-    chunk: int = LOGIT_CHUNK,
+    chunk: int | None = None,
     row_multiple: int | None = None,
 ) -> torch.Tensor:
-    """`row_multiple`: round the fused path's rows up to a multiple of this; None: CPU_HALF_ROW_MULTIPLE where
-    the head's matmuls run in bf16/fp16 on CPU, else no rounding."""
+    """`chunk`: rows of logits at once (None: `logit_chunk` of the device). `row_multiple`: round the fused
+    path's rows up to a multiple of this; None: CPU_HALF_ROW_MULTIPLE where the head's matmuls run in
+    bf16/fp16 on CPU, else no rounding."""
+    chunk = chunk or logit_chunk(hidden.device)
     keep = targets != IGNORE
     hidden, targets = hidden[keep], targets[keep]
     # The fused path reads the head's weight directly, so it is only taken for a plain Linear whose
@@ -126,6 +131,10 @@ def target_cross_entropy(
     for start in range(0, targets.numel(), chunk):
         total = total + _chunk_ce(lm_head, hidden[start : start + chunk], targets[start : start + chunk])
     return total
+
+
+def logit_chunk(device: torch.device) -> int:
+    return CPU_LOGIT_CHUNK if device.type == "cpu" else LOGIT_CHUNK
 
 
 def _cpu_half_rounding(device: torch.device, weight: Any) -> int:
@@ -153,9 +162,10 @@ class CausalLMLoss(nn.Module):
     wrap it as usual.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, logit_chunk: int | None = None) -> None:
         super().__init__()
         self.model: Any = model  # PreTrainedModel API (get_output_embeddings), not just nn.Module
+        self.logit_chunk = logit_chunk  # None: the device's (`logit_chunk`)
 
     def forward(
         self,
@@ -183,4 +193,6 @@ class CausalLMLoss(nn.Module):
             use_cache=False,
             **varlen,
         ).last_hidden_state
-        return target_cross_entropy(hidden, targets, self.model.get_output_embeddings())
+        return target_cross_entropy(
+            hidden, targets, self.model.get_output_embeddings(), chunk=self.logit_chunk
+        )
