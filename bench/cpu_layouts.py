@@ -89,6 +89,12 @@ def main() -> None:
         default=0,
         help="rows of logits per chunk of the fused loss (0: tunewise's for the device)",
     )
+    parser.add_argument(
+        "--memory-budget",
+        type=float,
+        default=0.0,
+        help="AOTAutograd's activation_memory_budget for --compile (0: tunewise's on CPU, 0.8; 1.0: torch's)",
+    )
     parser.add_argument("--profile", type=int, default=0, help="print the top N ops of the timed windows")
     parser.add_argument(
         "--default-malloc",
@@ -105,7 +111,12 @@ def main() -> None:
     from peft import get_peft_model
 
     from tunewise.models.adapters import LoraSettings, apply_method, lora_config
-    from tunewise.models.fast import VARLEN_SDPA, compile_layers, use_fast_lora_dropout
+    from tunewise.models.fast import (
+        CPU_ACTIVATION_MEMORY_BUDGET,
+        VARLEN_SDPA,
+        compile_layers,
+        use_fast_lora_dropout,
+    )
     from tunewise.models.load import load_model, load_tokenizer, materialize, resolve_source
     from tunewise.training.loss import CausalLMLoss
 
@@ -125,7 +136,7 @@ def main() -> None:
     if args.layout.startswith("segments"):
         model.set_attn_implementation(VARLEN_SDPA)
     if args.compile:
-        compile_layers(model)
+        compile_layers(model, args.memory_budget or CPU_ACTIVATION_MEMORY_BUDGET)
     loss_module = CausalLMLoss(model, logit_chunk=args.logit_chunk or None).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     tokens, first_loss, start, usage = 0, 0.0, 0.0, resource.getrusage(resource.RUSAGE_SELF)
@@ -156,6 +167,7 @@ def main() -> None:
     flags += (" bf16" if args.bf16 else "") + (" default-malloc" if args.default_malloc else "")
     flags += f" pad-to-{args.pad_to_multiple_of}" if args.pad_to_multiple_of else ""
     flags += f" logit-chunk-{args.logit_chunk}" if args.logit_chunk else ""
+    flags += f" memory-budget-{args.memory_budget}" if args.memory_budget else ""
     print(f"{args.layout} lora_dropout={args.lora_dropout}{flags}: "
           f"{rate:.1f} tokens/s, peak RSS {peak:.2f} GiB, {torch.get_num_threads()} threads, "
           f"first-window loss {first_loss:.6f} (equal across layouts); timed windows: {faults} page faults, "

@@ -43,7 +43,13 @@ from tunewise.models.adapters import (
     count_parameters,
     quantization_config,
 )
-from tunewise.models.fast import VARLEN_SDPA, compile_layers, compile_problem, use_fast_lora_dropout
+from tunewise.models.fast import (
+    CPU_ACTIVATION_MEMORY_BUDGET,
+    VARLEN_SDPA,
+    compile_layers,
+    compile_problem,
+    use_fast_lora_dropout,
+)
 from tunewise.models.load import load_model, load_tokenizer, materialize, model_overrides, resolve_source
 from tunewise.training.host_memory import set_host_memory
 from tunewise.training.loop import Hooks, LoopSettings, LoopState, NonFiniteError, fit
@@ -140,7 +146,8 @@ def prepare_model(cfg: TunewiseConfig) -> tuple[Any, PreTrainedTokenizerBase, Pa
     )
     use_fast_lora_dropout(model)
     if cfg.training.torch_compile:
-        compile_layers(model)
+        cpu = probe_hardware().device_type == "cpu"
+        compile_layers(model, CPU_ACTIVATION_MEMORY_BUDGET if cpu else None)
     return model, tokenizer, model_dir, overrides
 
 

@@ -360,3 +360,36 @@ def test_compiled_merged_lora_layers_give_the_eager_loss_and_gradients() -> None
     assert abs(loss - eager_loss) < 1e-4 * abs(eager_loss)
     for name, grad in grads.items():
         assert torch.allclose(grad, eager[name], rtol=1e-3, atol=1e-5), name
+
+
+def saved_activation_bytes(loss: torch.Tensor, model: nn.Module) -> int:
+    """Bytes the autograd graph behind `loss` keeps for backward, parameters left out."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen, stack, visited = set(), [loss.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in visited:
+            continue
+        visited.add(node)
+        for t in getattr(node, "saved_tensors", ()) if "Compiled" in type(node).__name__ else ():
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in params:
+                seen.add((t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()))
+        stack.extend(f for f, _ in node.next_functions)
+    return sum(n for _, n in seen)
+
+
+def test_a_memory_budget_keeps_fewer_activations_and_the_same_gradients() -> None:
+    ids = torch.randint(3, 64, (1, 40), generator=torch.Generator().manual_seed(11))
+    eager_loss, eager = loss_and_grads(lora_pair(0.0)[0], ids)
+    saved = {}
+    for budget in (None, 0.5):
+        model = lora_pair(0.0)[0]
+        compile_layers(model, budget)
+        loss = CausalLMLoss(model)(input_ids=ids, targets=ids)
+        saved[budget] = saved_activation_bytes(loss, model)
+        loss.backward()
+        assert abs(loss.item() - eager_loss) < 1e-4 * abs(eager_loss)
+        for name, param in model.named_parameters():
+            if param.grad is not None:
+                assert torch.allclose(param.grad, eager[name], rtol=1e-3, atol=1e-5), name
+    assert 0 < saved[0.5] < saved[None]
