@@ -82,14 +82,24 @@ def test_provenance_user_default_auto() -> None:
     res = resolve_static(cfg, CPU)
     assert res.choices["training.learning_rate"].source == "user"
     assert res.choices["training.precision"].source == "auto"
-    assert res.choices["training.per_device_train_batch_size"].value == 8
-    assert res.choices["training.gradient_accumulation_steps"].value == 4
+    assert res.choices["training.per_device_train_batch_size"].value == 4  # the CPU cap
+    assert res.choices["training.gradient_accumulation_steps"].value == 8
     assert res.config.training.effective_batch_size is None  # spelled out by the two keys now
     steps = resolve_steps(res, num_train_examples=320, world_size=1)
     assert steps.plan.steps_per_epoch == 10 and steps.plan.total_steps == 30  # 3 epochs by default
     assert res.choices["training.warmup_steps"].value == 1  # ceil(0.03 x 30)
     assert res.choices["training.warmup_steps"].source == "auto"
     assert res.choices["training.logging_steps"].source == "default"
+
+
+def test_auto_micro_batches_are_capped_at_4_on_cpu_and_16_on_a_gpu() -> None:
+    auto = {"per_device_train_batch_size": "auto", "effective_batch_size": 32}
+    got = {}
+    for name, hw in (("cpu", CPU), ("gpu", AMPERE)):
+        res = resolve_static(load_config({"training": dict(auto)}), hw)
+        t = res.config.training
+        got[name] = (t.per_device_train_batch_size, t.gradient_accumulation_steps)
+    assert got == {"cpu": (4, 8), "gpu": (16, 2)}
 
 
 def test_auto_learning_rate_and_4bit_for_qlora() -> None:
