@@ -79,6 +79,17 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         "trl",
         {"packing": True, "gradient_checkpointing": False, "keep_memory": True, "accumulation": 4},
     ),
+    # ... and the Trainer's `torch_compile=True` (the whole model, inductor)
+    "trl-packing-nogc-keepmem-acc4-compiled": (
+        "trl",
+        {
+            "packing": True,
+            "gradient_checkpointing": False,
+            "keep_memory": True,
+            "accumulation": 4,
+            "torch_compile": True,
+        },
+    ),
     "hf": ("hf", {}),  # plain PyTorch loop over a PEFT model, HF's own loss (full logits)
     "hf-mb8": ("hf", {"micro_batch": 8}),  # ... in padded micro-batches of 8
     "hf-packed": ("hf", {"packing": True}),  # ... padding-free: flattened rows, sdpa with a block mask
@@ -422,6 +433,7 @@ def run_trl(spec: dict) -> RunResult:
         packing=packing,
         pad_to_multiple_of=options.get("pad_to_multiple_of"),
         gradient_checkpointing=options.get("gradient_checkpointing", True),
+        torch_compile=options.get("torch_compile", False),
         # Unpacked, TRL reads the examples in tunewise's order, so both see the very same batches.
         train_sampling_strategy="random" if packing else options.get("train_sampling_strategy", "sequential"),
     )
