@@ -90,12 +90,13 @@ class Prepared:
 
 def prepare_model(cfg: TunewiseConfig) -> tuple[Any, PreTrainedTokenizerBase, Path, dict[str, float]]:
     m, a, q = cfg.model, cfg.adapter, cfg.quantization
+    device_type = probe_hardware().device_type
     problems = check_method_support(
         a.method,
         bool(q.load_in_4bit),
         q.load_in_8bit,
         a.use_dora,
-        probe_hardware().device_type,
+        device_type,
         a.init_lora_weights,
         q.bnb_4bit_quant_type,
         str(q.bnb_4bit_compute_dtype),
@@ -103,7 +104,7 @@ def prepare_model(cfg: TunewiseConfig) -> tuple[Any, PreTrainedTokenizerBase, Pa
     )
     if problems:  # before any weights are read or converted
         raise ConfigError([Problem(p.key, p.message) for p in problems])
-    if cfg.training.torch_compile and (why := compile_problem(probe_hardware().device_type)):
+    if cfg.training.torch_compile and (why := compile_problem(device_type)):
         raise ConfigError([Problem("training.torch_compile", why)])
     model_dir = materialize(resolve_source(m.model_name_or_path))
     tokenizer = load_tokenizer(model_dir, m.trust_remote_code)
@@ -146,8 +147,7 @@ def prepare_model(cfg: TunewiseConfig) -> tuple[Any, PreTrainedTokenizerBase, Pa
     )
     use_fast_lora_dropout(model)
     if cfg.training.torch_compile:
-        cpu = probe_hardware().device_type == "cpu"
-        compile_layers(model, CPU_ACTIVATION_MEMORY_BUDGET if cpu else None)
+        compile_layers(model, CPU_ACTIVATION_MEMORY_BUDGET if device_type == "cpu" else None)
     return model, tokenizer, model_dir, overrides
 
 

@@ -55,7 +55,7 @@ def test_target_cross_entropy_matches_full_logits(chunk: int, with_bias: bool) -
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
 
     assert_close(
-        value_and_grads(lambda c=chunk: target_cross_entropy(hidden, targets, head, c), params),
+        value_and_grads(lambda: target_cross_entropy(hidden, targets, head, chunk), params),
         value_and_grads(reference, params),
     )
 
