@@ -13,6 +13,7 @@ from tunewise.data.collate import (
     batch_indices,
     collate_packed,
     collate_padded,
+    group_window_by_length,
     iterate_batches,
     shifted_targets,
 )
@@ -197,6 +198,24 @@ def test_length_grouping_cuts_padding_keeps_order_random_and_puts_the_longest_fi
     firsts = [max(lengths[i] for i in b) for b in grouped[1:50]]
     assert firsts != sorted(firsts) and firsts != sorted(firsts, reverse=True)  # batches still shuffled
     assert grouped != batch_indices(lengths, 8, shuffle=True, seed=6, group_by_length=True)
+
+
+def test_a_window_grouped_by_length_keeps_its_examples_and_sizes_and_cuts_padding() -> None:
+    lengths = [400, 10, 390, 20]
+    assert group_window_by_length([[0, 1], [2, 3]], lengths) == [[0, 2], [1, 3]]
+    assert padding_tokens(lengths, [[0, 2], [1, 3]]) == 20  # from 760
+    assert group_window_by_length([[0, 1, 2], [3]], lengths) == [[0, 2, 3], [1]]  # sizes kept
+    rng = random.Random(3)
+    lengths = [rng.randint(10, 1000) for _ in range(2000)]
+    drawn = batch_indices(lengths, 4, shuffle=True, seed=2, group_by_length=False)
+    windows = [drawn[i : i + 8] for i in range(0, len(drawn), 8)]
+    grouped = [group_window_by_length(w, lengths) for w in windows]
+    for before, after in zip(windows, grouped, strict=True):
+        assert sorted(i for b in after for i in b) == sorted(i for b in before for i in b)
+        assert [len(b) for b in after] == [len(b) for b in before]
+    flat = [b for w in grouped for b in w]
+    assert padding_tokens(lengths, flat) < padding_tokens(lengths, drawn) / 3
+    assert group_window_by_length([[5, 6]], lengths) == [[5, 6]]  # one micro-batch: nothing to regroup
 
 
 def test_iterate_batches_collates_rows_of_a_dataset(

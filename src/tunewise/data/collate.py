@@ -124,6 +124,22 @@ def batch_indices(
     return batches
 
 
+def group_window_by_length(batches: list[list[int]], lengths: Sequence[int]) -> list[list[int]]:
+    """The examples of one accumulation window, regrouped by length across its padded micro-batches.
+
+    Each micro-batch keeps its size and takes the next run of the window's examples sorted longest
+    first, which needs the fewest pad tokens. Which examples share an optimizer step is unchanged, and
+    so is the step's gradient: every micro-batch's loss is divided by the window's target count.
+    """
+    position = {i: p for p, i in enumerate(i for b in batches for i in b)}
+    longest_first = sorted(position, key=lambda i: (-lengths[i], position[i]))
+    groups, start = [], 0
+    for batch in batches:
+        groups.append(sorted(longest_first[start : start + len(batch)], key=position.__getitem__))
+        start += len(batch)
+    return groups
+
+
 def iterate_batches(
     dataset: Any, batches: list[list[int]], collate: Callable[[list[dict]], dict[str, torch.Tensor]]
 ) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:

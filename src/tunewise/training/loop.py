@@ -20,7 +20,13 @@ import torch
 from accelerate import Accelerator
 
 from tunewise.config.load import ConfigError, Problem
-from tunewise.data.collate import batch_indices, collate_packed, collate_padded, iterate_batches
+from tunewise.data.collate import (
+    batch_indices,
+    collate_packed,
+    collate_padded,
+    group_window_by_length,
+    iterate_batches,
+)
 from tunewise.data.tokenize import IGNORE
 from tunewise.training.progress import TrainProgress
 
@@ -99,7 +105,10 @@ def epoch_windows(
     )
     mine = [b[rank::world] for b in batches]
     k = settings.gradient_accumulation_steps
-    return [mine[i : i + k] for i in range(0, len(mine), k)]
+    windows = [mine[i : i + k] for i in range(0, len(mine), k)]
+    if settings.packing:  # packed rows hold no pads; evening out their tokens did not lower peak RSS
+        return windows
+    return [group_window_by_length(w, lengths) for w in windows]
 
 
 def make_collate(settings: LoopSettings) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
