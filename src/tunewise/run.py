@@ -63,6 +63,7 @@ from tunewise.training.resume import (
     load_model_tensors,
     restore,
     scale_learning_rate,
+    set_aside_earlier_run,
 )
 from tunewise.training.schedule import build_scheduler
 
@@ -366,6 +367,9 @@ def train(
     main = accelerator.is_main_process
     evals: dict[int, dict] = {}
     output_dir = Path(t.output_dir)
+    if main and not resume and (earlier := set_aside_earlier_run(output_dir)):
+        prep.notes.append(f"{output_dir} held an earlier run: its files were moved to {earlier}")
+    accelerator.wait_for_everyone()
     writer = RunWriter(output_dir, main)
     config_yaml = dump_config(cfg)
 

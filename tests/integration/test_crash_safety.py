@@ -294,6 +294,35 @@ def test_resume_without_the_rng_would_differ(
     assert max(abs(resumed[s]["loss"] - uninterrupted[s]["loss"]) for s in range(4, 9)) > 1e-4
 
 
+def test_a_fresh_run_sets_an_earlier_runs_files_aside_instead_of_mixing_with_them(
+    config: dict, reference: Path
+) -> None:
+    """Run twice into one output_dir: the second run's log and checkpoints are its own, the first's are kept."""
+    out = Path(config["training"]["output_dir"])
+    short = {**config, "training": {**config["training"], "max_steps": 4}}
+    run.train(config, console=quiet())  # 8 steps: checkpoints 2, 4, 6, 8
+    (out / "notes.txt").write_text("the user's own file")
+    console = quiet()
+    run.train(short, console=console)  # 4 steps
+    earlier = list((out / "earlier-runs").iterdir())
+    assert len(earlier) == 1
+    assert says(console.file.getvalue(), f"held an earlier run: its files were moved to {earlier[0]}")  # type: ignore[attr-defined]
+    assert sorted(step_rows(out)) == [1, 2, 3, 4]  # only the new run's steps, each once
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert sorted(step_rows(earlier[0])) == list(range(1, 9))
+    first, uninterrupted = step_rows(earlier[0]), step_rows(reference)
+    assert [first[k]["loss"] for k in first] == pytest.approx(
+        [uninterrupted[k]["loss"] for k in first], abs=TOLERANCE
+    )
+    assert sorted(p.name for p in earlier[0].glob("checkpoint-*")) == [
+        f"checkpoint-{s}" for s in (2, 4, 6, 8)
+    ]
+    assert json.loads((earlier[0] / "summary.json").read_text())["total_steps"] == 8
+    assert json.loads((out / "summary.json").read_text())["total_steps"] == 4
+    assert (out / "notes.txt").read_text() == "the user's own file"  # not a run file: stays
+    assert run.find_resume_checkpoint(out, True).name == "checkpoint-4"  # not the earlier run's checkpoint-8
+
+
 # ------------------------------------------------------------------------------- resume rules (CLI)
 
 

@@ -6,6 +6,7 @@ import json
 import logging
 import signal
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any, Self
@@ -25,6 +26,43 @@ from tunewise.training.checkpoint import (
 from tunewise.training.loop import LoopState
 
 log = logging.getLogger("tunewise")
+
+EARLIER_RUNS = "earlier-runs"
+# What a run writes into output_dir that a later fresh run must not mix with its own. Tokenizer files and a full
+# fine-tune's config.json stay: the new run rewrites them as they were.
+RUN_FILES = (
+    "metrics.jsonl",
+    "summary.json",
+    "config.yaml",
+    "checkpoint-*",
+    ".tmp-checkpoint-*",
+    "adapter_model.safetensors",
+    "adapter_config.json",
+    "model.safetensors",
+    "model-*-of-*.safetensors",
+    "model.safetensors.index.json",
+)
+
+
+def set_aside_earlier_run(output_dir: Path) -> Path | None:
+    """Move an earlier run's files out of `output_dir` before a fresh run there; returns where they went.
+
+    Without this a fresh run would append its rows to the earlier run's metrics.jsonl, and a later
+    `--resume` could pick up the earlier run's newer checkpoint. Nothing is deleted: the files go to
+    `output_dir/earlier-runs/<UTC time>/`. A folder without metrics.jsonl or checkpoints is left as it is.
+    """
+    markers = [*output_dir.glob("metrics.jsonl"), *output_dir.glob("checkpoint-*")]
+    if not markers:
+        return None
+    target = output_dir / EARLIER_RUNS / datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    while target.exists():  # two runs within one second
+        target = target.with_name(target.name + "-1")
+    target.mkdir(parents=True)
+    for pattern in RUN_FILES:
+        for path in output_dir.glob(pattern):
+            path.rename(target / path.name)
+    return target
+
 
 # Keys that may differ between a checkpoint's config and the resumed run's: they change how long
 # or how often, never what a step computes.
