@@ -1,4 +1,4 @@
-# make demo: set up .venv and fine-tune the embedded SmolLM2 on the built-in task (CPU, ~8 min)
+# make demo: set up .venv and fine-tune the embedded SmolLM2 on the built-in task (CPU, ~5 min: ~1.5 to set up, 2-3.5 to train and evaluate)
 # make test: set up .venv, lint (ruff, mypy) and run the test suite (what .ci/run calls)
 VENV ?= .venv
 PYTHON ?= python3
