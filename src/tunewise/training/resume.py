@@ -35,7 +35,7 @@ RUN_FILES = (
     "summary.json",
     "config.yaml",
     "checkpoint-*",
-    ".tmp-checkpoint-*",
+    ".tmp-*-*-*",  # a crashed save's leftovers (checkpoint.py), which a resume would put back or remove
     "adapter_model.safetensors",
     "adapter_config.json",
     "model.safetensors",
@@ -51,8 +51,8 @@ def set_aside_earlier_run(output_dir: Path) -> Path | None:
     `--resume` could pick up the earlier run's newer checkpoint. Nothing is deleted: the files go to
     `output_dir/earlier-runs/<UTC time>/`. A folder without metrics.jsonl or checkpoints is left as it is.
     """
-    markers = [*output_dir.glob("metrics.jsonl"), *output_dir.glob("checkpoint-*")]
-    if not markers:
+    markers = ("metrics.jsonl", "checkpoint-*", ".tmp-replaced-*")
+    if not any(path for marker in markers for path in output_dir.glob(marker)):
         return None
     target = output_dir / EARLIER_RUNS / datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     while target.exists():  # two runs within one second
