@@ -79,7 +79,10 @@ def train(
         bool, typer.Option("--force-resume", help="Resume even though the config changed.")
     ] = False,
 ) -> None:
-    """Fine-tune: plan, evaluate, train, evaluate again, save the run directory."""
+    """Fine-tune: plan, evaluate, train, evaluate again, save the run directory.
+
+    Without --resume, an earlier run's files in output_dir are first moved to output_dir/earlier-runs/.
+    """
     from tunewise.run import train as run_train
 
     if checkpoint is not None and not resume:
