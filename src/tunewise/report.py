@@ -85,6 +85,7 @@ def _padding_waste(prep: Prepared) -> float:
         list(prep.data.train["length"]),
         int(t.per_device_train_batch_size),
         seed=t.data_seed if t.data_seed is not None else t.seed,
+        accumulation=int(t.gradient_accumulation_steps),
         pad_to_length=d.max_seq_length if d.padding == "max_length" else None,
         pad_to_multiple_of=d.pad_to_multiple_of,
     )

@@ -22,7 +22,7 @@ from rich.table import Table
 from rich.text import Text
 from transformers import PreTrainedTokenizerBase
 
-from tunewise.data.collate import batch_indices, padded_width, round_up
+from tunewise.data.collate import batch_indices, group_window_by_length, padded_width, round_up
 from tunewise.data.tokenize import IGNORE, TokenizeSettings, encode_dataset
 
 RECOMMEND_PERCENTILE = 99
@@ -133,12 +133,18 @@ def padding_waste(
     batch_size: int,
     *,
     seed: int,
+    accumulation: int = 1,
     pad_to_length: int | None = None,
     pad_to_multiple_of: int | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """One epoch's padding with random batches, length-grouped batches, and packed random batches."""
+    """One epoch's padding with random batches, length-grouped batches, and packed random batches.
+
+    With `accumulation` above 1, padded micro-batches are regrouped by length within each optimizer step,
+    as the loop does (`group_window_by_length`)."""
     randomly = batch_indices(lengths, batch_size, shuffle=True, seed=seed, group_by_length=False)
     grouped = batch_indices(lengths, batch_size, shuffle=True, seed=seed, group_by_length=True)
+    packed = batch_cost(lengths, randomly, packed=True, pad_to_multiple_of=pad_to_multiple_of)
+    randomly, grouped = (_grouped_in_steps(b, lengths, accumulation) for b in (randomly, grouped))
     return {
         "random": batch_cost(
             lengths, randomly, pad_to_length=pad_to_length, pad_to_multiple_of=pad_to_multiple_of
@@ -146,8 +152,13 @@ def padding_waste(
         "length_grouped": batch_cost(
             lengths, grouped, pad_to_length=pad_to_length, pad_to_multiple_of=pad_to_multiple_of
         ),
-        "packed": batch_cost(lengths, randomly, packed=True, pad_to_multiple_of=pad_to_multiple_of),
+        "packed": packed,
     }
+
+
+def _grouped_in_steps(batches: list[list[int]], lengths: Sequence[int], accumulation: int) -> list[list[int]]:
+    steps = [batches[i : i + accumulation] for i in range(0, len(batches), accumulation)]
+    return [b for step in steps for b in group_window_by_length(step, lengths)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,6 +166,7 @@ class Batching:
     """The `data:`/`training:` settings that decide how examples are batched and padded, as plain values."""
 
     batch_size: int = 8
+    accumulation: int = 1  # micro-batches per optimizer step
     padding: str = "longest"
     pad_to_multiple_of: int | None = None
     group_by_length: bool = False
@@ -176,6 +188,7 @@ def _waste(spans: Sequence[Span], max_len: int, side: str, batching: Batching) -
         kept_lengths(spans, max_len, side),
         batching.batch_size,
         seed=batching.seed,
+        accumulation=batching.accumulation,
         pad_to_length=max_len if batching.padding == "max_length" else None,
         pad_to_multiple_of=batching.pad_to_multiple_of,
     )
@@ -297,6 +310,7 @@ def inspect_target(
     settings = TokenizeSettings(d.max_seq_length, d.truncation_side, d.train_on_inputs, d.chat_template)
     batching = Batching(
         batch_size=int(t.per_device_train_batch_size),
+        accumulation=int(t.gradient_accumulation_steps),
         padding=d.padding,
         pad_to_multiple_of=d.pad_to_multiple_of,
         group_by_length=d.group_by_length,
