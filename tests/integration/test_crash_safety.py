@@ -302,9 +302,8 @@ def test_a_fresh_run_sets_an_earlier_runs_files_aside_instead_of_mixing_with_the
     short = {**config, "training": {**config["training"], "max_steps": 4}}
     run.train(config, console=quiet())  # 8 steps: checkpoints 2, 4, 6, 8
     (out / "notes.txt").write_text("the user's own file")
-    (out / "checkpoint-8").rename(
-        out / ".tmp-replaced-8-123"
-    )  # as a save that crashed replacing it leaves it
+    # As a save that crashed while replacing checkpoint-8 leaves it (our own pid counts as gone).
+    (out / "checkpoint-8").rename(out / f".tmp-replaced-8-{os.getpid()}")
     console = quiet()
     run.train(short, console=console)  # 4 steps
     earlier = list((out / "earlier-runs").iterdir())
@@ -318,7 +317,9 @@ def test_a_fresh_run_sets_an_earlier_runs_files_aside_instead_of_mixing_with_the
         [uninterrupted[k]["loss"] for k in first], abs=TOLERANCE
     )
     assert sorted(p.name for p in earlier[0].glob("checkpoint-*")) == [f"checkpoint-{s}" for s in (2, 4, 6)]
-    assert (earlier[0] / ".tmp-replaced-8-123" / "manifest.json").is_file()  # a resume here won't put it back
+    assert (
+        earlier[0] / f".tmp-replaced-8-{os.getpid()}" / "manifest.json"
+    ).is_file()  # a resume here won't put it back
     assert json.loads((earlier[0] / "summary.json").read_text())["total_steps"] == 8
     assert json.loads((out / "summary.json").read_text())["total_steps"] == 4
     assert (out / "notes.txt").read_text() == "the user's own file"  # not a run file: stays

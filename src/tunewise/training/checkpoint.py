@@ -513,7 +513,7 @@ def _verify_file(folder: Path, name: str, entry: dict[str, Any]) -> str | None:
 # ---------------------------------------------------------------------------------------- leftovers
 
 
-def _stale_leftovers(output_dir: Path) -> Iterator[tuple[str, int, Path]]:
+def stale_leftovers(output_dir: Path) -> Iterator[tuple[str, int, Path]]:
     """(kind, step, path) of each .tmp-* folder whose saving process is gone."""
     for path in output_dir.iterdir():
         match = _LEFTOVER_NAME.fullmatch(path.name)
@@ -535,7 +535,7 @@ def _is_running(pid: int) -> bool:
 
 
 def _restore_replaced(output_dir: Path) -> None:
-    for kind, step, path in list(_stale_leftovers(output_dir)):
+    for kind, step, path in list(stale_leftovers(output_dir)):
         final = output_dir / f"checkpoint-{step}"
         if kind == "replaced" and not final.exists():
             path.rename(final)
@@ -546,7 +546,7 @@ def _restore_replaced(output_dir: Path) -> None:
 
 def _remove_leftovers(output_dir: Path) -> None:
     _restore_replaced(output_dir)
-    for _, _, path in list(_stale_leftovers(output_dir)):
+    for _, _, path in list(stale_leftovers(output_dir)):
         logger.info("Removing %s, left over by a save that crashed", path)
         _remove_folder(path)
 

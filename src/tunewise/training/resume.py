@@ -19,23 +19,23 @@ from tunewise.training.checkpoint import (
     Checkpoint,
     CheckpointError,
     find_latest_valid,
+    list_checkpoints,
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
+    stale_leftovers,
 )
 from tunewise.training.loop import LoopState
 
 log = logging.getLogger("tunewise")
 
 EARLIER_RUNS = "earlier-runs"
-# What a run writes into output_dir that a later fresh run must not mix with its own. Tokenizer files and a full
-# fine-tune's config.json stay: the new run rewrites them as they were.
+# What a run writes into output_dir beside its checkpoints that a later fresh run must not mix with its own.
+# Tokenizer files and a full fine-tune's config.json stay: the new run rewrites them as they were.
 RUN_FILES = (
     "metrics.jsonl",
     "summary.json",
     "config.yaml",
-    "checkpoint-*",
-    ".tmp-*-*-*",  # a crashed save's leftovers (checkpoint.py), which a resume would put back or remove
     "adapter_model.safetensors",
     "adapter_config.json",
     "model.safetensors",
@@ -48,19 +48,21 @@ def set_aside_earlier_run(output_dir: Path) -> Path | None:
     """Move an earlier run's files out of `output_dir` before a fresh run there; returns where they went.
 
     Without this a fresh run would append its rows to the earlier run's metrics.jsonl, and a later
-    `--resume` could pick up the earlier run's newer checkpoint. Nothing is deleted: the files go to
-    `output_dir/earlier-runs/<UTC time>/`. A folder without metrics.jsonl or checkpoints is left as it is.
+    `--resume` could pick up the earlier run's newer checkpoint (or one a crashed save left aside, which
+    a resume puts back). Nothing is deleted: the files go to `output_dir/earlier-runs/<UTC time>/`. A
+    folder without metrics.jsonl, checkpoints or such leftovers is left as it is.
     """
-    markers = ("metrics.jsonl", "checkpoint-*", ".tmp-replaced-*")
-    if not any(path for marker in markers for path in output_dir.glob(marker)):
+    if not output_dir.is_dir():
+        return None
+    folders = list_checkpoints(output_dir) + [path for _, _, path in stale_leftovers(output_dir)]
+    if not folders and not (output_dir / "metrics.jsonl").exists():
         return None
     target = output_dir / EARLIER_RUNS / datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     while target.exists():  # two runs within one second
         target = target.with_name(target.name + "-1")
     target.mkdir(parents=True)
-    for pattern in RUN_FILES:
-        for path in output_dir.glob(pattern):
-            path.rename(target / path.name)
+    for path in folders + [p for pattern in RUN_FILES for p in output_dir.glob(pattern)]:
+        path.rename(target / path.name)
     return target
 
 
