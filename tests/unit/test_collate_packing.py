@@ -15,11 +15,13 @@ from tunewise.data.collate import (
     collate_padded,
     group_window_by_length,
     iterate_batches,
+    largest_first,
     shifted_targets,
 )
 from tunewise.data.tokenize import IGNORE, TokenizeSettings, encode_row
 from tunewise.models.fast import VARLEN_SDPA
 from tunewise.testing import build_tiny_model, build_tiny_tokenizer, tiny_chat_rows
+from tunewise.training.loop import LoopSettings, epoch_windows
 from tunewise.training.loss import CausalLMLoss
 
 Batch = dict[str, torch.Tensor]
@@ -216,6 +218,34 @@ def test_a_window_grouped_by_length_keeps_its_examples_and_sizes_and_cuts_paddin
     flat = [b for w in grouped for b in w]
     assert padding_tokens(lengths, flat) < padding_tokens(lengths, drawn) / 3
     assert group_window_by_length([[5, 6]], lengths) == [[5, 6]]  # one micro-batch: nothing to regroup
+
+
+def test_each_steps_micro_batches_run_largest_first_with_the_same_examples() -> None:
+    lengths = [300, 10, 20, 400, 50, 60]
+    assert largest_first([[0, 1], [2, 3], [4, 5]], lengths) == [[2, 3], [0, 1], [4, 5]]  # 420, 310, 110
+    assert largest_first([[1], [2], [0]], [5, 5, 5]) == [[1], [2], [0]]  # ties keep the drawn order
+    rng = random.Random(4)
+    lengths = [rng.randint(10, 500) for _ in range(300)]
+    once = {"total_steps": 1, "steps_per_epoch": 1, "max_steps_overrides": False, "logging_steps": 1}
+    never = {"eval_steps": None, "save_steps": None, "max_grad_norm": None}
+    common = {"gradient_accumulation_steps": 4, "data_seed": 1, "pad_token_id": 0, **once, **never}
+    drawn = batch_indices(lengths, 2, shuffle=True, seed=1, group_by_length=False)
+    drawn_steps = [drawn[i : i + 4] for i in range(0, len(drawn), 4)]
+    for packing in (True, False):
+        settings = LoopSettings(per_device_batch_size=2, packing=packing, **common)
+        steps = epoch_windows(settings, lengths, epoch=0, rank=0, world=1)
+        assert [sorted(i for b in w for i in b) for w in steps] == [
+            sorted(i for b in w for i in b) for w in drawn_steps
+        ]
+        tokens = [[sum(lengths[i] for i in b) for b in w] for w in steps]
+        assert all(t == sorted(t, reverse=True) for t in tokens)
+        if packing:  # the micro-batches are the drawn ones, reordered
+            assert [sorted(map(tuple, w)) for w in steps] == [sorted(map(tuple, w)) for w in drawn_steps]
+    assert any(
+        [sum(lengths[i] for i in b) for b in w]
+        != sorted((sum(lengths[i] for i in b) for b in w), reverse=True)
+        for w in drawn_steps
+    )  # the drawn order was not already largest first
 
 
 def test_iterate_batches_collates_rows_of_a_dataset(

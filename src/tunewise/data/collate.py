@@ -140,6 +140,17 @@ def group_window_by_length(batches: list[list[int]], lengths: Sequence[int]) -> 
     return groups
 
 
+def largest_first(batches: list[list[int]], lengths: Sequence[int]) -> list[list[int]]:
+    """The micro-batches of one accumulation window, the one with the most tokens first (ties as drawn).
+
+    The step's gradient is the same in any order. On CPU, where glibc's heap keeps what it freed for
+    reuse (`training/host_memory.py`), the largest micro-batch first sizes the heap once and the smaller
+    ones reuse its blocks; a larger one after smaller ones finds them cut up and grows the heap past
+    what is live (packed micro-batches of 2, fp32: 0.15 GiB lower peak RSS, docs/performance.md).
+    """
+    return sorted(batches, key=lambda b: -sum(lengths[i] for i in b))
+
+
 def iterate_batches(
     dataset: Any, batches: list[list[int]], collate: Callable[[list[dict]], dict[str, torch.Tensor]]
 ) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:

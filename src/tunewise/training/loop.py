@@ -26,6 +26,7 @@ from tunewise.data.collate import (
     collate_padded,
     group_window_by_length,
     iterate_batches,
+    largest_first,
 )
 from tunewise.data.tokenize import IGNORE
 from tunewise.training.progress import TrainProgress
@@ -106,9 +107,9 @@ def epoch_windows(
     mine = [b[rank::world] for b in batches]
     k = settings.gradient_accumulation_steps
     windows = [mine[i : i + k] for i in range(0, len(mine), k)]
-    if settings.packing:  # packed rows hold no pads; evening out their tokens did not lower peak RSS
-        return windows
-    return [group_window_by_length(w, lengths) for w in windows]
+    if settings.packing:  # packed rows hold no pads: only their order within the step is chosen
+        return [largest_first(w, lengths) for w in windows]
+    return [group_window_by_length(w, lengths) for w in windows]  # its longest examples first
 
 
 def make_collate(settings: LoopSettings) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
