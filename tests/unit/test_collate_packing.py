@@ -231,21 +231,20 @@ def test_each_steps_micro_batches_run_largest_first_with_the_same_examples() -> 
     common = {"gradient_accumulation_steps": 4, "data_seed": 1, "pad_token_id": 0, **once, **never}
     drawn = batch_indices(lengths, 2, shuffle=True, seed=1, group_by_length=False)
     drawn_steps = [drawn[i : i + 4] for i in range(0, len(drawn), 4)]
+
+    def tokens(step: list[list[int]]) -> list[int]:
+        return [sum(lengths[i] for i in b) for b in step]
+
     for packing in (True, False):
         settings = LoopSettings(per_device_batch_size=2, packing=packing, **common)
         steps = epoch_windows(settings, lengths, epoch=0, rank=0, world=1)
         assert [sorted(i for b in w for i in b) for w in steps] == [
             sorted(i for b in w for i in b) for w in drawn_steps
         ]
-        tokens = [[sum(lengths[i] for i in b) for b in w] for w in steps]
-        assert all(t == sorted(t, reverse=True) for t in tokens)
+        assert all(tokens(w) == sorted(tokens(w), reverse=True) for w in steps)
         if packing:  # the micro-batches are the drawn ones, reordered
             assert [sorted(map(tuple, w)) for w in steps] == [sorted(map(tuple, w)) for w in drawn_steps]
-    assert any(
-        [sum(lengths[i] for i in b) for b in w]
-        != sorted((sum(lengths[i] for i in b) for b in w), reverse=True)
-        for w in drawn_steps
-    )  # the drawn order was not already largest first
+    assert any(tokens(w) != sorted(tokens(w), reverse=True) for w in drawn_steps)  # drawn: not already sorted
 
 
 def test_iterate_batches_collates_rows_of_a_dataset(
