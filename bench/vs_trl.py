@@ -671,7 +671,7 @@ def main() -> None:
     parser.add_argument(
         "--precisions",
         default=None,
-        help="comma-separated fp32,bf16 (default: cpu fp32, and bf16 with AMX; cuda bf16)",
+        help="comma-separated fp32,bf16 (default: cpu fp32, and bf16 with AMX or AVX512_BF16; cuda bf16)",
     )
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps per run")
     parser.add_argument("--batch", type=int, default=8, help="sequences per optimizer step")
@@ -697,9 +697,11 @@ def main() -> None:
         return child_main(json.loads(args.child.read_text()))
     cpu = args.device == "cpu"
     args.tools = args.tools or DEFAULT_TOOLS[args.device]
-    # Each tool's fastest precision too: bf16 on a CPU with AMX (tunewise's `precision: auto` there).
-    amx = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
-    args.precisions = args.precisions or (("fp32,bf16" if amx else "fp32") if cpu else "bf16")
+    # Each tool's fastest precision too: bf16 on a CPU with bf16 matmuls (tunewise's `precision: auto` there).
+    from tunewise.config.resolve import probe_hardware
+
+    native = probe_hardware().cpu_native_bf16
+    args.precisions = args.precisions or (("fp32,bf16" if native else "fp32") if cpu else "bf16")
     args.min_tokens = args.min_tokens or (50 if cpu else 256)
     args.max_tokens = args.max_tokens or (500 if cpu else 2048)
     args.max_seq_length = args.max_seq_length or (512 if cpu else 2048)

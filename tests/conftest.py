@@ -25,24 +25,24 @@ def one_thread_for_tiny_models(request: pytest.FixtureRequest) -> object:
     torch.set_num_threads(threads)
 
 
-_REAL_AMX_PROBE = resolve._cpu_has_amx
+_REAL_BF16_PROBE = resolve._cpu_has_bf16_matmuls
 
 
 @pytest.fixture(scope="session", autouse=True)
 def fp32_by_default_on_every_cpu() -> Iterator[None]:
-    """`precision: auto` is bf16 on a CPU with AMX; the suite's numerics (exact reloads, HF references,
-    the merged fp32 LoRA path) are written for fp32, so it hides AMX from the probe, for session and module
-    fixtures too: the same results on every CI machine. Tests marked `real_cpu_precision` see the CPU as it
-    is; tests that train in a subprocess set `training.precision: fp32` themselves."""
+    """`precision: auto` is bf16 on a CPU with AMX or AVX512_BF16; the suite's numerics (exact reloads, HF
+    references, the merged fp32 LoRA path) are written for fp32, so it hides both from the probe, for session
+    and module fixtures too: the same results on every CI machine. Tests marked `real_cpu_precision` see the
+    CPU as it is; tests that train in a subprocess set `training.precision: fp32` themselves."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(resolve, "_cpu_has_amx", lambda: False)
+        patch.setattr(resolve, "_cpu_has_bf16_matmuls", lambda: False)
         yield
 
 
 @pytest.fixture(autouse=True)
 def real_cpu_precision_when_marked(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     if request.node.get_closest_marker("real_cpu_precision"):
-        monkeypatch.setattr(resolve, "_cpu_has_amx", _REAL_AMX_PROBE)
+        monkeypatch.setattr(resolve, "_cpu_has_bf16_matmuls", _REAL_BF16_PROBE)
 
 
 @pytest.fixture(scope="session")

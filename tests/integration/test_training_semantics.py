@@ -34,7 +34,7 @@ from transformers.trainer_utils import SaveStrategy
 
 import tunewise.run
 from tunewise.config.load import ConfigError
-from tunewise.config.resolve import Hardware, choose_precision
+from tunewise.config.resolve import Hardware, choose_precision, probe_hardware
 from tunewise.data.collate import collate_padded, iterate_batches
 from tunewise.data.tokenize import IGNORE
 from tunewise.models.adapters import LoraSettings, apply_method
@@ -386,25 +386,28 @@ def test_logged_grad_norm_is_pre_clip_and_update_uses_clipped_gradient(
 
 
 @pytest.mark.real_cpu_precision
-def test_auto_precision_is_bf16_on_a_cpu_with_amx_else_fp32_and_trains(make_config: ConfigMaker) -> None:
-    """The real probe: bf16 where AMX makes it faster (docs/performance.md), fp32 elsewhere, with the reason."""
-    amx = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
-    expected = "bf16" if amx else "fp32"
+def test_auto_precision_is_bf16_on_a_cpu_with_bf16_matmuls_else_fp32_and_trains(
+    make_config: ConfigMaker,
+) -> None:
+    """The real probe: bf16 where AMX or AVX512_BF16 make it faster (docs/performance.md), fp32 elsewhere,
+    with the reason."""
+    native = probe_hardware().cpu_native_bf16
+    expected = "bf16" if native else "fp32"
     config = make_config()
     prep = tunewise.run.prepare(config)
     choice = prep.resolution.choices["training.precision"]
     assert (choice.value, choice.source) == (expected, "auto")
-    assert ("AMX" in choice.reason) is amx and ("not faster" in choice.reason) is not amx
+    assert ("AVX512_BF16" in choice.reason) is native and ("not faster" in choice.reason) is not native
     # LoRA on bf16: the frozen base in bf16 (half the memory), the adapters' master weights in fp32.
     frozen = {p.dtype for p in prep.model.parameters() if not p.requires_grad}
     trained = {p.dtype for p in prep.model.parameters() if p.requires_grad}
-    assert frozen == {torch.bfloat16 if amx else torch.float32} and trained == {torch.float32}
+    assert frozen == {torch.bfloat16 if native else torch.float32} and trained == {torch.float32}
     run = train(config)
     losses = run.curve()
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
-    # bf16 on CPU only where it was measured faster; CPUs that merely support it stay in fp32.
+    # bf16 on CPU only with bf16 matmul instructions; elsewhere oneDNN emulates it, slower than fp32.
     assert choose_precision(Hardware("cpu", bf16_supported=True))[0] == "fp32"
-    assert choose_precision(Hardware("cpu", bf16_supported=True, cpu_bf16_faster=True))[0] == "bf16"
+    assert choose_precision(Hardware("cpu", bf16_supported=True, cpu_native_bf16=True))[0] == "bf16"
 
 
 def test_bf16_autocast_runs_on_cpu_close_to_fp32(make_config: ConfigMaker) -> None:

@@ -26,7 +26,7 @@ TURING = Hardware("cuda", bf16_supported=False)
         (AMPERE, "bf16"),
         (TURING, "fp16"),
         (CPU, "fp32"),
-        (Hardware("cpu", True, cpu_bf16_faster=True), "bf16"),
+        (Hardware("cpu", True, cpu_native_bf16=True), "bf16"),
     ],
 )
 def test_precision_rule(hw: Hardware, expected: str) -> None:
@@ -34,8 +34,8 @@ def test_precision_rule(hw: Hardware, expected: str) -> None:
     assert value == expected and reason
 
 
-def test_bf16_on_cpu_only_when_measured_faster() -> None:
-    value, reason = choose_precision(Hardware("cpu", bf16_supported=True, cpu_bf16_faster=False))
+def test_bf16_on_cpu_only_with_bf16_matmul_instructions() -> None:
+    value, reason = choose_precision(Hardware("cpu", bf16_supported=True, cpu_native_bf16=False))
     assert value == "fp32" and "not faster" in reason
 
 
@@ -129,28 +129,30 @@ def test_resolved_config_reloads_without_warnings_about_ignored_keys() -> None:
 
 
 @pytest.mark.real_cpu_precision
-def test_cpu_bf16_probe_picks_bf16_with_amx_only(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cpu_bf16_probe_picks_bf16_with_amx_or_avx512_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
     from tunewise.config.resolve import probe_hardware
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
     old_torch = probe_hardware()  # a torch without its CPU checks: no native bf16, fp32
-    assert (old_torch.bf16_supported, old_torch.cpu_native_bf16, old_torch.cpu_bf16_faster) == (False,) * 3
+    assert (old_torch.bf16_supported, old_torch.cpu_native_bf16) == (False, False)
     assert choose_precision(old_torch)[0] == "fp32"
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
-    avx512_bf16 = probe_hardware()  # native bf16 (no emulation warning) but not measured faster: fp32
-    assert (avx512_bf16.cpu_native_bf16, avx512_bf16.cpu_bf16_faster) == (True, False)
-    assert choose_precision(avx512_bf16)[0] == "fp32"
+    avx512_bf16 = probe_hardware()  # AVX512_BF16 alone (AMD Zen 4): measured faster too
+    assert (avx512_bf16.bf16_supported, avx512_bf16.cpu_native_bf16) == (True, True)
+    value, reason = choose_precision(avx512_bf16)
+    assert value == "bf16" and "AVX512_BF16" in reason
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
     amx = probe_hardware()
-    assert (amx.bf16_supported, amx.cpu_native_bf16, amx.cpu_bf16_faster) == (True, True, True)
+    assert (amx.bf16_supported, amx.cpu_native_bf16) == (True, True)
     value, reason = choose_precision(amx)
     assert value == "bf16" and "AMX" in reason
 
 
-AMX = Hardware("cpu", bf16_supported=True, cpu_bf16_faster=True)
+AMX = Hardware("cpu", bf16_supported=True, cpu_native_bf16=True)
 
 
 @pytest.mark.parametrize(

@@ -79,7 +79,7 @@ _ENTRIES = [
         "in a 16-bit weight.",
         hf="from_pretrained(dtype=...) (named torch_dtype before transformers 4.56)",
         why="auto: bfloat16 for a LoRA/QLoRA base when training in bf16, float32 otherwise (fp32 master "
-        "weights for full fine-tuning, and in fp32 runs: a CPU without AMX).",
+        "weights for full fine-tuning, and in fp32 runs: a CPU without AMX or AVX512_BF16).",
         interactions="precision (autocast dtype); bnb_4bit_compute_dtype for 4-bit bases.",
         mistakes="Loading float16 weights of a model pretrained in bfloat16: values past 65504 become inf.",
     ),
@@ -656,7 +656,8 @@ _ENTRIES = [
         "small gradients from underflowing. fp32 is exact but slower on GPUs.",
         hf="tunewise (TrainingArguments.bf16 / fp16)",
         why="auto: bf16 where the hardware supports it (NVIDIA Ampere or newer), fp16 on older GPUs, fp32 on "
-        "CPU unless it has AMX, where bf16 autocast measured ~1.5x fp32 (docs/performance.md).",
+        "CPU unless it multiplies bf16 in hardware (AMX or AVX512_BF16), where bf16 autocast measured ~1.5x "
+        "fp32 (docs/performance.md).",
         interactions="bf16/fp16 flags (must agree); torch_dtype; bnb_4bit_compute_dtype.",
         mistakes="fp16 on a model pretrained in bf16: activations beyond 65504 overflow to inf and the loss "
         "turns NaN.",

@@ -24,23 +24,20 @@ class Hardware:
     device_type: str  # "cpu" | "cuda" | "mps"
     bf16_supported: bool
     world_size: int = 1
-    # AMX; measured by bench/cpu_bf16.py and bench/vs_trl.py (docs/performance.md)
-    cpu_bf16_faster: bool = False
-    cpu_native_bf16: bool = False  # AVX512_BF16 or AMX: without them bf16 matmuls are emulated
+    # AVX512_BF16 or AMX: bf16 matmuls in hardware, measured faster than fp32 (bench/cpu_bf16.py,
+    # docs/performance.md); without them oneDNN emulates bf16, several times slower than fp32.
+    cpu_native_bf16: bool = False
 
 
 def probe_hardware(world_size: int = 1) -> Hardware:
     if torch.cuda.is_available():
         return Hardware("cuda", torch.cuda.is_bf16_supported(), world_size)
-    amx = _cpu_has_amx()
-    native = amx or _cpu_check("_is_avx512_bf16_supported")
-    # bf16 is faster only where measured so: with AMX tiles (a compiled packed LoRA step 1.49x fp32 on a
-    # Xeon with AMX). AVX512_BF16 alone doubles the FMA rate at most and is unmeasured: fp32 there.
-    return Hardware("cpu", native, world_size, cpu_bf16_faster=amx, cpu_native_bf16=native)
+    native = _cpu_has_bf16_matmuls()
+    return Hardware("cpu", native, world_size, cpu_native_bf16=native)
 
 
-def _cpu_has_amx() -> bool:
-    return _cpu_check("_is_amx_tile_supported")
+def _cpu_has_bf16_matmuls() -> bool:
+    return _cpu_check("_is_amx_tile_supported") or _cpu_check("_is_avx512_bf16_supported")
 
 
 def _cpu_check(name: str) -> bool:
@@ -75,12 +72,13 @@ def choose_precision(hw: Hardware) -> tuple[str, str]:
         if hw.bf16_supported:
             return "bf16", "GPU supports bf16: fp32's exponent range, no loss scaling needed"
         return "fp16", "GPU lacks bf16; fp16 with dynamic loss scaling"
-    if hw.bf16_supported and hw.cpu_bf16_faster:
-        return (
-            "bf16",
-            "this CPU has AMX: bf16 autocast measured 1.5x fp32 on such a CPU (docs/performance.md)",
-        )
-    return "fp32", f"on {hw.device_type} bf16 autocast is not faster than fp32 here (docs/performance.md)"
+    if hw.bf16_supported and hw.cpu_native_bf16:
+        # A compiled packed LoRA step in bf16 against fp32: 1.49x with AMX (Xeon), 1.45-1.76x with
+        # AVX512_BF16 alone (AMD EPYC Zen 4); its matmuls 5.7x and 2.2x fp32's rate.
+        why = "this CPU multiplies bf16 in hardware (AMX or AVX512_BF16): bf16 autocast measured 1.5x fp32"
+        return "bf16", f"{why} on such CPUs (docs/performance.md)"
+    why = f"on {hw.device_type} without bf16 matmul instructions bf16 autocast is not faster than fp32"
+    return "fp32", f"{why} (docs/performance.md)"
 
 
 CPU_BF16_PAD_MULTIPLE = 64
