@@ -6,8 +6,8 @@ Times (1) a large matmul in each dtype and (2) LoRA training steps (forward + ba
 of the embedded SmolLM2-135M on the same batches: fp32, and bf16 as tunewise runs it (bf16 base
 weights, bf16 autocast, fp32 adapters). Prints bf16/fp32 speed ratios. tunewise's config
 resolution picks bf16 on CPU where it was measured faster: with AMX or AVX512_BF16
-(Hardware.cpu_native_bf16); record the result in docs/performance.md. Without AVX512_BF16 or AMX, oneDNN emulates bf16 matmuls with fp32
-FMAs plus conversions, so expect bf16 to be slower there.
+(`Hardware.bf16_supported`); record the result in docs/performance.md. Without either, oneDNN emulates
+bf16 matmuls with fp32 FMAs plus conversions, so expect bf16 to be slower there.
 """
 
 from __future__ import annotations

@@ -700,7 +700,7 @@ def main() -> None:
     # Each tool's fastest precision too: bf16 on a CPU with bf16 matmuls (tunewise's `precision: auto` there).
     from tunewise.config.resolve import probe_hardware
 
-    native = probe_hardware().cpu_native_bf16
+    native = probe_hardware().bf16_supported
     args.precisions = args.precisions or (("fp32,bf16" if native else "fp32") if cpu else "bf16")
     args.min_tokens = args.min_tokens or (50 if cpu else 256)
     args.max_tokens = args.max_tokens or (500 if cpu else 2048)

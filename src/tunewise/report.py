@@ -64,7 +64,7 @@ def plan_lints(prep: Prepared) -> list[dict]:
         pad_to_multiple_of=cfg.data.pad_to_multiple_of,
         packing=cfg.data.packing,
         padding_waste_percent=_padding_waste(prep),
-        cpu_native_bf16=prep.hardware.cpu_native_bf16,
+        cpu_native_bf16=prep.hardware.bf16_supported,
     )
     out = [
         {"severity": p.severity, "key": p.path, "message": p.message, "fix": ""}

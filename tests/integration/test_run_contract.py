@@ -217,7 +217,7 @@ def test_cli_plan_warns_of_bf16_on_a_cpu_without_bf16_instructions(tiny_config: 
         return [x["message"] for x in json.loads(result.stdout)["lints"] if x["key"] == "training.precision"]
 
     warned = [m for m in precision_lints("bf16") if m.startswith("bf16 on a CPU without bf16 matmul")]
-    assert len(warned) == (0 if probe_hardware().cpu_native_bf16 else 1)  # the probe reaches the plan
+    assert len(warned) == (0 if probe_hardware().bf16_supported else 1)  # the probe reaches the plan
     assert precision_lints("fp32") == []
 
 

@@ -26,7 +26,7 @@ TURING = Hardware("cuda", bf16_supported=False)
         (AMPERE, "bf16"),
         (TURING, "fp16"),
         (CPU, "fp32"),
-        (Hardware("cpu", True, cpu_native_bf16=True), "bf16"),
+        (Hardware("cpu", bf16_supported=True), "bf16"),  # AMX or AVX512_BF16
     ],
 )
 def test_precision_rule(hw: Hardware, expected: str) -> None:
@@ -35,7 +35,7 @@ def test_precision_rule(hw: Hardware, expected: str) -> None:
 
 
 def test_bf16_on_cpu_only_with_bf16_matmul_instructions() -> None:
-    value, reason = choose_precision(Hardware("cpu", bf16_supported=True, cpu_native_bf16=False))
+    value, reason = choose_precision(Hardware("cpu", bf16_supported=False))
     assert value == "fp32" and "not faster" in reason
 
 
@@ -136,23 +136,23 @@ def test_cpu_bf16_probe_picks_bf16_with_amx_or_avx512_bf16(monkeypatch: pytest.M
     monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
     old_torch = probe_hardware()  # a torch without its CPU checks: no native bf16, fp32
-    assert (old_torch.bf16_supported, old_torch.cpu_native_bf16) == (False, False)
+    assert old_torch.bf16_supported is False
     assert choose_precision(old_torch)[0] == "fp32"
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
     avx512_bf16 = probe_hardware()  # AVX512_BF16 alone (AMD Zen 4): measured faster too
-    assert (avx512_bf16.bf16_supported, avx512_bf16.cpu_native_bf16) == (True, True)
+    assert avx512_bf16.bf16_supported is True
     value, reason = choose_precision(avx512_bf16)
     assert value == "bf16" and "AVX512_BF16" in reason
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
     amx = probe_hardware()
-    assert (amx.bf16_supported, amx.cpu_native_bf16) == (True, True)
+    assert amx.bf16_supported is True
     value, reason = choose_precision(amx)
     assert value == "bf16" and "AMX" in reason
 
 
-AMX = Hardware("cpu", bf16_supported=True, cpu_native_bf16=True)
+AMX = Hardware("cpu", bf16_supported=True)
 
 
 @pytest.mark.parametrize(

@@ -22,18 +22,16 @@ from tunewise.training.schedule import StepPlan, compute_step_plan, resolve_inte
 @dataclass(frozen=True)
 class Hardware:
     device_type: str  # "cpu" | "cuda" | "mps"
+    # On a GPU, bf16 support. On CPU, bf16 matmuls in hardware (AMX or AVX512_BF16), measured faster than
+    # fp32 (bench/cpu_bf16.py, docs/performance.md); without them oneDNN emulates bf16, several times slower.
     bf16_supported: bool
     world_size: int = 1
-    # AVX512_BF16 or AMX: bf16 matmuls in hardware, measured faster than fp32 (bench/cpu_bf16.py,
-    # docs/performance.md); without them oneDNN emulates bf16, several times slower than fp32.
-    cpu_native_bf16: bool = False
 
 
 def probe_hardware(world_size: int = 1) -> Hardware:
     if torch.cuda.is_available():
         return Hardware("cuda", torch.cuda.is_bf16_supported(), world_size)
-    native = _cpu_has_bf16_matmuls()
-    return Hardware("cpu", native, world_size, cpu_native_bf16=native)
+    return Hardware("cpu", _cpu_has_bf16_matmuls(), world_size)
 
 
 def _cpu_has_bf16_matmuls() -> bool:
@@ -72,7 +70,7 @@ def choose_precision(hw: Hardware) -> tuple[str, str]:
         if hw.bf16_supported:
             return "bf16", "GPU supports bf16: fp32's exponent range, no loss scaling needed"
         return "fp16", "GPU lacks bf16; fp16 with dynamic loss scaling"
-    if hw.bf16_supported and hw.cpu_native_bf16:
+    if hw.bf16_supported:
         # A compiled packed LoRA step in bf16 against fp32: 1.49x with AMX (Xeon), 1.45-1.76x with
         # AVX512_BF16 alone (AMD EPYC Zen 4); its matmuls 5.7x and 2.2x fp32's rate.
         why = "this CPU multiplies bf16 in hardware (AMX or AVX512_BF16): bf16 autocast measured 1.5x fp32"
