@@ -17,6 +17,12 @@ tunewise's CausalLMLoss, its LoRA dropout and one AdamW step per window; the fir
 - segments2: packed rows of 2 examples, 4 micro-batches per window, per-example attention
 - segments4: packed rows of 4 examples, 2 micro-batches per window, per-example attention
 - mb1:       8 micro-batches of 1 example (`per_device_train_batch_size: 1`): no padding
+- tokensN:   packed rows of at most N tokens (e.g. tokens512): the window's examples first-fit, longest
+             first, into as few rows as fit, per-example attention; the step's examples and gradient are
+             those of segments2 (an experiment, not a tunewise setting; docs/performance.md)
+
+--largest-first runs each window's micro-batch with the most tokens first, as tunewise's loop does
+(`collate.largest_first`); tokensN always does.
 
 --peft-linear builds the adapters with plain PEFT (its LoRA Linear), not tunewise's `apply_method`
 (whose `MergedLoraLinear` trains without dropout as one matmul with W + s B A).
@@ -61,14 +67,42 @@ def micro_batches(
     if layout in ("segments2", "segments4"):
         size = int(layout[-1])
         return [collate_packed(window[i : i + size], multiple, pad_id) for i in range(0, len(window), size)]
+    if layout.startswith("tokens"):
+        return [collate_packed(row, multiple, pad_id) for row in token_rows(window, int(layout[6:]))]
     return [collate_padded([e], pad_id, pad_to_multiple_of=multiple) for e in window]  # mb1
+
+
+def token_rows(window: list[dict], budget: int) -> list[list[dict]]:
+    """First-fit decreasing: each example, longest first, joins the first row it fits in (at most `budget`
+    tokens) or opens a new one; an example longer than the budget gets a row of its own."""
+    rows: list[list[dict]] = []
+    for example in sorted(window, key=lambda e: -e["length"]):
+        fits = (r for r in rows if sum(e["length"] for e in r) + example["length"] <= budget)
+        row = next(fits, None)
+        if row is None:
+            rows.append([example])
+        else:
+            row.append(example)
+    return rows
+
+
+def layout_name(value: str) -> str:
+    fixed = ("padded", "packed", "segments", "segments2", "segments4", "mb1")
+    if value in fixed or (value.startswith("tokens") and value[6:].isdigit() and int(value[6:]) > 0):
+        return value
+    raise argparse.ArgumentTypeError(f"{value!r}: one of {', '.join(fixed)} or tokensN (e.g. tokens512)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("layout", choices=["padded", "packed", "segments", "segments2", "segments4", "mb1"])
+    parser.add_argument(
+        "layout", type=layout_name, help="padded, packed, segments, segments2, segments4, mb1, tokensN"
+    )
+    parser.add_argument(
+        "--largest-first", action="store_true", help="each window's largest micro-batch first"
+    )
     parser.add_argument("--lora-dropout", type=float, default=0.0)  # PEFT's and tunewise's default
     parser.add_argument("--windows", type=int, default=6, help="windows of 8 examples, 2 of them warm-up")
     parser.add_argument("--threads", type=int, default=0)
@@ -133,7 +167,7 @@ def main() -> None:
         if param.requires_grad:
             param.data = param.data.float()
     use_fast_lora_dropout(model)
-    if args.layout.startswith("segments"):
+    if args.layout.startswith(("segments", "tokens")):
         model.set_attn_implementation(VARLEN_SDPA)
     if args.compile:
         compile_layers(model, args.memory_budget or CPU_ACTIVATION_MEMORY_BUDGET)
@@ -147,6 +181,8 @@ def main() -> None:
             if args.profile:
                 profiler.start()
         batches = micro_batches(args.layout, window, tokenizer.pad_token_id, args.pad_to_multiple_of)
+        if args.largest_first or args.layout.startswith("tokens"):
+            batches.sort(key=lambda b: -b["input_ids"].shape[1])  # one row each: its width is its tokens
         targets = sum(int((b["targets"] != -100).sum()) for b in batches)
         for batch in batches:
             with torch.autocast("cpu", torch.bfloat16, enabled=args.bf16):
@@ -165,6 +201,7 @@ def main() -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     flags = (" compiled" if args.compile else "") + (" peft-linear" if args.peft_linear else "")
     flags += (" bf16" if args.bf16 else "") + (" default-malloc" if args.default_malloc else "")
+    flags += " largest-first" if args.largest_first else ""
     flags += f" pad-to-{args.pad_to_multiple_of}" if args.pad_to_multiple_of else ""
     flags += f" logit-chunk-{args.logit_chunk}" if args.logit_chunk else ""
     flags += f" memory-budget-{args.memory_budget}" if args.memory_budget else ""
