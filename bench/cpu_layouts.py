@@ -77,7 +77,7 @@ def token_rows(window: list[dict], budget: int) -> list[list[dict]]:
     tokens) or opens a new one; an example longer than the budget gets a row of its own."""
     rows: list[list[dict]] = []
     for example in sorted(window, key=lambda e: -e["length"]):
-        fits = (r for r in rows if sum(e["length"] for e in r) + example["length"] <= budget)
+        fits = (r for r in rows if sum(x["length"] for x in r) + example["length"] <= budget)
         row = next(fits, None)
         if row is None:
             rows.append([example])
@@ -182,7 +182,8 @@ def main() -> None:
                 profiler.start()
         batches = micro_batches(args.layout, window, tokenizer.pad_token_id, args.pad_to_multiple_of)
         if args.largest_first or args.layout.startswith("tokens"):
-            batches.sort(key=lambda b: -b["input_ids"].shape[1])  # one row each: its width is its tokens
+            # Each micro-batch here is one row (or the one padded batch): its width stands for its tokens.
+            batches.sort(key=lambda b: -b["input_ids"].shape[1])
         targets = sum(int((b["targets"] != -100).sum()) for b in batches)
         for batch in batches:
             with torch.autocast("cpu", torch.bfloat16, enabled=args.bf16):

@@ -305,8 +305,9 @@ def _cpu_varlen_attention_backward(
     dtype = query.dtype
     if dtype != torch.float32:
         # CPU flash attention's bf16 backward costs 1.2-4.6x its fp32 one on rows of 50-400 tokens, casts
-        # included (AMX Xeon, 9 query / 3 key-value heads of 64; Zen 4: 1.1-3.8x below 384 tokens, 0.86-0.98x
-        # at 384-512); the forward stays in bf16, 1.6-2.5x faster on the Xeon, 4-24% slower on the Zen 4.
+        # included (AMX Xeon, 9 query / 3 key-value heads of 64; Zen 4, casts not included: 1.1-3.8x below 384
+        # tokens, 0.86-0.98x at 384-512); the forward stays in bf16: 1.6-2.5x faster on the Xeon, 4-24% slower
+        # on the Zen 4, where casting it to fp32 and back measured the same as bf16.
         grad_out, query, key, value, out = (t.float() for t in (grad_out, query, key, value, out))
     grads = [
         torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
