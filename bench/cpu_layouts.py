@@ -56,33 +56,41 @@ def windows(n_windows: int, tokenizer: object) -> list[list[dict]]:
 
 
 def micro_batches(
-    layout: str, window: list[dict], pad_id: int, multiple: int | None = None
+    layout: str, window: list[dict], pad_id: int, multiple: int | None = None, largest_first: bool = False
 ) -> list[dict[str, torch.Tensor]]:
     from tunewise.data.collate import collate_packed, collate_padded
+    from tunewise.data.collate import largest_first as largest_first_order
 
     if layout == "padded":
         return [collate_padded(window, pad_id, pad_to_multiple_of=multiple)]
+    lengths = [e["length"] for e in window]
+    every = list(range(len(window)))
     if layout in ("packed", "segments"):
-        return [collate_packed(window, multiple, pad_id)]
-    if layout in ("segments2", "segments4"):
+        groups = [every]
+    elif layout in ("segments2", "segments4"):
         size = int(layout[-1])
-        return [collate_packed(window[i : i + size], multiple, pad_id) for i in range(0, len(window), size)]
-    if layout.startswith("tokens"):
-        return [collate_packed(row, multiple, pad_id) for row in token_rows(window, int(layout[6:]))]
-    return [collate_padded([e], pad_id, pad_to_multiple_of=multiple) for e in window]  # mb1
+        groups = [every[i : i + size] for i in range(0, len(every), size)]
+    elif layout.startswith("tokens"):
+        groups = token_rows(lengths, int(layout[6:]))
+    else:  # mb1
+        groups = [[i] for i in every]
+    if largest_first or layout.startswith("tokens"):
+        groups = largest_first_order(groups, lengths)  # the order tunewise's loop runs a step in
+    if layout == "mb1":
+        return [collate_padded([window[i] for i in g], pad_id, pad_to_multiple_of=multiple) for g in groups]
+    return [collate_packed([window[i] for i in g], multiple, pad_id) for g in groups]
 
 
-def token_rows(window: list[dict], budget: int) -> list[list[dict]]:
-    """First-fit decreasing: each example, longest first, joins the first row it fits in (at most `budget`
-    tokens) or opens a new one; an example longer than the budget gets a row of its own."""
-    rows: list[list[dict]] = []
-    for example in sorted(window, key=lambda e: -e["length"]):
-        fits = (r for r in rows if sum(x["length"] for x in r) + example["length"] <= budget)
-        row = next(fits, None)
+def token_rows(lengths: list[int], budget: int) -> list[list[int]]:
+    """First-fit decreasing: each example (an index into `lengths`), longest first, joins the first row it
+    fits in (at most `budget` tokens) or opens a new one; one longer than the budget gets a row of its own."""
+    rows: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = next((r for r in rows if sum(lengths[j] for j in r) + lengths[i] <= budget), None)
         if row is None:
-            rows.append([example])
+            rows.append([i])
         else:
-            row.append(example)
+            row.append(i)
     return rows
 
 
@@ -180,10 +188,9 @@ def main() -> None:
             tokens, start, usage = 0, time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
             if args.profile:
                 profiler.start()
-        batches = micro_batches(args.layout, window, tokenizer.pad_token_id, args.pad_to_multiple_of)
-        if args.largest_first or args.layout.startswith("tokens"):
-            # Each micro-batch here is one row (or the one padded batch): its width stands for its tokens.
-            batches.sort(key=lambda b: -b["input_ids"].shape[1])
+        batches = micro_batches(
+            args.layout, window, tokenizer.pad_token_id, args.pad_to_multiple_of, args.largest_first
+        )
         targets = sum(int((b["targets"] != -100).sum()) for b in batches)
         for batch in batches:
             with torch.autocast("cpu", torch.bfloat16, enabled=args.bf16):

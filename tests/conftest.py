@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,24 @@ def one_thread_for_tiny_models(request: pytest.FixtureRequest) -> object:
 
 
 _REAL_BF16_PROBE = resolve._cpu_has_bf16_matmuls
+
+
+@pytest.fixture
+def bench_script(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], object]:
+    """Loads a script of bench/ (not a package) as a module: `bench_script("vs_trl")`."""
+    # cpu_layouts.py asks for huge pages through the environment when loaded, unless the variable is set.
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")
+
+    def load(name: str) -> object:
+        path = Path(__file__).parents[1] / "bench" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec and spec.loader
+        module = importlib.util.module_from_spec(spec)
+        sys.modules.setdefault(name, module)  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+        return module
+
+    return load
 
 
 @pytest.fixture(scope="session", autouse=True)

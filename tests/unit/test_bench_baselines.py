@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
+from collections.abc import Callable
 
 import torch
 
 from tunewise.testing import build_tiny_model
-
-
-def load_bench() -> object:
-    path = Path(__file__).parents[2] / "bench" / "vs_trl.py"
-    spec = importlib.util.spec_from_file_location("vs_trl", path)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("vs_trl", module)
-    spec.loader.exec_module(module)
-    return module
 
 
 def examples(lengths: list[int]) -> list[dict]:
@@ -31,8 +19,8 @@ def examples(lengths: list[int]) -> list[dict]:
     return rows
 
 
-def test_flattened_and_padded_hf_batches_give_the_same_loss() -> None:
-    bench = load_bench()
+def test_flattened_and_padded_hf_batches_give_the_same_loss(bench_script: Callable[[str], object]) -> None:
+    bench = bench_script("vs_trl")
     model = build_tiny_model(64, seed=0, attn_implementation="sdpa").eval()
     rows = examples([9, 17, 5, 12])
     targets = sum(sum(t != -100 for t in r["labels"][1:]) for r in rows)
@@ -52,11 +40,11 @@ def test_flattened_and_padded_hf_batches_give_the_same_loss() -> None:
     assert not torch.allclose(leaky, padded, atol=1e-3)
 
 
-def test_flop_counts_match_a_hand_count_of_smollm2() -> None:
+def test_flop_counts_match_a_hand_count_of_smollm2(bench_script: Callable[[str], object]) -> None:
     """SmolLM2-135M: 30 layers, hidden 576, 9 heads / 3 KV heads of 64, MLP 1536, vocab 49152, LoRA r 16."""
     from types import SimpleNamespace
 
-    bench = load_bench()
+    bench = bench_script("vs_trl")
     config = SimpleNamespace(
         hidden_size=576,
         intermediate_size=1536,
@@ -81,9 +69,9 @@ def test_flop_counts_match_a_hand_count_of_smollm2() -> None:
     assert bench.example_flops(shape, 300, 300) - nominal == 6 * 30 * lora * 300
 
 
-def test_trl_token_meter_leaves_out_pad_to_multiple_of_filler() -> None:
+def test_trl_token_meter_leaves_out_pad_to_multiple_of_filler(bench_script: Callable[[str], object]) -> None:
     """TRL's padding-free rows rounded up by pad_to_multiple_of: only the examples' tokens count."""
-    bench = load_bench()
+    bench = bench_script("vs_trl")
     meter = bench.StepMeter("cpu", pad_token_id=2)  # type: ignore[attr-defined]
     # Two examples, the first ending in the pad id (eos as pad), then three filler tokens, each at position 0.
     ids = torch.tensor([[5, 6, 2, 7, 8, 2, 2, 2]])

@@ -2,44 +2,47 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
+import argparse
+from collections.abc import Callable
 
 import pytest
 
 
-def load_layouts(monkeypatch: pytest.MonkeyPatch) -> object:
-    # Loading the script asks for huge pages through the environment unless the variable is already set.
-    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")
-    path = Path(__file__).parents[2] / "bench" / "cpu_layouts.py"
-    spec = importlib.util.spec_from_file_location("cpu_layouts", path)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_token_rows_first_fit_longest_first(monkeypatch: pytest.MonkeyPatch) -> None:
-    layouts = load_layouts(monkeypatch)
-    window = [{"id": i, "length": n} for i, n in enumerate([300, 120, 480, 60, 250, 200, 90, 510])]
-    rows = layouts.token_rows(window, 512)
-    lengths = [[e["length"] for e in row] for row in rows]
+def test_token_rows_first_fit_longest_first(bench_script: Callable[[str], object]) -> None:
+    layouts = bench_script("cpu_layouts")
+    lengths = [300, 120, 480, 60, 250, 200, 90, 510]
+    rows = layouts.token_rows(lengths, 512)  # type: ignore[attr-defined]
     # Longest first: 510, 480, 300 and 250 each open a row (none fits beside an earlier one); 200 joins 300,
     # 120 and 90 join 250, and 60 fits nowhere (the fullest rows have 510, 480, 500 and 460).
-    assert lengths == [[510], [480], [300, 200], [250, 120, 90], [60]]
-    assert sorted(e["id"] for row in rows for e in row) == list(range(8))
-    assert all(sum(row) <= 512 for row in lengths)
+    assert [[lengths[i] for i in row] for row in rows] == [[510], [480], [300, 200], [250, 120, 90], [60]]
+    assert sorted(i for row in rows for i in row) == list(range(8))  # each example once
 
 
-def test_token_rows_give_an_overlong_example_its_own_row(monkeypatch: pytest.MonkeyPatch) -> None:
-    layouts = load_layouts(monkeypatch)
-    rows = layouts.token_rows([{"length": 700}, {"length": 100}, {"length": 50}], 512)
-    assert [[e["length"] for e in row] for row in rows] == [[700], [100, 50]]
+def test_token_rows_give_an_overlong_example_its_own_row(bench_script: Callable[[str], object]) -> None:
+    layouts = bench_script("cpu_layouts")
+    assert layouts.token_rows([100, 700, 50], 512) == [[1], [0, 2]]  # type: ignore[attr-defined]
 
 
-def test_layout_names(monkeypatch: pytest.MonkeyPatch) -> None:
-    layouts = load_layouts(monkeypatch)
-    assert layouts.layout_name("tokens768") == "tokens768"
+def test_token_layouts_pack_each_row_and_run_the_largest_first(bench_script: Callable[[str], object]) -> None:
+    layouts = bench_script("cpu_layouts")
+    window = [
+        {"input_ids": [5 + i] * n, "labels": [5 + i] * n, "length": n} for i, n in enumerate([3, 9, 4, 6])
+    ]
+    # Rows of at most 10 tokens: 9 alone, then 6 + 4, then 3; the row with the most tokens runs first.
+    rows = layouts.micro_batches("tokens10", window, pad_id=0)  # type: ignore[attr-defined]
+    assert [b["input_ids"][0].tolist() for b in rows] == [[8] * 6 + [7] * 4, [6] * 9, [5] * 3]
+    # Rows of 2 examples keep their order unless asked: [3, 9] (12 tokens) then [4, 6] (10), either way here,
+    # so the small pair goes first to tell the orders apart.
+    small_first = [window[2], window[3], window[0], window[1]]
+    drawn = layouts.micro_batches("segments2", small_first, pad_id=0)  # type: ignore[attr-defined]
+    largest = layouts.micro_batches("segments2", small_first, pad_id=0, largest_first=True)  # type: ignore[attr-defined]
+    assert [b["input_ids"].shape[1] for b in drawn] == [10, 12]
+    assert [b["input_ids"].shape[1] for b in largest] == [12, 10]
+
+
+def test_layout_names(bench_script: Callable[[str], object]) -> None:
+    layouts = bench_script("cpu_layouts")
+    assert layouts.layout_name("tokens768") == "tokens768"  # type: ignore[attr-defined]
     for bad in ("tokens", "tokens0", "tokens-5", "segments3"):
-        with pytest.raises(Exception, match="tokensN"):
-            layouts.layout_name(bad)
+        with pytest.raises(argparse.ArgumentTypeError, match="tokensN"):
+            layouts.layout_name(bad)  # type: ignore[attr-defined]
