@@ -27,12 +27,16 @@ tunewise's CausalLMLoss, its LoRA dropout and one AdamW step per window; the fir
 --peft-linear builds the adapters with plain PEFT (its LoRA Linear), not tunewise's `apply_method`
 (whose `MergedLoraLinear` trains without dropout as one matmul with W + s B A).
 
+--torch-attention runs packed rows' attention on torch's CPU flash kernel, one example at a time, instead of
+tunewise's own kernel (models/kernels.py; the same as TUNEWISE_CPU_ATTENTION_KERNEL=0).
+
 Used for the recommendations in docs/performance.md; not part of tunewise.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import sys
 import time
@@ -117,6 +121,11 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (dynamic)")
     parser.add_argument("--peft-linear", action="store_true", help="PEFT's LoRA Linear, not MergedLoraLinear")
     parser.add_argument(
+        "--torch-attention",
+        action="store_true",
+        help="torch's CPU flash attention for packed rows, not tunewise's kernel (models/kernels.py)",
+    )
+    parser.add_argument(
         "--bf16", action="store_true", help="bf16 base, fp32 adapters, bf16 autocast (as tunewise)"
     )
     parser.add_argument(
@@ -144,6 +153,8 @@ def main() -> None:
         help="glibc's and torch's defaults, not tunewise's set_host_memory",
     )
     args = parser.parse_args()
+    if args.torch_attention:
+        os.environ["TUNEWISE_CPU_ATTENTION_KERNEL"] = "0"  # read at the kernel's first use
     if not args.default_malloc:
         from tunewise.training.host_memory import keep_freed_memory
 

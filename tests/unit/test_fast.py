@@ -148,8 +148,14 @@ def per_example_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bou
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize("path", ["custom op (CPU)", "per-example sdpa (GPU, attention dropout)"])
-def test_varlen_sdpa_attends_within_each_example_and_ignores_the_block_mask(path: str) -> None:
+@pytest.mark.parametrize(
+    "path", ["custom op (CPU)", "custom op (CPU, torch flash)", "per-example sdpa (GPU, attention dropout)"]
+)
+def test_varlen_sdpa_attends_within_each_example_and_ignores_the_block_mask(
+    path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if "torch flash" in path:
+        monkeypatch.setattr(fast, "cpu_kernel_for", lambda query, bounds: None)
     torch.manual_seed(8)
     module = nn.Module()
     module.num_key_value_groups, module.is_causal = 2, True
@@ -166,9 +172,12 @@ def test_varlen_sdpa_attends_within_each_example_and_ignores_the_block_mask(path
         assert torch.allclose(out[:, a:b], ref, atol=1e-6)
 
 
-def test_cpu_varlen_ops_pass_torch_library_opcheck() -> None:
+@pytest.mark.parametrize("kernel", ["tunewise", "torch flash"])
+def test_cpu_varlen_ops_pass_torch_library_opcheck(kernel: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # Fake (meta) kernels, autograd registration and schema agree with the real kernels: what
     # torch.compile relies on to keep a layer in one graph around them.
+    if kernel == "torch flash":
+        monkeypatch.setattr(fast, "cpu_kernel_for", lambda query, bounds: None)
     torch.manual_seed(9)
     q, k, v = (torch.randn(1, h, 30, 8) for h in (4, 2, 2))  # contiguous, as varlen_sdpa passes them
     bounds = torch.tensor([0, 11, 30], dtype=torch.int32)
@@ -182,7 +191,14 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
-def test_cpu_varlen_attention_in_bf16_computes_its_backward_in_fp32() -> None:
+@pytest.fixture
+def torch_flash_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU custom ops on torch's flash kernel, as where tunewise's own kernel cannot be built."""
+    monkeypatch.setattr(fast, "cpu_kernel_for", lambda query, bounds: None)
+
+
+@pytest.mark.usefixtures("torch_flash_kernel")
+def test_cpu_varlen_attention_on_torch_flash_in_bf16_computes_its_backward_in_fp32() -> None:
     # The bf16 forward, then the gradients from an fp32 backward (faster on CPU) cast back to bf16.
     torch.manual_seed(11)
     bounds = [0, 40, 41, 120]  # a one-token example too

@@ -1,0 +1,101 @@
+"""tunewise's own CPU kernel: causal attention within each example of a packed row (csrc/varlen_attention.cpp).
+
+On rows of 50-500 tokens it runs 2.6-3.8x torch's CPU flash attention in bf16 and 1.8-2.3x in fp32, forward and
+backward together (Zen 4, docs/performance.md). It is C++ built on first use by torch's extension loader with
+the machine's C++ compiler (the one `torch.compile` needs on CPU too) and ninja: about 15 s once per machine,
+torch version and CPU, then cached in torch's extensions directory (`TORCH_EXTENSIONS_DIR`, by default
+~/.cache/torch_extensions). `-march=native` builds it for this CPU, which is why the CPU's flags are part of
+its name. Where it cannot be built, tunewise says why once and keeps torch's flash kernel.
+`TUNEWISE_CPU_ATTENTION_KERNEL=0` keeps torch's kernel too (benchmarks compare the two that way).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("tunewise")
+
+SOURCE = Path(__file__).parent / "csrc" / "varlen_attention.cpp"
+# Fast math without -ffinite-math-only: reductions may reorder, NaN still propagates.
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math",
+          "-fno-signed-zeros"]  # fmt: skip
+DISABLE = "TUNEWISE_CPU_ATTENTION_KERNEL"
+
+
+def cpu_has_bf16_matmuls() -> bool:
+    """AMX or AVX512_BF16: bf16 matmuls in hardware. oneDNN's bf16 brgemm, which the kernel calls, needs one of
+    them (torch raises without), and `precision: auto` picks bf16 on CPU only with them (config/resolve.py)."""
+    return _cpu_check("_is_amx_tile_supported") or _cpu_check("_is_avx512_bf16_supported")
+
+
+def _cpu_check(name: str) -> bool:
+    """One of torch's own (private) CPU feature checks; a torch too old to have it says no."""
+    check = getattr(torch.cpu, name, None)
+    return bool(check()) if check is not None else False
+
+
+def cpu_flags() -> str:
+    """The CPU's feature flags (what -march=native compiles for), or its model name where /proc has none."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def extension_name() -> str:
+    """One name per source, torch version and CPU: a build never runs on a CPU or torch it was not built for."""
+    key = "\n".join([SOURCE.read_text(), " ".join(CFLAGS), torch.__version__, cpu_flags()])
+    return "tunewise_cpu_kernels_" + hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def ninja_on_path() -> bool:
+    """torch's loader runs `ninja`; the PyPI package installs it beside Python, which may not be on PATH."""
+    if shutil.which("ninja"):
+        return True
+    try:
+        import ninja  # type: ignore[import-untyped]
+    except ImportError:
+        return False
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    return shutil.which("ninja") is not None
+
+
+@functools.cache
+def cpu_attention_ops() -> Any | None:
+    """`torch.ops.tunewise_kernels` with the kernel built and loaded, or None (and a warning, once) if it cannot be."""
+    if os.environ.get(DISABLE, "1") == "0":
+        log.info("%s=0: packed rows use torch's CPU flash attention", DISABLE)
+        return None
+    if not ninja_on_path():
+        log.warning(
+            "tunewise's CPU attention kernel needs ninja (pip install ninja); using torch's flash kernel"
+        )
+        return None
+    from torch.utils.cpp_extension import load
+
+    name = extension_name()
+    start = time.perf_counter()
+    try:
+        load(name, [str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], is_python_module=False)
+    except (RuntimeError, OSError, ImportError, subprocess.SubprocessError) as error:
+        # No compiler, a missing header, a compile error: torch's kernel still works, only slower.
+        log.warning("could not build tunewise's CPU attention kernel (%s); using torch's flash kernel", error)
+        return None
+    seconds = time.perf_counter() - start
+    if seconds > 1:
+        log.info("built tunewise's CPU attention kernel in %.0f s (cached for the next runs)", seconds)
+    return torch.ops.tunewise_kernels
