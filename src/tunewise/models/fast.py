@@ -22,7 +22,7 @@
   flash-attention varlen kernel, one launch for the whole row (`flash_varlen`). On CPU (no attention
   dropout) it is a `torch.library` custom op with its own backward op, opaque to torch.compile, so a
   compiled layer stays one graph (+5% a step against a graph break at every attention call); inside, tunewise's
-  own kernel (models/kernels.py: 2.6-3.8x torch's CPU flash attention in bf16, 1.8-2.3x in fp32), or where it
+  own kernel (models/kernels.py: 2.0-3.4x torch's CPU flash attention in bf16, 1.2-2.3x in fp32), or where it
   cannot be built, torch's flash kernel on each example's slice. Elsewhere (fp32 on a GPU, attention dropout on
   CPU): sdpa on each example's slice.
 - `compile_layers`: `torch.compile` of each repeated decoder layer, in place (the module tree and

@@ -1,6 +1,6 @@
 """tunewise's own CPU kernel: causal attention within each example of a packed row (csrc/varlen_attention.cpp).
 
-On rows of 50-500 tokens it runs 2.6-3.8x torch's CPU flash attention in bf16 and 1.8-2.3x in fp32, forward and
+On examples of 64-512 tokens it runs 2.0-3.4x torch's CPU flash attention in bf16 and 1.2-2.3x in fp32, forward and
 backward together (Zen 4, docs/performance.md). It is C++ built on first use by torch's extension loader with
 the machine's C++ compiler (the one `torch.compile` needs on CPU too) and ninja: about 15 s once per machine,
 torch version and CPU, then cached in torch's extensions directory (`TORCH_EXTENSIONS_DIR`, by default
