@@ -123,6 +123,19 @@ std::vector<Example> examples_of(const std::vector<int64_t>& bounds) {
   return out;
 }
 
+// A packed row's sizes: heads, key/value heads, tokens, head dim; the examples, padded to whole blocks, their
+// total and the widest of them.
+struct Row {
+  int64_t heads, kv_heads, total, dim, group, padded_total, widest = 0;
+  std::vector<Example> examples;
+  Row(const at::Tensor& q, const at::Tensor& k, const std::vector<int64_t>& bounds)
+      : heads(q.size(1)), kv_heads(k.size(1)), total(q.size(2)), dim(q.size(3)), group(heads / kv_heads),
+        examples(examples_of(bounds)) {
+    padded_total = examples.back().offset + examples.back().padded;
+    for (const auto& ex : examples) widest = std::max(widest, ex.padded);
+  }
+};
+
 // Runs body(i, scratch) for i in [0, count) on torch's threads, handing the indices out one at a time (the items
 // come sorted largest first, so this balances them). Each thread keeps its scratch from call to call, grown to
 // the widest example it has seen: new buffers at every call cost page faults and, held by glibc's per-thread
@@ -227,34 +240,31 @@ template <typename T> struct ForwardScratch {
 template <typename T>
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                            const std::vector<int64_t>& bounds, double scale) {
-  const int64_t heads = q.size(1), kv_heads = k.size(1), total = q.size(2), dim = q.size(3);
-  const int64_t group = heads / kv_heads;
-  const auto examples = examples_of(bounds);
-  const int64_t padded_total = examples.back().offset + examples.back().padded;
-  int64_t widest = 0;
-  for (const auto& ex : examples) widest = std::max(widest, ex.padded);
+  const Row row(q, k, bounds);
+  const auto& examples = row.examples;
+  const int64_t dim = row.dim;
   const float fscale = static_cast<float>(scale);
 
-  auto out = at::empty({1, total, heads, dim}, q.options());
-  auto lse = at::empty({1, heads, total}, q.options().dtype(at::kFloat));
-  auto keys = at::empty({kv_heads, padded_total * dim}, q.options());  // K^T (D x L) as GEMM's B
+  auto out = at::empty({1, row.total, row.heads, dim}, q.options());
+  auto lse = at::empty({1, row.heads, row.total}, q.options().dtype(at::kFloat));
+  auto keys = at::empty({row.kv_heads, row.padded_total * dim}, q.options());  // K^T (D x L) as GEMM's B
   // P V runs in fp32: P rounded to bf16 made the output's error 1.2-1.3x torch's flash kernel's; in fp32 it is
   // below it (tests/unit/test_kernels.py), for ~+50% on the forward's time (a quarter of the kernel's).
-  auto values = at::empty({kv_heads, padded_total * dim}, q.options().dtype(at::kFloat));
+  auto values = at::empty({row.kv_heads, row.padded_total * dim}, q.options().dtype(at::kFloat));
   float* v_rows = values.mutable_data_ptr<float>();
   const T *qd = q.const_data_ptr<T>(), *kd = k.const_data_ptr<T>(), *vd = v.const_data_ptr<T>();
   T *pk = keys.mutable_data_ptr<T>(), *od = out.mutable_data_ptr<T>();
   float* lsed = lse.mutable_data_ptr<float>();
-  auto key_t = [&](int64_t j, const Example& ex) { return pk + (j * padded_total + ex.offset) * dim; };
+  auto key_t = [&](int64_t j, const Example& ex) { return pk + (j * row.padded_total + ex.offset) * dim; };
 
   const int64_t n_examples = examples.size();
-  run_items<NoScratch>(n_examples * kv_heads, 0, 0, [&](int64_t i, NoScratch&) {
-    const Example& ex = examples[i / kv_heads];
-    const int64_t j = i % kv_heads;
+  run_items<NoScratch>(n_examples * row.kv_heads, 0, 0, [&](int64_t i, NoScratch&) {
+    const Example& ex = examples[i / row.kv_heads];
+    const int64_t j = i % row.kv_heads;
     pack_transposed(kd + j * k.stride(1) + ex.start * k.stride(2), k.stride(2), ex.length, ex.padded, dim,
                     key_t(j, ex));
     const T* value = vd + j * v.stride(1) + ex.start * v.stride(2);
-    float* rows = v_rows + (j * padded_total + ex.offset) * dim;  // V in fp32, zero rows past the end
+    float* rows = v_rows + (j * row.padded_total + ex.offset) * dim;  // V in fp32, zero rows past the end
     for (int64_t c = 0; c < ex.padded; c++)
       for (int64_t d = 0; d < dim; d++)
         rows[c * dim + d] = c < ex.length ? static_cast<float>(value[c * v.stride(2) + d]) : 0.f;
@@ -262,13 +272,13 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
 
   std::vector<Item> items;
   for (int64_t e = 0; e < n_examples; e++)
-    for (int64_t h = 0; h < heads; h++)
+    for (int64_t h = 0; h < row.heads; h++)
       for (int64_t b = 0; b * kBlock < examples[e].length; b++) items.push_back({e, h, b, b});
   sort_largest_first(items);
-  run_items<ForwardScratch<T>>(items.size(), widest, dim, [&](int64_t n, ForwardScratch<T>& w) {
+  run_items<ForwardScratch<T>>(items.size(), row.widest, dim, [&](int64_t n, ForwardScratch<T>& w) {
     const Item& it = items[n];
     const Example& ex = examples[it.example];
-    const int64_t h = it.head, j = h / group, row0 = it.block * kBlock;
+    const int64_t h = it.head, j = h / row.group, row0 = it.block * kBlock;
     const int64_t rows = std::min(kBlock, ex.length - row0), width = round_up(row0 + rows);
     const T* qa = block_rows(qd + h * q.stride(1) + (ex.start + row0) * q.stride(2), rows, q.stride(2), dim,
                              w.a.data());
@@ -281,12 +291,12 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
       const float inv = 1.f / sum;
       for (int64_t c = 0; c < valid; c++) s[c] *= inv;
       std::fill(s + valid, s + width, 0.f);
-      lsed[h * total + ex.start + row0 + r] = top + std::log(sum);
+      lsed[h * row.total + ex.start + row0 + r] = top + std::log(sum);
     }
-    gemm<float>(kBlock, dim, width, w.s.data(), width, v_rows + (j * padded_total + ex.offset) * dim, dim,
+    gemm<float>(kBlock, dim, width, w.s.data(), width, v_rows + (j * row.padded_total + ex.offset) * dim, dim,
                 w.o.data(), dim, false);
     for (int64_t r = 0; r < rows; r++)
-      convert_row(w.o.data() + r * dim, dim, 1.f, od + ((ex.start + row0 + r) * heads + h) * dim);
+      convert_row(w.o.data() + r * dim, dim, 1.f, od + ((ex.start + row0 + r) * row.heads + h) * dim);
   });
   return {out, lse};
 }
@@ -376,30 +386,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad, 
                                                         const at::Tensor& k, const at::Tensor& v,
                                                         const at::Tensor& out, const at::Tensor& lse,
                                                         const std::vector<int64_t>& bounds, double scale) {
-  const int64_t heads = q.size(1), kv_heads = k.size(1), total = q.size(2), dim = q.size(3);
-  const int64_t group = heads / kv_heads;
-  const auto examples = examples_of(bounds);
-  const int64_t padded_total = examples.back().offset + examples.back().padded;
-  int64_t widest = 0;
-  for (const auto& ex : examples) widest = std::max(widest, ex.padded);
+  const Row row(q, k, bounds);
+  const auto& examples = row.examples;
+  const int64_t dim = row.dim;
   const float fscale = static_cast<float>(scale);
 
   auto dq = at::empty(q.sizes(), q.options());
   auto dk = at::empty(k.sizes(), k.options());
   auto dv = at::empty(v.sizes(), v.options());
-  auto parts = at::empty({2, heads, total, dim}, q.options().dtype(at::kFloat));  // each head's dK and dV
-  auto packed = at::empty({3, kv_heads, padded_total * dim}, q.options());  // K^T, V^T and K, as GEMM's B
+  auto parts = at::empty({2, row.heads, row.total, dim}, q.options().dtype(at::kFloat));  // each head's dK and dV
+  auto packed = at::empty({3, row.kv_heads, row.padded_total * dim}, q.options());  // K^T, V^T and K, as GEMM's B
   const T *qd = q.const_data_ptr<T>(), *kd = k.const_data_ptr<T>(), *vd = v.const_data_ptr<T>();
   const T *gd = grad.const_data_ptr<T>(), *od = out.const_data_ptr<T>();
   T* pk = packed.mutable_data_ptr<T>();
   float* part = parts.mutable_data_ptr<float>();
-  const int64_t span = kv_heads * padded_total * dim;
-  auto key_t = [&](int64_t j, const Example& ex) { return pk + (j * padded_total + ex.offset) * dim; };
+  const int64_t span = row.kv_heads * row.padded_total * dim;
+  auto key_t = [&](int64_t j, const Example& ex) { return pk + (j * row.padded_total + ex.offset) * dim; };
 
   const int64_t n_examples = examples.size();
-  run_items<NoScratch>(n_examples * kv_heads, 0, 0, [&](int64_t i, NoScratch&) {
-    const Example& ex = examples[i / kv_heads];
-    const int64_t j = i % kv_heads;
+  run_items<NoScratch>(n_examples * row.kv_heads, 0, 0, [&](int64_t i, NoScratch&) {
+    const Example& ex = examples[i / row.kv_heads];
+    const int64_t j = i % row.kv_heads;
     const T* key = kd + j * k.stride(1) + ex.start * k.stride(2);
     pack_transposed(key, k.stride(2), ex.length, ex.padded, dim, key_t(j, ex));
     pack_transposed(vd + j * v.stride(1) + ex.start * v.stride(2), v.stride(2), ex.length, ex.padded, dim,
@@ -409,12 +416,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad, 
 
   std::vector<Item> items;
   for (int64_t e = 0; e < n_examples; e++)
-    for (int64_t h = 0; h < heads; h++) items.push_back({e, h, 0, examples[e].length});
+    for (int64_t h = 0; h < row.heads; h++) items.push_back({e, h, 0, examples[e].length});
   sort_largest_first(items);
   T* dqd = dq.mutable_data_ptr<T>();
-  run_items<BackwardScratch<T>>(items.size(), widest, dim, [&](int64_t n, BackwardScratch<T>& w) {
+  run_items<BackwardScratch<T>>(items.size(), row.widest, dim, [&](int64_t n, BackwardScratch<T>& w) {
     const Example& ex = examples[items[n].example];
-    const int64_t h = items[n].head, j = h / group, t = ex.start;
+    const int64_t h = items[n].head, j = h / row.group, t = ex.start;
     const HeadArgs<T> x{qd + h * q.stride(1) + t * q.stride(2),
                         gd + h * grad.stride(1) + t * grad.stride(2),
                         od + h * out.stride(1) + t * out.stride(2),
@@ -424,23 +431,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad, 
                         q.stride(2),
                         grad.stride(2),
                         out.stride(2),
-                        lse.const_data_ptr<float>() + h * total + t,
-                        dqd + (h * total + t) * dim,
-                        part + (h * total + t) * dim,
-                        part + ((heads + h) * total + t) * dim};
+                        lse.const_data_ptr<float>() + h * row.total + t,
+                        dqd + (h * row.total + t) * dim,
+                        part + (h * row.total + t) * dim,
+                        part + ((row.heads + h) * row.total + t) * dim};
     backward_head<T>(ex, x, dim, fscale, w);
   });
 
-  // dK = scale * (the sum of the group's shares), dV = the sum.
+  // dK = scale * (the sum of the row.group's shares), dV = the sum.
   T *dkd = dk.mutable_data_ptr<T>(), *dvd = dv.mutable_data_ptr<T>();
-  at::parallel_for(0, kv_heads * total, 64, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, row.kv_heads * row.total, 64, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; i++) {
-      const int64_t j = i / total, t = i % total;
+      const int64_t j = i / row.total, t = i % row.total;
       for (int64_t d = 0; d < dim; d++) {
         float sum_k = 0.f, sum_v = 0.f;
-        for (int64_t g = 0; g < group; g++) {
-          sum_k += part[((j * group + g) * total + t) * dim + d];
-          sum_v += part[((heads + j * group + g) * total + t) * dim + d];
+        for (int64_t g = 0; g < row.group; g++) {
+          sum_k += part[((j * row.group + g) * row.total + t) * dim + d];
+          sum_v += part[((row.heads + j * row.group + g) * row.total + t) * dim + d];
         }
         dkd[i * dim + d] = from_float<T>(fscale * sum_k);
         dvd[i * dim + d] = from_float<T>(sum_v);
