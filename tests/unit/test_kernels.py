@@ -142,7 +142,10 @@ def test_the_environment_switch_keeps_torch_flash(monkeypatch: pytest.MonkeyPatc
 
 
 def test_a_failed_build_warns_and_falls_back(
-    tmp_path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tmp_path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     broken = tmp_path / "broken.cpp"
     broken.write_text("this is not C++\n")
@@ -151,6 +154,17 @@ def test_a_failed_build_warns_and_falls_back(
     with caplog.at_level(logging.WARNING, logger="tunewise"):
         assert kernels.cpu_attention_ops.__wrapped__() is None
     assert "could not build tunewise's CPU attention kernel" in caplog.text
+    assert (
+        "building tunewise's CPU attention kernel, once" in capsys.readouterr().out
+    )  # the pause is announced
+
+
+def test_a_cached_build_loads_without_a_word(capsys: pytest.CaptureFixture[str]) -> None:
+    assert kernels.cpu_attention_ops() is not None  # built now if no earlier test or run has built it
+    capsys.readouterr()
+    assert kernels.is_built(kernels.extension_name())
+    assert kernels.cpu_attention_ops.__wrapped__() is not None
+    assert capsys.readouterr().out == ""
 
 
 def test_the_build_is_named_for_the_cpu_and_torch(monkeypatch: pytest.MonkeyPatch) -> None:

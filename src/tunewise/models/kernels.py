@@ -5,7 +5,8 @@ backward together (Zen 4, docs/performance.md). It is C++ built on first use by 
 the machine's C++ compiler (the one `torch.compile` needs on CPU too) and ninja: about 15 s once per machine,
 torch version and CPU, then cached in torch's extensions directory (`TORCH_EXTENSIONS_DIR`, by default
 ~/.cache/torch_extensions). `-march=native` builds it for this CPU, which is why the CPU's flags are part of
-its name. Where it cannot be built, tunewise says why once and keeps torch's flash kernel.
+its name. A first build says so (the pause is ~15 s); where it cannot be built, tunewise says why once and keeps
+torch's flash kernel.
 `TUNEWISE_CPU_ATTENTION_KERNEL=0` keeps torch's kernel too (benchmarks compare the two that way).
 """
 
@@ -88,6 +89,8 @@ def cpu_attention_ops() -> Any | None:
     from torch.utils.cpp_extension import load
 
     name = extension_name()
+    if not is_built(name):  # a pause of ~15 s deserves a word (as load.py's GGUF conversion gives one)
+        print("building tunewise's CPU attention kernel, once for this machine (~15 s)", flush=True)
     start = time.perf_counter()
     try:
         load(name, [str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], is_python_module=False)
@@ -99,3 +102,12 @@ def cpu_attention_ops() -> Any | None:
     if seconds > 1:
         log.info("built tunewise's CPU attention kernel in %.0f s (cached for the next runs)", seconds)
     return torch.ops.tunewise_kernels
+
+
+def is_built(name: str) -> bool:
+    """Whether torch's extension loader has a build of `name` cached (it then loads in well under a second)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+    except ImportError:  # a torch that moved it: say nothing rather than something wrong
+        return True
+    return (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").is_file()
