@@ -438,7 +438,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad, 
     backward_head<T>(ex, x, dim, fscale, w);
   });
 
-  // dK = scale * (the sum of the row.group's shares), dV = the sum.
+  // dK = scale * (the sum of the group's shares), dV = the sum.
   T *dkd = dk.mutable_data_ptr<T>(), *dvd = dv.mutable_data_ptr<T>();
   at::parallel_for(0, row.kv_heads * row.total, 64, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; i++) {
