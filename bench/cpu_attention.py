@@ -6,7 +6,8 @@
 Both run tunewise's packed-row custom ops (`models/fast.py: _cpu_varlen_attention` and its backward), once with
 tunewise's kernel (models/kernels.py) and once with torch's flash kernel on each example's slice, which is what
 tunewise runs where its kernel cannot be built (in bf16 with the backward in fp32, faster there). Each case
-alternates the two; the medians of --repeats calls are printed with their ratio. Rows: one example of each
+alternates the two; the medians of --repeats calls are printed with their ratio, and the rate of each (forward
+and backward together) in GFLOP/s of causal attention's useful work. Rows: one example of each
 --lengths, then packed rows of 4 and 16 examples of 50-500 tokens (vs_trl.py's spread).
 """
 
@@ -65,6 +66,12 @@ def time_case(
     return {key: min(values) for key, values in times.items()}
 
 
+def causal_gflop(lengths: list[int], heads: int, dim: int) -> float:
+    """The forward's useful work: Q K^T and P V over each example's causal triangle, 2 FLOPs a multiply-add.
+    The backward does 2.5x that (S again, dP, dV, dK, dQ)."""
+    return sum(2 * 2 * heads * dim * length * (length + 1) / 2 for length in lengths) / 1e9
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -84,7 +91,7 @@ def main() -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; heads {args.heads}; ms, best of 2 medians"
     )
     print(f"{'precision':9} {'row':>22} | {'fwd ours':>8} {'torch':>8} {'ratio':>6} | "
-          f"{'bwd ours':>8} {'torch':>8} {'ratio':>6} | {'both':>6}")  # fmt: skip
+          f"{'bwd ours':>8} {'torch':>8} {'ratio':>6} | {'both':>6} | GFLOP/s ours torch")  # fmt: skip
     for precision in args.precisions:
         for lengths in cases:
             t = time_case(lengths, DTYPES[precision], *args.heads, args.repeats)
@@ -93,12 +100,14 @@ def main() -> None:
                 if len(lengths) == 1
                 else f"{len(lengths)} examples, {sum(lengths)} tok"
             )
+            work = causal_gflop(lengths, args.heads[0], args.heads[2]) * 1e3  # per ms
             ours, theirs = t["tunewise forward"], t["torch flash forward"]
             ours_b, theirs_b = t["tunewise backward"], t["torch flash backward"]
             print(
                 f"{precision:9} {row:>22} | {ours:8.2f} {theirs:8.2f} {theirs / ours:5.2f}x | "
                 f"{ours_b:8.2f} {theirs_b:8.2f} {theirs_b / ours_b:5.2f}x | "
-                f"{(theirs + theirs_b) / (ours + ours_b):5.2f}x"
+                f"{(theirs + theirs_b) / (ours + ours_b):5.2f}x | "
+                f"{3.5 * work / (ours + ours_b):12.1f} {3.5 * work / (theirs + theirs_b):5.1f}"
             )
 
 
