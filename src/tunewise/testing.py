@@ -1,4 +1,4 @@
-"""Tiny models and data built in-process, for tests, examples and benchmarks (no download).
+"""Tiny models and data built in-process, for tests, examples and benchmarks (no download), and a numeric check.
 
 The tokenizer is byte-level BPE with no merges: every UTF-8 string encodes, so any test text works,
 and the ChatML special tokens are single tokens as in SmolLM2.
@@ -101,3 +101,9 @@ def tiny_chat_rows(n: int, seed: int = 0, min_words: int = 2, max_words: int = 1
             }
         )
     return rows
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in fp64; an exact zero reference (dq of a one-token example) must be met exactly."""
+    error = (out.double() - ref.double()).norm().item()
+    return error / ref.double().norm().item() if error else 0.0

@@ -20,7 +20,7 @@ from tunewise.models.fast import (
     decoder_layers,
     use_fast_lora_dropout,
 )
-from tunewise.testing import build_tiny_model
+from tunewise.testing import build_tiny_model, relative_error
 from tunewise.training.loss import CausalLMLoss
 
 N = 1_000_000
@@ -185,10 +185,6 @@ def test_cpu_varlen_ops_pass_torch_library_opcheck(kernel: str, monkeypatch: pyt
     out, lse = fast._cpu_varlen_attention(q.detach(), k, v, bounds, 0.35)
     args = (torch.randn_like(out), q.detach(), k, v, out, lse, bounds, 0.35)
     torch.library.opcheck(fast._cpu_varlen_attention_backward, args)
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from tunewise.models import fast, kernels
+from tunewise.testing import relative_error
 
 
 def reference(
@@ -32,12 +33,6 @@ def reference(
         ],
         dim=2,
     )  # fmt: skip
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """Relative to the reference's norm; an exact zero (dq of a one-token example) must be met exactly."""
-    error = (out.double() - ref.double()).norm().item()
-    return error / ref.double().norm().item() if error else 0.0
 
 
 def attention_and_grads(
