@@ -19,7 +19,7 @@ tunewise's CausalLMLoss, its LoRA dropout and one AdamW step per window; the fir
 - mb1:       8 micro-batches of 1 example (`per_device_train_batch_size: 1`): no padding
 - tokensN:   packed rows of at most N tokens (e.g. tokens512): the window's examples first-fit, longest
              first, into as few rows as fit, per-example attention; the step's examples and gradient are
-             those of segments2 (an experiment, not a tunewise setting; docs/performance.md)
+             those of segments2 (`training.max_tokens_per_micro_batch: N` with packing)
 
 --largest-first runs each window's micro-batch with the most tokens first, as tunewise's loop does
 (`collate.largest_first`); tokensN always does.
@@ -62,7 +62,7 @@ def windows(n_windows: int, tokenizer: object) -> list[list[dict]]:
 def micro_batches(
     layout: str, window: list[dict], pad_id: int, multiple: int | None = None, largest_first: bool = False
 ) -> list[dict[str, torch.Tensor]]:
-    from tunewise.data.collate import collate_packed, collate_padded
+    from tunewise.data.collate import collate_packed, collate_padded, pack_within
     from tunewise.data.collate import largest_first as largest_first_order
 
     if layout == "padded":
@@ -75,7 +75,7 @@ def micro_batches(
         size = int(layout[-1])
         groups = [every[i : i + size] for i in range(0, len(every), size)]
     elif layout.startswith("tokens"):
-        groups = token_rows(lengths, int(layout[6:]))
+        groups = pack_within([every], lengths, int(layout[6:]))
     else:  # mb1
         groups = [[i] for i in every]
     if largest_first or layout.startswith("tokens"):
@@ -83,19 +83,6 @@ def micro_batches(
     if layout == "mb1":
         return [collate_padded([window[i] for i in g], pad_id, pad_to_multiple_of=multiple) for g in groups]
     return [collate_packed([window[i] for i in g], multiple, pad_id) for g in groups]
-
-
-def token_rows(lengths: list[int], budget: int) -> list[list[int]]:
-    """First-fit decreasing: each example (an index into `lengths`), longest first, joins the first row it
-    fits in (at most `budget` tokens) or opens a new one; one longer than the budget gets a row of its own."""
-    rows: list[list[int]] = []
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        row = next((r for r in rows if sum(lengths[j] for j in r) + lengths[i] <= budget), None)
-        if row is None:
-            rows.append([i])
-        else:
-            row.append(i)
-    return rows
 
 
 def layout_name(value: str) -> str:

@@ -51,6 +51,16 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         "tunewise",
         {"data": {"packing": True}, "training": {"torch_compile": True}, "micro_batch": 4},
     ),
+    # packed rows of at most 512 tokens (`max_tokens_per_micro_batch`), the size of TRL's packed rows: each step's
+    # 8 examples in 4-6 micro-batches, bounded by tokens rather than examples
+    "tunewise-compiled-t512": (
+        "tunewise",
+        {"data": {"packing": True}, "training": {"torch_compile": True, "max_tokens_per_micro_batch": 512}},
+    ),
+    "tunewise-compiled-t1024": (
+        "tunewise",
+        {"data": {"packing": True}, "training": {"torch_compile": True, "max_tokens_per_micro_batch": 1024}},
+    ),
     "trl": ("trl", {}),  # SFTTrainer's defaults (gradient checkpointing on)
     "trl-nogc": ("trl", {"gradient_checkpointing": False}),
     "trl-grouped": ("trl", {"gradient_checkpointing": False, "train_sampling_strategy": "group_by_length"}),

@@ -306,6 +306,7 @@ def loop_settings(prep: Prepared) -> LoopSettings:
         max_seq_length=d.max_seq_length,
         pad_to_multiple_of=d.pad_to_multiple_of,
         group_by_length=d.group_by_length,
+        max_tokens_per_micro_batch=t.max_tokens_per_micro_batch,
         metric_for_best_model=t.metric_for_best_model,
         greater_is_better=bool(t.greater_is_better),
         early_stopping_patience=t.early_stopping_patience,

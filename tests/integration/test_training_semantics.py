@@ -292,6 +292,28 @@ def test_accumulation_is_exact_end_to_end(make_config: ConfigMaker, packing: boo
     assert len(set(one.curve())) == len(one.curve()), "the weights moved between steps"
 
 
+def test_a_token_budget_recuts_packed_steps_and_keeps_the_loss_curve(make_config: ConfigMaker) -> None:
+    """max_tokens_per_micro_batch: each step's 8 examples run as several packed rows of at most 128 tokens
+    instead of one row, with the same loss curve, gradient norms and tokens (LoRA dropout 0, fp32)."""
+    packed, budget = {"packing": True}, 128
+    whole = train(make_config(data=packed))
+    config = make_config(data=packed, training={"max_tokens_per_micro_batch": budget})
+    cut = train(config)
+    assert cut.curve() == pytest.approx(whole.curve(), abs=1e-5)
+    assert cut.curve("grad_norm") == pytest.approx(whole.curve("grad_norm"), rel=1e-5)
+    assert cut.curve("tokens") == whole.curve("tokens")
+    assert len(set(whole.curve())) == len(whole.curve()), "the weights moved between steps"
+    # The run's own windows: every step of 8 examples became rows within the budget, largest first.
+    prep = tunewise.run.prepare(config)
+    lengths = list(prep.data.train["length"])
+    settings = tunewise.run.loop_settings(prep)
+    assert settings.max_tokens_per_micro_batch == budget
+    steps = epoch_windows(settings, lengths, epoch=0, rank=0, world=1)
+    rows = [[sum(lengths[i] for i in row) for row in step] for step in steps]
+    assert all(sum(len(row) for row in step) == 8 for step in steps)
+    assert all(len(step) > 1 and max(step) <= budget and step == sorted(step, reverse=True) for step in rows)
+
+
 @pytest.mark.parametrize("head", ["plain", "modules_to_save"])
 def test_a_micro_batch_without_targets_adds_nothing_but_reaches_every_parameter(head: str) -> None:
     """The stand-in micro-batch a rank runs when its share of an epoch's last batch is empty (one pad token,

@@ -1,4 +1,4 @@
-"""bench/cpu_layouts.py's token-budget rows hold the window's examples once each, within the budget."""
+"""bench/cpu_layouts.py's layouts: token-budget rows (tunewise's `pack_within`) run largest first."""
 
 from __future__ import annotations
 
@@ -8,29 +8,14 @@ from collections.abc import Callable
 import pytest
 
 
-def test_token_rows_first_fit_longest_first(bench_script: Callable[[str], object]) -> None:
-    layouts = bench_script("cpu_layouts")
-    lengths = [300, 120, 480, 60, 250, 200, 90, 510]
-    rows = layouts.token_rows(lengths, 512)  # type: ignore[attr-defined]
-    # Longest first: 510, 480, 300 and 250 each open a row (none fits beside an earlier one); 200 joins 300,
-    # 120 and 90 join 250, and 60 fits nowhere (the fullest rows have 510, 480, 500 and 460).
-    assert [[lengths[i] for i in row] for row in rows] == [[510], [480], [300, 200], [250, 120, 90], [60]]
-    assert sorted(i for row in rows for i in row) == list(range(8))  # each example once
-
-
-def test_token_rows_give_an_overlong_example_its_own_row(bench_script: Callable[[str], object]) -> None:
-    layouts = bench_script("cpu_layouts")
-    assert layouts.token_rows([100, 700, 50], 512) == [[1], [0, 2]]  # type: ignore[attr-defined]
-
-
 def test_token_layouts_pack_each_row_and_run_the_largest_first(bench_script: Callable[[str], object]) -> None:
     layouts = bench_script("cpu_layouts")
     window = [
         {"input_ids": [5 + i] * n, "labels": [5 + i] * n, "length": n} for i, n in enumerate([3, 9, 4, 6])
     ]
-    # Rows of at most 10 tokens: 9 alone, then 6 + 4, then 3; the row with the most tokens runs first.
+    # Rows of at most 10 tokens: 9 alone, then 4 + 6 (drawn order), then 3; the row with the most tokens first.
     rows = layouts.micro_batches("tokens10", window, pad_id=0)  # type: ignore[attr-defined]
-    assert [b["input_ids"][0].tolist() for b in rows] == [[8] * 6 + [7] * 4, [6] * 9, [5] * 3]
+    assert [b["input_ids"][0].tolist() for b in rows] == [[7] * 4 + [8] * 6, [6] * 9, [5] * 3]
     # Rows of 2 examples keep their order unless asked: [3, 9] (12 tokens) then [4, 6] (10), either way here,
     # so the small pair goes first to tell the orders apart.
     small_first = [window[2], window[3], window[0], window[1]]

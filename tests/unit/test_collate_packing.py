@@ -16,6 +16,7 @@ from tunewise.data.collate import (
     group_window_by_length,
     iterate_batches,
     largest_first,
+    pack_within,
     shifted_targets,
 )
 from tunewise.data.tokenize import IGNORE, TokenizeSettings, encode_row
@@ -245,6 +246,27 @@ def test_each_steps_micro_batches_run_largest_first_with_the_same_examples() -> 
         if packing:  # the micro-batches are the drawn ones, reordered
             assert [sorted(map(tuple, w)) for w in steps] == [sorted(map(tuple, w)) for w in drawn_steps]
     assert any(tokens(w) != sorted(tokens(w), reverse=True) for w in drawn_steps)  # drawn: not already sorted
+
+
+def test_a_token_budget_packs_each_window_first_fit_longest_first() -> None:
+    lengths = [300, 120, 480, 60, 250, 200, 90, 510]
+    # Longest first: 510, 480, 300 and 250 each open a row (none fits beside an earlier one); 200 joins 300,
+    # 120 and 90 join 250, and 60 fits nowhere (the rows hold 510, 480, 500 and 460). Rows keep the drawn order.
+    assert pack_within([[0, 1, 2, 3], [4, 5, 6, 7]], lengths, 512) == [[7], [2], [0, 5], [1, 4, 6], [3]]
+    assert pack_within([[0, 1], [2]], [100, 700, 50], 512) == [[1], [0, 2]]  # too long: a row of its own
+    assert pack_within([[]], [], 512) == [[]]  # a rank's empty share stays one (stand-in) micro-batch
+    rng = random.Random(5)
+    lengths = [rng.randint(10, 500) for _ in range(400)]
+    drawn = batch_indices(lengths, 8, shuffle=True, seed=3, group_by_length=False)
+    for budget in (500, 700, 1500):
+        for window in (drawn[i : i + 2] for i in range(0, len(drawn), 2)):
+            rows = pack_within(window, lengths, budget)
+            assert sorted(i for r in rows for i in r) == sorted(i for b in window for i in b)  # each once
+            sizes = sorted(sum(lengths[i] for i in r) for r in rows)
+            assert sizes[-1] <= budget
+            # First fit: a row was opened only for an example no earlier row had room for, so no two
+            # rows would fit in one.
+            assert len(rows) == 1 or sizes[0] + sizes[1] > budget
 
 
 def test_iterate_batches_collates_rows_of_a_dataset(

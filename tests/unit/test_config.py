@@ -510,6 +510,17 @@ def test_batch_rules() -> None:
     ]
 
 
+def test_token_budget_rules() -> None:
+    path = "training.max_tokens_per_micro_batch"
+    [(severity, where, message)] = checks({"training": {"max_tokens_per_micro_batch": 1024}})
+    assert (severity, where) == ("error", path) and "needs `data.packing: true`" in message
+    budget = {"training": {"max_tokens_per_micro_batch": 256}}
+    [(severity, where, message)] = checks({"data": {"packing": True}, **budget})
+    assert (severity, where) == ("error", path)
+    assert message.startswith("256 is below data.max_seq_length (512)") and "at least 512" in message
+    assert checks({"data": {"packing": True, "max_seq_length": 256}, **budget}) == []
+
+
 def test_metric_rules() -> None:
     assert checks({"training": {"metric_for_best_model": "loss"}}) == [
         (

@@ -482,6 +482,24 @@ _ENTRIES = [
         "the old effective batch.",
     ),
     _k(
+        "max_tokens_per_micro_batch",
+        what="With packing, bounds each micro-batch by tokens instead of examples: the examples drawn for a "
+        "step are re-cut, longest first, into packed rows of at most this many tokens (first-fit decreasing), "
+        "so the step, its gradient and the loss curve are unchanged and only the number of micro-batches "
+        "varies. Activation memory follows a micro-batch's tokens, so this bounds it whatever the lengths "
+        "drawn, where per_device_train_batch_size alone allows per-device x max_seq_length tokens.",
+        hf="tunewise (HF batches count sequences; TRL's packing fills rows of max_length but changes the steps)",
+        why="null (off): micro-batches hold per_device_train_batch_size examples. On CPU, SmolLM2 LoRA in fp32, "
+        "rows of at most 512 tokens peaked 0.2 GiB (10%) lower than micro-batches of 2 examples "
+        "(docs/performance.md).",
+        full="a few times max_seq_length; as large as memory allows",
+        lora="a few times max_seq_length; as large as memory allows",
+        interactions="Needs data.packing and at least data.max_seq_length; per_device_train_batch_size x "
+        "gradient_accumulation_steps still sets the examples per step; pad_to_multiple_of rounds each row up.",
+        mistakes="Setting it small to save memory on a fast device: smaller micro-batches run their matmuls "
+        "less efficiently and add a pass over the adapters' weights each.",
+    ),
+    _k(
         "per_device_eval_batch_size",
         what="Sequences per evaluation batch on one device.",
         hf=_TA + "per_device_eval_batch_size",

@@ -599,6 +599,25 @@ def _batch(cfg: TunewiseConfig) -> list[Problem]:
     return []
 
 
+def _token_budget(cfg: TunewiseConfig) -> list[Problem]:
+    budget, d, path = cfg.training.max_tokens_per_micro_batch, cfg.data, "training.max_tokens_per_micro_batch"
+    if budget is None:
+        return []
+    if not d.packing:
+        message = (
+            "needs `data.packing: true`: it re-cuts each step's examples into packed rows (a padded "
+            "micro-batch holds per_device_train_batch_size x its longest example); set packing: true or remove it"
+        )
+        return [Problem(path, message)]
+    if budget < d.max_seq_length:
+        message = (
+            f"{budget} is below data.max_seq_length ({d.max_seq_length}), so an example of that length "
+            f"would not fit in a row; set it to at least {d.max_seq_length} or lower max_seq_length"
+        )
+        return [Problem(path, message)]
+    return []
+
+
 def _metric(cfg: TunewiseConfig) -> list[Problem]:
     t, path = cfg.training, "training.metric_for_best_model"
     metric, task = t.metric_for_best_model, cfg.evaluation.task_metric
@@ -676,6 +695,7 @@ _RULES: tuple[tuple[tuple[str, ...], Callable[[TunewiseConfig], list[Problem]]],
     (("max_steps", "num_train_epochs"), _max_steps_wins),
     (("do_sample", "temperature", "top_p", "top_k"), _greedy_ignores_sampling),
     (("per_device_train_batch_size", "gradient_accumulation_steps", "effective_batch_size"), _batch),
+    (("max_tokens_per_micro_batch", "packing", "max_seq_length"), _token_budget),
     (("metric_for_best_model", "greater_is_better", "task_metric"), _metric),
     (("use_dora", "method", *_QUANT_KEYS), _dora),
     ((*_ADAPTER_KEYS, *_QUANT_KEYS, "validation_file", "validation_split"), _ignored_settings),

@@ -177,6 +177,8 @@ class TrainingConfig(_Section):
     """Sequences per evaluation batch per device."""
     gradient_accumulation_steps: PositiveInt | Auto = 1
     """Micro-batches summed into one optimizer update; auto derives it from effective_batch_size."""
+    max_tokens_per_micro_batch: PositiveInt | None = None
+    """With packing: re-cut each step's examples into rows of at most this many tokens (bounds activation memory)."""
     effective_batch_size: int | None = Field(default=None, ge=1)
     """Target sequences per optimizer update (per-device x accumulation x devices) for the auto rule."""
     gradient_checkpointing: bool = False

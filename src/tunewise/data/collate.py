@@ -140,6 +140,30 @@ def group_window_by_length(batches: list[list[int]], lengths: Sequence[int]) -> 
     return groups
 
 
+def pack_within(batches: list[list[int]], lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """The examples of one accumulation window re-cut into packed rows of at most `max_tokens` tokens.
+
+    First-fit decreasing: each example, longest first, joins the first row with room for it or opens a
+    new one, so the window needs few rows; an example longer than `max_tokens` has a row of its own. Each
+    row keeps the drawn order. Which examples form the step, and so its gradient, is unchanged (every
+    micro-batch's loss is divided by the window's target count); only the number of micro-batches varies.
+    A window with no examples (a rank's empty share under DDP) stays one empty micro-batch.
+    """
+    drawn = [i for b in batches for i in b]
+    position = {i: p for p, i in enumerate(drawn)}
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(drawn, key=lambda i: (-lengths[i], position[i])):
+        row = next((r for r, free in enumerate(room) if lengths[i] <= free), None)
+        if row is None:
+            rows.append([i])
+            room.append(max_tokens - lengths[i])
+        else:
+            rows[row].append(i)
+            room[row] -= lengths[i]
+    return [sorted(r, key=position.__getitem__) for r in rows] or [[]]
+
+
 def largest_first(batches: list[list[int]], lengths: Sequence[int]) -> list[list[int]]:
     """The micro-batches of one accumulation window, the one with the most tokens first (ties as drawn).
 

@@ -27,6 +27,7 @@ from tunewise.data.collate import (
     group_window_by_length,
     iterate_batches,
     largest_first,
+    pack_within,
 )
 from tunewise.data.tokenize import IGNORE
 from tunewise.training.progress import TrainProgress
@@ -53,6 +54,7 @@ class LoopSettings:
     max_seq_length: int = 512
     pad_to_multiple_of: int | None = None
     group_by_length: bool = False
+    max_tokens_per_micro_batch: int | None = None  # packed rows only
     metric_for_best_model: str = "eval_loss"
     greater_is_better: bool = False
     early_stopping_patience: int | None = None
@@ -108,6 +110,8 @@ def epoch_windows(
     k = settings.gradient_accumulation_steps
     windows = [mine[i : i + k] for i in range(0, len(mine), k)]
     if settings.packing:  # packed rows hold no pads: only their order within the step is chosen
+        if settings.max_tokens_per_micro_batch:
+            windows = [pack_within(w, lengths, settings.max_tokens_per_micro_batch) for w in windows]
         return [largest_first(w, lengths) for w in windows]
     return [group_window_by_length(w, lengths) for w in windows]  # its longest examples first
 
