@@ -18,6 +18,7 @@ PLAN_KEYS = [
     "training.warmup_steps",
     "training.per_device_train_batch_size",
     "training.gradient_accumulation_steps",
+    "training.max_tokens_per_micro_batch",
     "training.total_steps",
     "training.optim",
     "training.weight_decay",
@@ -120,6 +121,7 @@ def plan_summary(prep: Prepared) -> dict:
         "warmup_steps": prep.steps.warmup_steps,
         "effective_batch_size": effective,
         "effective_batch_tokens": round(effective * tokens / max(len(lengths), 1)),
+        "largest_micro_batch_tokens": largest_micro_batch_tokens(prep),
         "trainable_parameters": prep.trainable_parameters,
         "total_parameters": prep.total_parameters,
         "trainable_percent": round(100 * prep.trainable_parameters / max(prep.total_parameters, 1), 3),
@@ -134,6 +136,28 @@ def plan_summary(prep: Prepared) -> dict:
         "lints": plan_lints(prep),
         "memory_by_method": memory_by_method(prep),
     }
+
+
+def largest_micro_batch_tokens(prep: Prepared) -> int:
+    """Tokens (padding included) of the first epoch's largest micro-batch on rank 0, cut as the loop cuts it:
+    activation memory follows it."""
+    from tunewise.data.collate import batch_width_tokens
+    from tunewise.run import loop_settings
+    from tunewise.training.loop import epoch_windows
+
+    settings, lengths = loop_settings(prep), list(prep.data.train["length"])
+    batches = [b for w in epoch_windows(settings, lengths, 0, 0, prep.hardware.world_size) for b in w]
+    pad_to_length = settings.max_seq_length if settings.padding == "max_length" else None
+    sizes = (
+        batch_width_tokens(
+            [lengths[i] for i in batch],
+            packed=settings.packing,
+            pad_to_length=pad_to_length,
+            pad_to_multiple_of=settings.pad_to_multiple_of,
+        )
+        for batch in batches
+    )
+    return max(sizes, default=0)
 
 
 def memory_by_method(prep: Prepared) -> dict[str, dict[str, int]]:
@@ -181,7 +205,8 @@ def print_plan(console: Console, prep: Prepared) -> None:
     )
     console.print(
         f"steps: {steps_line(s)}, {s['warmup_steps']} warmup; effective batch {s['effective_batch_size']} "
-        f"sequences (~{s['effective_batch_tokens']:,} tokens)"
+        f"sequences (~{s['effective_batch_tokens']:,} tokens); largest micro-batch "
+        f"{s['largest_micro_batch_tokens']:,} tokens (activation memory follows it)"
     )
     table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
     # Setting names are config paths a user copies: whole on one line; the explanation wraps instead.

@@ -24,6 +24,7 @@ from rich.console import Console
 
 import tunewise.run
 from tunewise.testing import tiny_chat_rows
+from tunewise.training.loop import epoch_windows
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -33,7 +34,7 @@ pytestmark = pytest.mark.skipif(
 TOTAL_STEPS = 4  # 2 epochs x 2 windows: ceil(9 rows / 4 per global batch) = 3 batches, 2 per window
 
 
-def write_config(root: Path, model_dir: Path, per_device_batch: int, name: str) -> Path:
+def write_config(root: Path, model_dir: Path, per_device_batch: int, name: str, **extra: dict) -> Path:
     files = {"train.jsonl": tiny_chat_rows(9, seed=1), "validation.jsonl": tiny_chat_rows(3, seed=2)}
     for file, rows in files.items():
         (root / file).write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -64,6 +65,8 @@ def write_config(root: Path, model_dir: Path, per_device_batch: int, name: str) 
         "evaluation": {"num_sample_prompts": 3, "task_metric": "exact_match"},
         "generation": {"max_new_tokens": 8},
     }
+    for section, values in extra.items():
+        config[section].update(values)
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -134,3 +137,24 @@ def test_two_gloo_processes_follow_one_process(
     assert [x["before"] for x in samples] == [x["before"] for x in single_summary["samples"]]
     assert len({x["before"] for x in samples}) == 3 and summary["task_metric"] == "exact_match"
     assert summary["eval_before"]["exact_match"] == single_summary["eval_before"]["exact_match"]
+
+
+def test_two_processes_with_a_token_budget_follow_one_process(
+    single_process: tuple[list[dict], dict], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Packed rows of at most 128 tokens: each rank re-cuts its share of a step, so the ranks run different
+    numbers of micro-batches (DDP syncs each once, at its last), and the loss curve is still the one process's
+    padded one."""
+    budget = {"data": {"packing": True}, "training": {"max_tokens_per_micro_batch": 128}}
+    config = write_config(tmp_path, tiny_model_dir, per_device_batch=2, name="run", **budget)
+    prep = tunewise.run.prepare(config)
+    lengths, settings = list(prep.data.train["length"]), tunewise.run.loop_settings(prep)
+    cuts = [[len(w) for e in (0, 1) for w in epoch_windows(settings, lengths, e, rank, 2)] for rank in (0, 1)]
+    assert cuts[0] != cuts[1] and max(cuts[0]) > 2, cuts  # unequal, and more than accumulation's 2
+    launch(["-m", "tunewise.cli", "train", str(config)], tmp_path / "logs")
+    ddp = [r for r in rows(tmp_path / "run") if "grad_norm" in r]
+    reference = [r for r in single_process[0] if "grad_norm" in r]
+    assert [r["step"] for r in ddp] == [r["step"] for r in reference] == list(range(1, TOTAL_STEPS + 1))
+    assert [r["loss"] for r in ddp] == pytest.approx([r["loss"] for r in reference], abs=1e-5)
+    assert [r["grad_norm"] for r in ddp] == pytest.approx([r["grad_norm"] for r in reference], rel=1e-5)
+    assert [r["tokens"] for r in ddp] == [r["tokens"] for r in reference]

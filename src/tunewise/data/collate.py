@@ -42,6 +42,19 @@ def padded_width(
     return round_up(max(pad_to_length or 0, longest), pad_to_multiple_of)
 
 
+def batch_width_tokens(
+    sizes: Sequence[int],
+    *,
+    packed: bool,
+    pad_to_length: int | None = None,
+    pad_to_multiple_of: int | None = None,
+) -> int:
+    """Tokens in the input tensor of a micro-batch of examples of `sizes` tokens, padding included."""
+    if packed:
+        return round_up(sum(sizes), pad_to_multiple_of)
+    return len(sizes) * padded_width(max(sizes, default=0), pad_to_length, pad_to_multiple_of)
+
+
 def collate_padded(
     examples: Sequence[dict],
     pad_token_id: int,

@@ -22,7 +22,7 @@ from rich.table import Table
 from rich.text import Text
 from transformers import PreTrainedTokenizerBase
 
-from tunewise.data.collate import batch_indices, group_window_by_length, padded_width, round_up
+from tunewise.data.collate import batch_indices, batch_width_tokens, group_window_by_length, round_up
 from tunewise.data.tokenize import IGNORE, TokenizeSettings, encode_dataset
 
 RECOMMEND_PERCENTILE = 99
@@ -117,13 +117,15 @@ def batch_cost(
     pad_to_multiple_of: int | None = None,
 ) -> dict[str, Any]:
     """Tokens in the batch tensors of one epoch, how many are padding, and that as a % (the waste)."""
-    total = 0
-    for batch in batches:
-        sizes = [lengths[i] for i in batch]
-        if packed:
-            total += round_up(sum(sizes), pad_to_multiple_of)
-        else:
-            total += len(sizes) * padded_width(max(sizes), pad_to_length, pad_to_multiple_of)
+    total = sum(
+        batch_width_tokens(
+            [lengths[i] for i in batch],
+            packed=packed,
+            pad_to_length=pad_to_length,
+            pad_to_multiple_of=pad_to_multiple_of,
+        )
+        for batch in batches
+    )
     padding = total - sum(lengths[i] for batch in batches for i in batch)
     return {"tokens": total, "padding": padding, "waste_percent": _percent(padding, total)}
 
