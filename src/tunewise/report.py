@@ -141,7 +141,7 @@ def plan_summary(prep: Prepared) -> dict:
 def largest_micro_batch_tokens(prep: Prepared) -> int:
     """Tokens (padding included) of the first epoch's largest micro-batch on rank 0, cut as the loop cuts it:
     activation memory follows it."""
-    from tunewise.data.collate import batch_width_tokens
+    from tunewise.data.collate import batch_tensor_tokens
     from tunewise.run import loop_settings
     from tunewise.training.loop import epoch_windows
 
@@ -149,7 +149,7 @@ def largest_micro_batch_tokens(prep: Prepared) -> int:
     batches = [b for w in epoch_windows(settings, lengths, 0, 0, prep.hardware.world_size) for b in w]
     pad_to_length = settings.max_seq_length if settings.padding == "max_length" else None
     sizes = (
-        batch_width_tokens(
+        batch_tensor_tokens(
             [lengths[i] for i in batch],
             packed=settings.packing,
             pad_to_length=pad_to_length,

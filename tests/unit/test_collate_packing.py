@@ -17,6 +17,7 @@ from tunewise.data.collate import (
     iterate_batches,
     largest_first,
     pack_within,
+    round_up,
     shifted_targets,
 )
 from tunewise.data.tokenize import IGNORE, TokenizeSettings, encode_row
@@ -255,14 +256,20 @@ def test_a_token_budget_packs_each_window_first_fit_longest_first() -> None:
     assert pack_within([[0, 1, 2, 3], [4, 5, 6, 7]], lengths, 512) == [[7], [2], [0, 5], [1, 4, 6], [3]]
     assert pack_within([[0, 1], [2]], [100, 700, 50], 512) == [[1], [0, 2]]  # too long: a row of its own
     assert pack_within([[]], [], 512) == [[]]  # a rank's empty share stays one (stand-in) micro-batch
+    # Rows rounded up to a multiple of 64 count their pads: 300 + 200 = 500 rounds to 512, 300 + 220 to 576.
+    assert pack_within([[0, 1, 2]], [300, 200, 220], 512, 64) == [[0, 1], [2]]
+    assert pack_within([[0, 1, 2]], [300, 200, 220], 520) == [[0, 2], [1]]  # unrounded, 520 fits exactly
+    assert pack_within([[0]], [500], 500, 64) == [
+        [0]
+    ]  # alone it rounds to 512: a row of its own all the same
     rng = random.Random(5)
     lengths = [rng.randint(10, 500) for _ in range(400)]
     drawn = batch_indices(lengths, 8, shuffle=True, seed=3, group_by_length=False)
-    for budget in (500, 700, 1500):
+    for budget, multiple in ((500, None), (700, None), (1500, None), (1024, 64)):
         for window in (drawn[i : i + 2] for i in range(0, len(drawn), 2)):
-            rows = pack_within(window, lengths, budget)
+            rows = pack_within(window, lengths, budget, multiple)
             assert sorted(i for r in rows for i in r) == sorted(i for b in window for i in b)  # each once
-            sizes = sorted(sum(lengths[i] for i in r) for r in rows)
+            sizes = sorted(round_up(sum(lengths[i] for i in r), multiple) for r in rows)
             assert sizes[-1] <= budget
             # First fit: a row was opened only for an example no earlier row had room for, so no two
             # rows would fit in one.

@@ -490,12 +490,13 @@ _ENTRIES = [
         "drawn, where per_device_train_batch_size alone allows per-device x max_seq_length tokens.",
         hf="tunewise (HF batches count sequences; TRL's packing fills rows of max_length but changes the steps)",
         why="null (off): micro-batches hold per_device_train_batch_size examples. On CPU, SmolLM2 LoRA in fp32, "
-        "rows of at most 512 tokens peaked 0.2 GiB (10%) lower than micro-batches of 2 examples "
-        "(docs/performance.md).",
+        "rows of at most 512 tokens peaked 14% lower than micro-batches of 2 examples (1.65 against 1.91-1.93 "
+        "GiB) at the same speed within noise (docs/performance.md, item 14).",
         full="a few times max_seq_length; as large as memory allows",
         lora="a few times max_seq_length; as large as memory allows",
         interactions="Needs data.packing and at least data.max_seq_length; per_device_train_batch_size x "
-        "gradient_accumulation_steps still sets the examples per step; pad_to_multiple_of rounds each row up.",
+        "gradient_accumulation_steps still sets the examples per step; the pads that round a row up to "
+        "pad_to_multiple_of count (so a multiple of it wastes nothing).",
         mistakes="Setting it small to save memory on a fast device: smaller micro-batches run their matmuls "
         "less efficiently and add a pass over the adapters' weights each.",
     ),

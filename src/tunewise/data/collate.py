@@ -42,7 +42,7 @@ def padded_width(
     return round_up(max(pad_to_length or 0, longest), pad_to_multiple_of)
 
 
-def batch_width_tokens(
+def batch_tensor_tokens(
     sizes: Sequence[int],
     *,
     packed: bool,
@@ -153,11 +153,14 @@ def group_window_by_length(batches: list[list[int]], lengths: Sequence[int]) -> 
     return groups
 
 
-def pack_within(batches: list[list[int]], lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """The examples of one accumulation window re-cut into packed rows of at most `max_tokens` tokens.
+def pack_within(
+    batches: list[list[int]], lengths: Sequence[int], max_tokens: int, pad_to_multiple_of: int | None = None
+) -> list[list[int]]:
+    """The examples of one accumulation window re-cut into packed rows of at most `max_tokens` tokens,
+    counting the pads that round a row up to `pad_to_multiple_of`.
 
     First-fit decreasing: each example, longest first, joins the first row with room for it or opens a
-    new one, so the window needs few rows; an example longer than `max_tokens` has a row of its own. Each
+    new one, so the window needs few rows; an example that does not fit alone has a row of its own. Each
     row keeps the drawn order. Which examples form the step, and so its gradient, is unchanged (every
     micro-batch's loss is divided by the window's target count); only the number of micro-batches varies.
     A window with no examples (a rank's empty share under DDP) stays one empty micro-batch.
@@ -165,15 +168,16 @@ def pack_within(batches: list[list[int]], lengths: Sequence[int], max_tokens: in
     drawn = [i for b in batches for i in b]
     position = {i: p for p, i in enumerate(drawn)}
     rows: list[list[int]] = []
-    room: list[int] = []
+    used: list[int] = []
     for i in sorted(drawn, key=lambda i: (-lengths[i], position[i])):
-        row = next((r for r, free in enumerate(room) if lengths[i] <= free), None)
+        fits = (r for r, n in enumerate(used) if round_up(n + lengths[i], pad_to_multiple_of) <= max_tokens)
+        row = next(fits, None)
         if row is None:
             rows.append([i])
-            room.append(max_tokens - lengths[i])
+            used.append(lengths[i])
         else:
             rows[row].append(i)
-            room[row] -= lengths[i]
+            used[row] += lengths[i]
     return [sorted(r, key=position.__getitem__) for r in rows] or [[]]
 
 

@@ -22,7 +22,7 @@ from rich.table import Table
 from rich.text import Text
 from transformers import PreTrainedTokenizerBase
 
-from tunewise.data.collate import batch_indices, batch_width_tokens, group_window_by_length, round_up
+from tunewise.data.collate import batch_indices, batch_tensor_tokens, group_window_by_length, round_up
 from tunewise.data.tokenize import IGNORE, TokenizeSettings, encode_dataset
 
 RECOMMEND_PERCENTILE = 99
@@ -118,7 +118,7 @@ def batch_cost(
 ) -> dict[str, Any]:
     """Tokens in the batch tensors of one epoch, how many are padding, and that as a % (the waste)."""
     total = sum(
-        batch_width_tokens(
+        batch_tensor_tokens(
             [lengths[i] for i in batch],
             packed=packed,
             pad_to_length=pad_to_length,

@@ -111,7 +111,8 @@ def epoch_windows(
     windows = [mine[i : i + k] for i in range(0, len(mine), k)]
     if settings.packing:  # packed rows hold no pads: only their order within the step is chosen
         if settings.max_tokens_per_micro_batch:
-            windows = [pack_within(w, lengths, settings.max_tokens_per_micro_batch) for w in windows]
+            budget, multiple = settings.max_tokens_per_micro_batch, settings.pad_to_multiple_of
+            windows = [pack_within(w, lengths, budget, multiple) for w in windows]
         return [largest_first(w, lengths) for w in windows]
     return [group_window_by_length(w, lengths) for w in windows]  # its longest examples first
 
