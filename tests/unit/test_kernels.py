@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import platform
 import subprocess
 import sys
@@ -170,6 +171,62 @@ def test_the_build_is_named_for_the_cpu_and_torch(monkeypatch: pytest.MonkeyPatc
     other_cpu = kernels.extension_name()
     monkeypatch.setattr(torch, "__version__", "0.0.0")
     assert kernels.extension_name() not in (name, other_cpu)
+
+
+ISA_CAPPED = """
+import json, logging, sys
+sys.path.insert(0, sys.argv[1])
+import torch
+from tunewise.models import fast, kernels
+import test_kernels as t
+logging.basicConfig()
+runs = kernels.bf16_kernel_runs()
+got, want = t.attention_and_grads(torch.float32, [0, 100, 300], 4, 2, 16, seed=3)
+bf16, _ = t.attention_and_grads(torch.bfloat16, [0, 100, 300], 4, 2, 16, seed=3)
+fast.cpu_kernel_for = lambda query, bounds: None
+flash, _ = t.attention_and_grads(torch.bfloat16, [0, 100, 300], 4, 2, 16, seed=3)
+print(json.dumps({
+    "runs": runs,
+    "fp32_error": max(t.relative_error(g, w) for g, w in zip(got, want)),
+    "bf16_is_flash": all(torch.equal(a, b) for a, b in zip(bf16, flash)),
+}))
+"""
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="oneDNN's x86 instruction-set cap")
+def test_where_onednn_sees_no_bf16_hardware_bf16_falls_back_and_fp32_stays_exact() -> None:
+    """oneDNN limited to AVX2 (what an AVX2-only CPU gives it, or an OS that has not granted AMX): torch's
+    bf16 brgemm raises, so bf16 must fall back to torch's flash kernel, with a warning, not stop the run; fp32
+    runs oneDNN's AVX2 brgemm and stays exact."""
+    done = subprocess.run(
+        [sys.executable, "-c", ISA_CAPPED, str(Path(__file__).parent)],
+        check=False, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["runs"] is False and result["bf16_is_flash"]
+    assert "cannot run bf16 here" in done.stderr
+    assert result["fp32_error"] < 2e-6
+
+
+def test_a_kernel_that_raises_in_bf16_sends_bf16_to_torch_flash(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Refusing:
+        def varlen_forward(self, *args: object) -> None:
+            raise RuntimeError("BFloat16 Brgemm ... not supported")
+
+    monkeypatch.setattr(kernels, "cpu_attention_ops", Refusing)
+    monkeypatch.setattr(fast, "cpu_has_bf16_matmuls", lambda: True)
+    kernels.bf16_kernel_runs.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="tunewise"):
+            assert fast.cpu_kernel_for(torch.zeros(1, 2, 3, 8, dtype=torch.bfloat16), [0, 3]) is None
+        assert "cannot run bf16 here (BFloat16 Brgemm ... not supported)" in caplog.text
+        assert fast.cpu_kernel_for(torch.zeros(1, 2, 3, 8), [0, 3]) is not None  # fp32 keeps the kernel
+    finally:
+        kernels.bf16_kernel_runs.cache_clear()
 
 
 # Built for this CPU (-march=native), the kernel takes its AVX-512 paths here; other machines take the AVX2 one

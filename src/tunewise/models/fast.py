@@ -48,7 +48,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from tunewise.models.kernels import cpu_attention_ops, cpu_has_bf16_matmuls
+from tunewise.models.kernels import bf16_kernel_runs, cpu_attention_ops, cpu_has_bf16_matmuls
 
 _LEVELS = 1 << 16  # uniforms per 16-bit draw
 
@@ -266,7 +266,7 @@ def cpu_kernel_for(query: torch.Tensor, bounds: list[int]) -> Any | None:
     """tunewise's CPU attention ops (models/kernels.py) where they take this call, else None: torch's flash kernel."""
     if query.dtype not in (torch.float32, torch.bfloat16) or query.shape[-1] % 2:
         return None
-    if query.dtype == torch.bfloat16 and not cpu_has_bf16_matmuls():
+    if query.dtype == torch.bfloat16 and not (cpu_has_bf16_matmuls() and bf16_kernel_runs()):
         return None
     if max(b - a for a, b in itertools.pairwise(bounds)) > CPU_KERNEL_MAX_LENGTH:
         return None

@@ -104,6 +104,29 @@ def cpu_attention_ops() -> Any | None:
     return torch.ops.tunewise_kernels
 
 
+@functools.cache
+def bf16_kernel_runs() -> bool:
+    """Whether the built kernel runs in bf16 here: a forward and backward on one tiny example, once a process.
+
+    torch's bf16 brgemm asks oneDNN, not the CPU flags that `cpu_has_bf16_matmuls` reads, and oneDNN can see
+    less: an operating system that has not granted AMX to the process, or `ONEDNN_MAX_CPU_ISA` set below the
+    CPU. torch then raises at the first call, which must not stop a run: bf16 stays on torch's flash kernel.
+    """
+    ops = cpu_attention_ops()
+    if ops is None:
+        return False
+    one = torch.zeros(1, 1, 2, 2, dtype=torch.bfloat16)  # (batch, heads, tokens, head size)
+    try:
+        out, lse = ops.varlen_forward(one, one, one, [0, 2], 1.0)
+        ops.varlen_backward(out.transpose(1, 2), one, one, one, out.transpose(1, 2), lse, [0, 2], 1.0)
+    except RuntimeError as error:
+        log.warning(
+            "tunewise's CPU attention kernel cannot run bf16 here (%s); bf16 uses torch's flash kernel", error
+        )
+        return False
+    return True
+
+
 def is_built(name: str) -> bool:
     """Whether torch's extension loader has a build of `name` cached (it then loads in well under a second)."""
     try:
