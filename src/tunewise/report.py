@@ -223,7 +223,8 @@ def print_plan(console: Console, prep: Prepared) -> None:
             table.add_row(key, str(choice.value), choice.source, choice.reason)
         else:
             section, name = key.split(".")
-            table.add_row(key, str(getattr(getattr(prep.config, section), name)), "", "")
+            source = "user" if key in prep.resolution.user else "default"
+            table.add_row(key, str(getattr(getattr(prep.config, section), name)), source, "")
     if prep.config_overrides:
         table.add_row("model config", str(prep.config_overrides), "user", "dropout overrides")
     console.print(table)

@@ -167,6 +167,12 @@ def test_cli_plan_fits_80_columns_without_cutting_setting_names(tiny_config: dic
     shown = {line.split()[0] for line in lines if line.split() and line.split()[0] in PLAN_KEYS}
     assert {"training.per_device_train_batch_size", "training.gradient_accumulation_steps"} <= shown
     assert "data.pad_to_multiple_of" in shown
+    # Settings no rule resolves say where their value came from too: the config file or the schema's default.
+    sources = {
+        line.split()[0]: line.split()[2] for line in lines if line.split()[:1] and line.split()[0] in shown
+    }
+    assert sources["training.optim"] == "default"
+    assert sources["data.max_seq_length"] == "user"  # tiny_config sets it
 
 
 def test_cli_plan_shows_the_bf16_cpu_batch_rounding(tiny_config: dict, tmp_path: Path) -> None:
