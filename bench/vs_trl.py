@@ -100,6 +100,18 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
             "torch_compile": True,
         },
     ),
+    # TRL's padding-free batches without packing: each micro-batch's examples, as drawn (the very batches of
+    # tunewise-compiled-mb2), flattened into one row; otherwise as the fastest setting above
+    "trl-padfree-nogc-keepmem-acc4-compiled": (
+        "trl",
+        {
+            "padding_free": True,
+            "gradient_checkpointing": False,
+            "keep_memory": True,
+            "accumulation": 4,
+            "torch_compile": True,
+        },
+    ),
     "hf": ("hf", {}),  # plain PyTorch loop over a PEFT model, HF's own loss (full logits)
     "hf-mb8": ("hf", {"micro_batch": 8}),  # ... in padded micro-batches of 8
     "hf-packed": ("hf", {"packing": True}),  # ... padding-free: flattened rows, sdpa with a block mask
@@ -440,8 +452,11 @@ def run_trl(spec: dict) -> RunResult:
         seed=SEED,
         bf16=bf16,
         use_cpu=spec["device"] == "cpu",
-        max_length=spec["max_seq_length"],
+        # Padding-free without packing, TRL refuses a max_length it would not enforce; the rows are tokenised
+        # and truncated to max_seq_length already (encode_rows).
+        max_length=None if options.get("padding_free") and not packing else spec["max_seq_length"],
         packing=packing,
+        padding_free=options.get("padding_free", False),
         pad_to_multiple_of=options.get("pad_to_multiple_of"),
         gradient_checkpointing=options.get("gradient_checkpointing", True),
         torch_compile=options.get("torch_compile", False),
