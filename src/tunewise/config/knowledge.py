@@ -476,7 +476,8 @@ _ENTRIES = [
         full="1 to 16, accumulated to an effective batch of 32 to 128",
         lora="1 to 16, accumulated to an effective batch of 8 to 64",
         interactions="gradient_accumulation_steps, effective_batch_size, max_seq_length, "
-        "gradient_checkpointing. On GPU, sizes in multiples of 8 help tensor cores; odd sizes do not help "
+        "gradient_checkpointing; with packing, max_tokens_per_micro_batch bounds a micro-batch by tokens "
+        "instead (the plan prints the largest micro-batch's tokens). On GPU, sizes in multiples of 8 help tensor cores; odd sizes do not help "
         "anything.",
         mistakes="Raising it until memory runs out and forgetting that the learning rate was tuned for "
         "the old effective batch.",
