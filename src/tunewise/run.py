@@ -50,7 +50,7 @@ from tunewise.models.fast import (
     compile_problem,
     use_fast_lora_dropout,
 )
-from tunewise.models.kernels import bf16_kernel_runs, cpu_attention_ops
+from tunewise.models.kernels import bf16_kernel_runs, cpu_attention_ops, cpu_has_bf16_matmuls
 from tunewise.models.load import load_model, load_tokenizer, materialize, model_overrides, resolve_source
 from tunewise.training.host_memory import set_host_memory
 from tunewise.training.loop import Hooks, LoopSettings, LoopState, NonFiniteError, fit
@@ -140,7 +140,7 @@ def prepare_model(cfg: TunewiseConfig) -> tuple[Any, PreTrainedTokenizerBase, Pa
         model.set_attn_implementation(VARLEN_SDPA)  # packed rows: attention within each example only
         if device_type == "cpu":  # built here, once per machine (~15 s), not inside the first step
             cpu_attention_ops()
-            if cfg.training.precision == "bf16":
+            if cfg.training.precision == "bf16" and cpu_has_bf16_matmuls():
                 bf16_kernel_runs()  # and tried in bf16, so a fallback is announced before training
     set_seed(cfg.training.seed)  # adapter initialisation
     lora = LoraSettings(**{k: getattr(a, k) for k in LoraSettings.__dataclass_fields__})
