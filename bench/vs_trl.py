@@ -118,7 +118,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "hf-packed-mb8": ("hf", {"packing": True, "micro_batch": 8}),
 }
 DEFAULT_TOOLS = {
-    "cpu": "tunewise-compiled-mb4,tunewise-compiled-mb2,trl-packing-nogc-keepmem-acc4-compiled,"
+    "cpu": "tunewise-compiled-mb4,tunewise-compiled-mb2,tunewise-compiled-t512,trl-packing-nogc-keepmem-acc4-compiled,"
     "trl-packing-nogc-keepmem-acc4,trl",
     "cuda": "tunewise-compiled,tunewise-packed,hf",
 }
