@@ -55,10 +55,18 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from tunewise.data.load import DataError
     from tunewise.models.load import ModelLoadError
     from tunewise.training.checkpoint import CheckpointError
-    from tunewise.training.loop import NonFiniteError
+    from tunewise.training.loop import NonFiniteError, TrainingOutOfMemory
     from tunewise.training.resume import ResumeError
 
-    return (ConfigError, DataError, ModelLoadError, CheckpointError, NonFiniteError, ResumeError)
+    return (
+        ConfigError,
+        DataError,
+        ModelLoadError,
+        CheckpointError,
+        NonFiniteError,
+        ResumeError,
+        TrainingOutOfMemory,
+    )
 
 
 @app.command()
@@ -97,6 +105,18 @@ def train(
         )
     except _user_errors() as exc:
         _fail(exc)
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Under torchrun, destroy the process group before the interpreter exits, as accelerate's end_training
+    does: left to interpreter teardown, a gloo rank sometimes aborted after a finished run ("terminate called
+    without an active exception", test_distributed.py), failing the launch that had trained correctly."""
+    import torch.distributed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 @app.command()

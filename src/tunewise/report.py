@@ -19,6 +19,7 @@ PLAN_KEYS = [
     "training.per_device_train_batch_size",
     "training.gradient_accumulation_steps",
     "training.max_tokens_per_micro_batch",
+    "training.memory_check",
     "training.total_steps",
     "training.optim",
     "training.weight_decay",
@@ -139,25 +140,14 @@ def plan_summary(prep: Prepared) -> dict:
 
 
 def largest_micro_batch_tokens(prep: Prepared) -> int:
-    """Tokens (padding included) of the first epoch's largest micro-batch on rank 0, cut as the loop cuts it:
-    activation memory follows it."""
-    from tunewise.data.collate import batch_tensor_tokens
+    """Tokens (padding included) of the run's largest micro-batch on rank 0, cut as the loop cuts it:
+    activation memory follows it (and `training.memory_check` runs it after the first step)."""
     from tunewise.run import loop_settings
-    from tunewise.training.loop import epoch_windows
+    from tunewise.training.loop import LoopState, largest_micro_batch
 
     settings, lengths = loop_settings(prep), list(prep.data.train["length"])
-    batches = [b for w in epoch_windows(settings, lengths, 0, 0, prep.hardware.world_size) for b in w]
-    pad_to_length = settings.max_seq_length if settings.padding == "max_length" else None
-    sizes = (
-        batch_tensor_tokens(
-            [lengths[i] for i in batch],
-            packed=settings.packing,
-            pad_to_length=pad_to_length,
-            pad_to_multiple_of=settings.pad_to_multiple_of,
-        )
-        for batch in batches
-    )
-    return max(sizes, default=0)
+    largest = largest_micro_batch(settings, lengths, LoopState(), 0, prep.hardware.world_size)
+    return largest.tokens if largest is not None else 0
 
 
 def memory_by_method(prep: Prepared) -> dict[str, dict[str, int]]:

@@ -53,7 +53,14 @@ from tunewise.models.fast import (
 from tunewise.models.kernels import bf16_kernel_runs, cpu_attention_ops, cpu_has_bf16_matmuls
 from tunewise.models.load import load_model, load_tokenizer, materialize, model_overrides, resolve_source
 from tunewise.training.host_memory import set_host_memory
-from tunewise.training.loop import Hooks, LoopSettings, LoopState, NonFiniteError, fit
+from tunewise.training.loop import (
+    Hooks,
+    LoopSettings,
+    LoopState,
+    NonFiniteError,
+    TrainingOutOfMemory,
+    fit,
+)
 from tunewise.training.loss import CausalLMLoss
 from tunewise.training.optim import build_optimizer
 from tunewise.training.progress import TrainProgress
@@ -314,6 +321,7 @@ def loop_settings(prep: Prepared) -> LoopSettings:
         early_stopping_patience=t.early_stopping_patience,
         early_stopping_threshold=t.early_stopping_threshold,
         nonfinite_patience=t.nonfinite_patience,
+        memory_check=t.memory_check is True,
     )
 
 
@@ -444,17 +452,22 @@ def train(
             should_stop=lambda: stop.requested,
             rollback=on_rollback if t.nonfinite_policy == "rollback" else None,
         )
-        state = fit(
-            accelerator,
-            loss_module,
-            optimizer,
-            scheduler,
-            prep.data.train,
-            loop_settings(prep),
-            state,
-            hooks,
-            progress,
-        )
+        try:
+            state = fit(
+                accelerator,
+                loss_module,
+                optimizer,
+                scheduler,
+                prep.data.train,
+                loop_settings(prep),
+                state,
+                hooks,
+                progress,
+            )
+        except TrainingOutOfMemory as error:
+            error.advice, sets = out_of_memory_advice(cfg, error.tokens)
+            error.resume_command = resume_command(config, [*overrides, *sets])
+            raise
     train_seconds = time.perf_counter() - started
     summary = {
         "eval_before": _public(before),
@@ -467,6 +480,7 @@ def train(
         "best_metric": state.best_metric,
         "stop_reason": state.stop_reason,
         "skipped_steps": state.skipped_steps,
+        "memory_check": state.memory_check,
     }
     if state.stop_reason == "interrupted":
         if main:
@@ -495,18 +509,58 @@ def train(
     return summary
 
 
+def resume_command(config: object, overrides: list[str] | tuple[str, ...]) -> str:
+    """The shell command that resumes this run; the --set overrides are part of the config the checkpoint
+    was made with."""
+    where = shlex.quote(str(config)) if isinstance(config, (str, Path)) else "CONFIG"
+    sets = "".join(f" --set {shlex.quote(o)}" for o in overrides)
+    return f"tunewise train {where}{sets} --resume"
+
+
 def print_resume_command(
     console: Console, step: int, config: object, overrides: list[str] | tuple[str, ...]
 ) -> None:
-    # Quoted for the shell, escaped for Rich markup ("[" in paths), and never wrapped, so it pastes back
-    # as one command; the --set overrides are part of the config the checkpoint was made with.
-    where = shlex.quote(str(config)) if isinstance(config, (str, Path)) else "CONFIG"
-    sets = "".join(f" --set {shlex.quote(o)}" for o in overrides)
+    # Escaped for Rich markup ("[" in paths), and never wrapped, so it pastes back as one command.
     console.print(
         f"[bold yellow]stopped[/] at step {step}; checkpoint saved. Resume with:\n  "
-        + escape(f"tunewise train {where}{sets} --resume"),
+        + escape(resume_command(config, overrides)),
         soft_wrap=True,
     )
+
+
+def out_of_memory_advice(cfg: TunewiseConfig, tokens: int) -> tuple[list[str], list[str]]:
+    """What to change after running out of memory at a micro-batch of `tokens` tokens: the advice, and as
+    `--set` overrides the first change that a resume accepts (training/resume.py: RESUMABLE_CHANGES)."""
+    t, d = cfg.training, cfg.data
+    advice: list[str] = []
+    sets: list[str] = []
+    if d.packing:
+        # Half the failed micro-batch, on the pad multiple, never below the longest example.
+        multiple = d.pad_to_multiple_of or 1
+        budget = max(d.max_seq_length, tokens // 2 // multiple * multiple)
+        if budget < tokens:
+            advice.append(
+                f"training.max_tokens_per_micro_batch: {budget} (packed rows of at most that many tokens: the "
+                "same steps, gradients and loss; a resume accepts it)"
+            )
+            sets.append(f"training.max_tokens_per_micro_batch={budget}")
+    else:
+        advice.append(
+            "data.packing: true with training.max_tokens_per_micro_batch (no pads, and a bound on a "
+            "micro-batch's tokens whatever lengths are drawn; a new run)"
+        )
+    if not t.gradient_checkpointing:
+        advice.append(
+            "training.gradient_checkpointing: true (activations recomputed in the backward: the same gradients "
+            "for ~30% more compute; a resume accepts it)"
+        )
+        sets = sets or ["training.gradient_checkpointing=true"]
+    advice.append(
+        f"a smaller training.per_device_train_batch_size (now {t.per_device_train_batch_size}) and a larger "
+        "gradient_accumulation_steps for the same effective batch (other micro-batches: a new run)"
+    )
+    advice.append(f"a lower data.max_seq_length (now {d.max_seq_length}; longer examples are truncated)")
+    return advice, sets
 
 
 def load_best(model: torch.nn.Module, path: Path) -> None:

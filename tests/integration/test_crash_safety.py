@@ -571,6 +571,164 @@ def test_repeated_fp16_overflows_suggest_bf16(caplog: pytest.LogCaptureFixture) 
     assert all("bf16" in w and "precision: bf16" in w for w in warnings)
 
 
+# ------------------------------------------------------------------------------------------ out of memory
+
+
+def record_forwards(monkeypatch: pytest.MonkeyPatch, fail_when: Any = None) -> list[int]:
+    """Tokens in the input of every training forward, in order; `fail_when(call, tokens)` true makes that
+    forward raise torch's out-of-memory error, as the CUDA caching allocator raises it."""
+    forward = CausalLMLoss.forward
+    sizes: list[int] = []
+
+    def recorded(self: CausalLMLoss, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.training:
+            sizes.append(int(kwargs["input_ids"].numel()))
+            if fail_when is not None and fail_when(len(sizes), sizes[-1]):
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(CausalLMLoss, "forward", recorded)
+    return sizes
+
+
+def packed_rows_of_varied_length(config: dict, output_dir: Path, **training: Any) -> dict:
+    """The run with packed micro-batches of 2 examples of 44-94 tokens: their sizes vary (padded ones of
+    max_seq_length 64 are nearly all 128 tokens)."""
+    data = {**config["data"], "packing": True, "max_seq_length": 128}
+    return {
+        **config,
+        "data": data,
+        "training": {**config["training"], "output_dir": str(output_dir), **training},
+    }
+
+
+def test_the_memory_check_runs_the_largest_micro_batch_after_step_1_and_changes_nothing(
+    config: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """training.memory_check: after step 1, one more forward and backward, of the run's largest micro-batch
+    (over both epochs of the 8 steps), then the same run as without it: dropout is on, so the random state
+    must be put back, and the discarded gradient must not reach the update."""
+    without = packed_rows_of_varied_length(config, tmp_path / "without")
+    run.train(without, console=quiet())
+    checked = packed_rows_of_varied_length(config, tmp_path / "checked", memory_check=True)
+    sizes = record_forwards(monkeypatch)
+    summary = run.train(checked, console=quiet())
+
+    assert len(sizes) == 8 * 2 + 1  # 8 steps of 2 micro-batches, and the check
+    steps = [sizes[:2]] + [sizes[3 + 2 * i : 5 + 2 * i] for i in range(7)]
+    largest = max(max(step) for step in steps)
+    assert largest > max(steps[0]), "this data's largest micro-batch is not in step 1 (else nothing to check)"
+    assert sizes[2] == largest
+    step = 1 + next(i for i, s in enumerate(steps) if largest in s)
+    assert summary["memory_check"] == {"largest_micro_batch_tokens": largest, "step": step, "ran": True}
+    assert_same_curve(tmp_path / "checked", tmp_path / "without", 8)
+    assert_same_adapter(tmp_path / "checked", tmp_path / "without")
+
+    # Negative control: without putting the random state back, the check's dropout draws change the run.
+    monkeypatch.setattr(loop, "restore_rng_state", lambda state: None)
+    run.train(
+        packed_rows_of_varied_length(config, tmp_path / "unrestored", memory_check=True), console=quiet()
+    )
+    moved, kept = step_rows(tmp_path / "unrestored"), step_rows(tmp_path / "without")
+    assert max(abs(moved[s]["loss"] - kept[s]["loss"]) for s in range(2, 9)) > 1e-4
+
+
+def test_the_memory_check_is_skipped_when_step_1_held_the_largest_micro_batch(
+    config: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Padded micro-batches of max_seq_length 64 here are nearly all 2 x 64 tokens: step 1 already ran one."""
+    config["training"]["memory_check"] = True
+    sizes = record_forwards(monkeypatch)
+    summary = run.train(config, console=quiet())
+    assert len(sizes) == 16 and max(sizes[:2]) == max(sizes)
+    assert summary["memory_check"] == {"largest_micro_batch_tokens": max(sizes), "step": 1, "ran": False}
+
+
+def test_out_of_memory_in_a_step_saves_the_last_one_and_the_printed_resume_finishes_the_run(
+    config: dict, reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Step 5's first micro-batch runs out of memory (no periodic checkpoint since step 0): step 4 is saved with
+    the random state step 5 began from, the message says so and what to change, exit 2. The printed command
+    (gradient checkpointing on, which a resume accepts) then trains steps 5-8 exactly as the uninterrupted run."""
+    out = Path(config["training"]["output_dir"])
+    config["training"]["save_steps"] = 100
+    record_forwards(monkeypatch, fail_when=lambda call, tokens: call == 9)
+    config_path = write_yaml(tmp_path / "run.yaml", config)
+    result = CliRunner().invoke(app, ["train", str(config_path)], env={"COLUMNS": "400"})
+
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    message = result.output
+    assert says(message, "Out of memory on cpu in step 5, at a micro-batch of")
+    assert says(message, "CUDA out of memory. Tried to allocate 2.00 GiB.")
+    assert says(message, "Step 4 is saved in checkpoint-4: no finished step is lost.")
+    assert says(message, "training.gradient_checkpointing: true")
+    assert says(message, "data.packing: true with training.max_tokens_per_micro_batch")
+    command = f"tunewise train {config_path} --set training.gradient_checkpointing=true --resume"
+    assert says(message, command)
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-4"]
+    assert load_checkpoint(out / "checkpoint-4").trainer_state["stop_reason"] == "out_of_memory"
+    assert sorted(step_rows(out)) == [1, 2, 3, 4]
+    monkeypatch.undo()
+
+    summary = run.train(str(config_path), ["training.gradient_checkpointing=true"], quiet(), resume=True)
+    assert summary["stop_reason"] == "max_steps" and summary["total_steps"] == 8
+    assert_same_curve(out, reference, 8)
+    assert_same_adapter(out, reference)
+
+
+def test_the_memory_check_fails_after_step_1_when_the_largest_micro_batch_does_not_fit(
+    config: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A device that holds step 1's micro-batches but not the run's largest: the check fails right after step 1
+    (which it saves), naming the step the large micro-batch would have come in, and suggests a token budget."""
+    sizes = record_forwards(monkeypatch)
+    run.train(packed_rows_of_varied_length(config, tmp_path / "sizes"), console=quiet())
+    limit = max(sizes[:2])  # what step 1 needed
+    largest = max(sizes)
+    step = 1 + next(i for i in range(8) if max(sizes[2 * i : 2 * i + 2]) == largest)
+    assert largest > limit
+    monkeypatch.undo()
+
+    checked = packed_rows_of_varied_length(config, tmp_path / "run", memory_check=True, save_steps=100)
+    record_forwards(monkeypatch, fail_when=lambda call, tokens: tokens > limit)
+    config_path = write_yaml(tmp_path / "run.yaml", checked)
+    result = CliRunner().invoke(app, ["train", str(config_path)], env={"COLUMNS": "400"})
+
+    assert result.exit_code == 2
+    assert says(result.output, f"in the memory check after step 1 (that micro-batch comes in step {step})")
+    assert says(result.output, f"at a micro-batch of {largest:,} tokens")
+    budget = max(128, largest // 2)  # never below max_seq_length
+    assert says(result.output, f"--set training.max_tokens_per_micro_batch={budget} --resume")
+    out = tmp_path / "run"
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-1"]
+    assert sorted(step_rows(out)) == [1]
+
+
+def test_out_of_memory_advice_for_packed_rows() -> None:
+    """With packing the first fix is a token budget of half the failed micro-batch, on the pad multiple and
+    never below max_seq_length; a micro-batch no longer than one example gets no budget advice."""
+    cfg = schema.TunewiseConfig.model_validate(
+        {"data": {"packing": True, "max_seq_length": 512, "pad_to_multiple_of": 64}}
+    )
+    advice, sets = run.out_of_memory_advice(cfg, 3000)
+    assert sets == ["training.max_tokens_per_micro_batch=1472"]  # 1500 down to a multiple of 64
+    assert advice[0].startswith("training.max_tokens_per_micro_batch: 1472")
+    assert any("gradient_checkpointing: true" in line for line in advice)
+    assert run.out_of_memory_advice(cfg, 700)[1] == ["training.max_tokens_per_micro_batch=512"]
+    advice, sets = run.out_of_memory_advice(cfg, 512)
+    assert sets == ["training.gradient_checkpointing=true"]
+    assert not any("max_tokens_per_micro_batch" in line for line in advice)
+
+
+def test_out_of_memory_is_recognised_by_type_or_by_the_cpu_allocators_message() -> None:
+    with pytest.raises(RuntimeError) as failed:
+        torch.empty(2**50, dtype=torch.uint8)  # a real failed CPU allocation: a plain RuntimeError
+    assert loop.is_out_of_memory(failed.value)
+    assert loop.is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory."))
+    assert not loop.is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not loop.is_out_of_memory(ValueError("out of memory"))
+
+
 def test_truncating_metrics_survives_a_torn_last_line(tmp_path: Path) -> None:
     writer = run.RunWriter(tmp_path, enabled=True)
     for step in range(1, 5):

@@ -24,7 +24,7 @@ from rich.console import Console
 
 import tunewise.run
 from tunewise.testing import tiny_chat_rows
-from tunewise.training.loop import epoch_windows
+from tunewise.training.loop import LoopState, epoch_windows, largest_micro_batch, micro_batch_tokens
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -144,13 +144,25 @@ def test_two_processes_with_a_token_budget_follow_one_process(
 ) -> None:
     """Packed rows of at most 128 tokens: each rank re-cuts its share of a step, so the ranks run different
     numbers of micro-batches (DDP syncs each once, at its last), and the loss curve is still the one process's
-    padded one."""
-    budget = {"data": {"packing": True}, "training": {"max_tokens_per_micro_batch": 128}}
+    padded one. With the memory check on: after step 1 each rank runs its own largest micro-batch unsynced (or
+    skips it) and the ranks agree on the outcome in a collective, which changes nothing in the run."""
+    training = {"max_tokens_per_micro_batch": 128, "memory_check": True}
+    budget = {"data": {"packing": True}, "training": training}
     config = write_config(tmp_path, tiny_model_dir, per_device_batch=2, name="run", **budget)
     prep = tunewise.run.prepare(config)
     lengths, settings = list(prep.data.train["length"]), tunewise.run.loop_settings(prep)
     cuts = [[len(w) for e in (0, 1) for w in epoch_windows(settings, lengths, e, rank, 2)] for rank in (0, 1)]
     assert cuts[0] != cuts[1] and max(cuts[0]) > 2, cuts  # unequal, and more than accumulation's 2
+    after_step_1 = LoopState(step=1, window=1)
+    checked = [
+        largest_micro_batch(settings, lengths, after_step_1, rank, 2).tokens  # type: ignore[union-attr]
+        > max(
+            micro_batch_tokens(settings, lengths, ids)
+            for ids in epoch_windows(settings, lengths, 0, rank, 2)[0]
+        )
+        for rank in (0, 1)
+    ]
+    assert any(checked), "some rank's memory check runs a micro-batch"
     launch(["-m", "tunewise.cli", "train", str(config)], tmp_path / "logs")
     ddp = [r for r in rows(tmp_path / "run") if "grad_norm" in r]
     reference = [r for r in single_process[0] if "grad_norm" in r]
@@ -158,3 +170,5 @@ def test_two_processes_with_a_token_budget_follow_one_process(
     assert [r["loss"] for r in ddp] == pytest.approx([r["loss"] for r in reference], abs=1e-5)
     assert [r["grad_norm"] for r in ddp] == pytest.approx([r["grad_norm"] for r in reference], rel=1e-5)
     assert [r["tokens"] for r in ddp] == [r["tokens"] for r in reference]
+    check = json.loads((tmp_path / "run" / "summary.json").read_text())["memory_check"]
+    assert check["largest_micro_batch_tokens"] <= 128 and 1 <= check["step"] <= TOTAL_STEPS

@@ -109,6 +109,20 @@ def test_auto_learning_rate_and_4bit_for_qlora() -> None:
     assert res.config.quantization.bnb_4bit_compute_dtype == "float32"
 
 
+@pytest.mark.parametrize(("hw", "expected"), [(AMPERE, True), (TURING, True), (CPU, False)])
+def test_the_memory_check_is_on_for_gpus_by_default(hw: Hardware, expected: bool) -> None:
+    res = resolve_static(load_config({}), hw)
+    choice = res.choices["training.memory_check"]
+    assert res.config.training.memory_check is expected and (choice.value, choice.source) == (
+        expected,
+        "auto",
+    )
+    assert ("OOM killer" in choice.reason) is not expected
+    forced = resolve_static(load_config({"training": {"memory_check": not expected}}), hw)
+    assert forced.config.training.memory_check is (not expected)
+    assert forced.choices["training.memory_check"].source == "user"
+
+
 def test_constant_schedule_gets_no_warmup() -> None:
     res = resolve_static(load_config({"training": {"lr_scheduler_type": "constant"}}), CPU)
     assert resolve_steps(res, 100, 1).warmup_steps == 0

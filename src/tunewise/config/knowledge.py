@@ -542,6 +542,24 @@ _ENTRIES = [
         interactions="per_device_train_batch_size and max_seq_length (what it lets you raise).",
     ),
     _k(
+        "memory_check",
+        what="Right after the first optimizer step, runs the forward and backward of the run's largest "
+        "micro-batch (the most tokens, padding included, as the loop will cut it) once more, without an "
+        "update: its gradients are discarded and the random state put back, so the run continues exactly as "
+        "without it. With packing, token budgets or random order the largest micro-batch can come hours in; "
+        "if it does not fit, this fails in the first minute instead, saving step 1 and saying what to change. "
+        "Skipped when the first step already held a micro-batch as large.",
+        hf="tunewise (HF's auto_find_batch_size halves the batch after an out-of-memory instead, changing the "
+        "run's batches)",
+        why="auto: enabled on GPUs (one extra micro-batch per run), not on CPU, where running out of memory is "
+        "usually the kernel's OOM killer ending the process rather than an error. Whether on or off, an "
+        "out-of-memory error in any step saves the last finished step before it stops.",
+        interactions="max_tokens_per_micro_batch, per_device_train_batch_size, gradient_checkpointing (the "
+        "fixes the message suggests; a resume accepts the first and the last).",
+        mistakes="Reading a passed check as a guarantee: memory fragmentation or evaluation batches "
+        "(per_device_eval_batch_size) can still run out later.",
+    ),
+    _k(
         "torch_compile",
         what="Compiles each decoder layer with torch.compile (inductor, dynamic shapes, so varying sequence "
         "lengths reuse one graph): norms, activations, rotary embeddings and residual adds run as fused "

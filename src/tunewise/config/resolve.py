@@ -191,6 +191,17 @@ def resolve_static(cfg: TunewiseConfig, hw: Hardware) -> Resolution:
         dtype = "bfloat16" if precision == "bf16" and a.method != "full" else "float32"
         cfg.model.torch_dtype = dtype  # type: ignore[assignment]
         res.record("model.torch_dtype", dtype, "auto", f"{precision} training, method {a.method}")
+    if t.memory_check == "auto":
+        t.memory_check = hw.device_type != "cpu"
+        why = (
+            "an out-of-memory there raises, after the first step rather than hours in"
+            if t.memory_check
+            else "on CPU the kernel's OOM killer ends the process instead of an error (a failed allocation is "
+            "still caught and saved)"
+        )
+        res.record("training.memory_check", t.memory_check, "auto", f"{hw.device_type}: {why}")
+    else:
+        keep("training.memory_check", t.memory_check)
     if t.data_seed is None:
         t.data_seed = t.seed
         res.record("training.data_seed", t.seed, "auto", "same as seed")

@@ -183,6 +183,8 @@ class TrainingConfig(_Section):
     """Target sequences per optimizer update (per-device x accumulation x devices) for the auto rule."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, ~30% more compute."""
+    memory_check: bool | Auto = "auto"
+    """After the first step, run the largest micro-batch once (no update): out of memory shows now; auto: GPUs."""
     torch_compile: bool = False
     """torch.compile each decoder layer: faster steps after a one-off compile (needs a C++ compiler on CPU)."""
     learning_rate: Annotated[float, Field(gt=0)] | Auto = "auto"

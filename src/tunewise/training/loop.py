@@ -8,6 +8,7 @@ one big batch, as transformers does since 4.46.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import time
@@ -22,6 +23,7 @@ from accelerate import Accelerator
 from tunewise.config.load import ConfigError, Problem
 from tunewise.data.collate import (
     batch_indices,
+    batch_tensor_tokens,
     collate_packed,
     collate_padded,
     group_window_by_length,
@@ -30,6 +32,7 @@ from tunewise.data.collate import (
     pack_within,
 )
 from tunewise.data.tokenize import IGNORE
+from tunewise.training.checkpoint import CheckpointError, capture_rng_state, restore_rng_state
 from tunewise.training.progress import TrainProgress
 
 log = logging.getLogger("tunewise")
@@ -60,6 +63,7 @@ class LoopSettings:
     early_stopping_patience: int | None = None
     early_stopping_threshold: float = 0.0
     nonfinite_patience: int = 3
+    memory_check: bool = False  # after the first step, the run's largest micro-batch once (see check_memory)
 
 
 @dataclass
@@ -79,6 +83,7 @@ class LoopState:
     fp16_overflows: int = 0
     rollbacks: int = 0
     stop_reason: str | None = None
+    memory_check: dict | None = None  # what check_memory found in this process
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -115,6 +120,47 @@ def epoch_windows(
             windows = [pack_within(w, lengths, budget, multiple) for w in windows]
         return [largest_first(w, lengths) for w in windows]
     return [group_window_by_length(w, lengths) for w in windows]  # its longest examples first
+
+
+def micro_batch_tokens(settings: LoopSettings, lengths: list[int], ids: list[int]) -> int:
+    """Tokens in the micro-batch's input tensor as `make_collate` builds it, padding included."""
+    if not ids:
+        return 1  # a rank's stand-in micro-batch: one pad token (_micro_batch)
+    return batch_tensor_tokens(
+        [lengths[i] for i in ids],
+        packed=settings.packing,
+        pad_to_length=settings.max_seq_length if settings.padding == "max_length" else None,
+        pad_to_multiple_of=settings.pad_to_multiple_of,
+    )
+
+
+@dataclass(frozen=True)
+class LargestMicroBatch:
+    tokens: int  # in its input tensor, padding included
+    step: int  # the optimizer step that runs it
+    ids: list[int]
+
+
+def largest_micro_batch(
+    settings: LoopSettings, lengths: list[int], state: LoopState, rank: int, world: int
+) -> LargestMicroBatch | None:
+    """This rank's micro-batch with the most tokens from `state` to the end of the run (the first such)."""
+    best: LargestMicroBatch | None = None
+    step, epoch, start = state.step, state.epoch, state.window
+    while step < settings.total_steps:
+        windows = epoch_windows(settings, lengths, epoch, rank, world)
+        if not windows:
+            return None
+        for window in windows[start:]:
+            step += 1
+            for ids in window:
+                tokens = micro_batch_tokens(settings, lengths, ids)
+                if best is None or tokens > best.tokens:
+                    best = LargestMicroBatch(tokens, step, ids)
+            if step == settings.total_steps:
+                break
+        epoch, start = epoch + 1, 0
+    return best
 
 
 def make_collate(settings: LoopSettings) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
@@ -250,11 +296,25 @@ def fit(
         settings, train_dataset, lengths, state, accelerator.process_index, accelerator.num_processes
     )
     upcoming = next(windows)
+    memory_checked = not settings.memory_check
     while state.step < settings.total_steps and state.stop_reason is None:
         epoch, w, example_ids, window = upcoming
-        loss_t, grad_norm_t, targets = launch_step(accelerator, loss_module, window, settings.max_grad_norm)
-        upcoming = next(windows)  # read and collate the next window while the device computes this one
-        loss, grad_norm = float(loss_t), float(grad_norm_t)
+        rng = capture_rng_state()  # as the step found it: what a checkpoint after an out-of-memory keeps
+        failure = None
+        try:
+            loss_t, grad_norm_t, targets = launch_step(
+                accelerator, loss_module, window, settings.max_grad_norm
+            )
+            upcoming = next(windows)  # read and collate the next window while the device computes this one
+            loss, grad_norm = float(loss_t), float(grad_norm_t)
+        except Exception as error:
+            if not is_out_of_memory(error):
+                raise
+            failure = _first_line(error)
+        if failure is not None:  # outside the except block, so its frames (the step's tensors) are freed
+            tokens = max(int(b["input_ids"].numel()) for b in window)
+            where = f"step {state.step + 1}"
+            raise _out_of_memory(accelerator, optimizer, state, hooks, rng, failure, where, tokens)
         state.epoch, state.window = epoch, w + 1
         scaled = accelerator.scaler is not None  # fp16: the loss scaler owns overflowing gradients
         if not math.isfinite(loss) or (not math.isfinite(grad_norm) and not scaled):
@@ -311,7 +371,140 @@ def fit(
             state.stop_reason or (settings.save_steps and state.step % settings.save_steps == 0)
         ):
             hooks.save(state)
+        if not memory_checked and state.stop_reason is None:  # after step 1 is logged and saved as usual
+            memory_checked = True
+            ran = max(int(b["input_ids"].numel()) for b in window)
+            state.memory_check = check_memory(
+                accelerator, loss_module, optimizer, train_dataset, settings, lengths, state, hooks, ran
+            )
     return state
+
+
+class TrainingOutOfMemory(RuntimeError):
+    """A micro-batch did not fit in memory; says which, what was saved, and (`advice`) what to change."""
+
+    def __init__(self, detail: str, where: str, tokens: int, saved_step: int | None, device: str) -> None:
+        super().__init__(detail)
+        self.detail, self.where, self.tokens = detail, where, tokens
+        self.saved_step, self.device = saved_step, device
+        self.advice: list[str] = []  # filled by the caller, who knows the config
+        self.resume_command: str | None = None
+
+    def __str__(self) -> str:
+        head = f"Out of memory on {self.device} in {self.where}, at a micro-batch of {self.tokens:,} tokens"
+        lines = [f"{head} (padding included): {self.detail}"]
+        if self.saved_step:
+            lines.append(
+                f"Step {self.saved_step} is saved in checkpoint-{self.saved_step}: no finished step is lost."
+            )
+        if self.advice:
+            lines.append("To fit it:")
+            lines += [f"  - {line}" for line in self.advice]
+        if self.saved_step and self.resume_command:
+            lines.append(f"Then continue with:\n  {self.resume_command}")
+        return "\n".join(lines)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """The allocator's out-of-memory: torch's (CUDA, XPU) or a failed CPU allocation (a plain RuntimeError)."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _out_of_memory(
+    accelerator: Accelerator,
+    optimizer: torch.optim.Optimizer,
+    state: LoopState,
+    hooks: Hooks,
+    rng: dict,
+    detail: str,
+    where: str,
+    tokens: int,
+) -> TrainingOutOfMemory:
+    """Free what the failed step held and checkpoint the last completed step, with the random state the
+    failed step began from, so `--resume` after a change that fits runs it as the uninterrupted run would."""
+    optimizer.zero_grad(set_to_none=True)
+    gc.collect()
+    if accelerator.device.type == "cuda":
+        torch.cuda.empty_cache()
+    restore_rng_state(rng)
+    saved = None
+    # One process only: under DDP the other ranks wait in a collective this rank will never join, and a
+    # save would wait for them; their last periodic checkpoint is where a resume starts.
+    if hooks.save and state.step > 0 and accelerator.num_processes == 1:
+        state.stop_reason = "out_of_memory"
+        try:
+            hooks.save(state)
+            saved = state.step
+        except (CheckpointError, OSError, RuntimeError) as error:  # the out-of-memory is the error to report
+            log.error(
+                "could not save step %d after running out of memory: %s", state.step, _first_line(error)
+            )
+    return TrainingOutOfMemory(detail, where, tokens, saved, str(accelerator.device))
+
+
+def check_memory(
+    accelerator: Accelerator,
+    loss_module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    dataset: object,
+    settings: LoopSettings,
+    lengths: list[int],
+    state: LoopState,
+    hooks: Hooks,
+    ran_tokens: int,
+) -> dict:
+    """Forward and backward of the run's largest micro-batch once, right after the first step, without an
+    update: with packing or random order it can come hours in, and an out-of-memory should show now.
+
+    After the first step the optimizer's state exists, so this peaks where a real step would. Its
+    gradients are discarded and the random state put back: the run continues exactly as without it.
+    Skipped where the first step already ran a micro-batch as large. Under DDP each rank checks its own
+    and all fail together.
+    """
+    largest = largest_micro_batch(
+        settings, lengths, state, accelerator.process_index, accelerator.num_processes
+    )
+    if largest is not None and largest.tokens <= ran_tokens:
+        largest = None  # the first step held one as large
+    failure = None
+    if largest is not None:
+        _, batch = _micro_batch(dataset, largest.ids, make_collate(settings), settings.pad_token_id)
+        rng = capture_rng_state()
+        failure = _forward_backward_or_oom(accelerator, loss_module, batch)
+        optimizer.zero_grad(set_to_none=True)
+        restore_rng_state(rng)
+    tokens, step = (largest.tokens, largest.step) if largest is not None else (ran_tokens, state.step)
+    if global_count(accelerator, int(failure is not None)):  # every rank stops if one ran out
+        where = f"the memory check after step {state.step}"
+        where += f" (that micro-batch comes in step {step})" if failure is not None else ""
+        detail = failure or "another process ran out of memory"
+        raise _out_of_memory(accelerator, optimizer, state, hooks, capture_rng_state(), detail, where, tokens)
+    log.info("memory check: the run's largest micro-batch (%d tokens, step %d) fits", tokens, step)
+    return {"largest_micro_batch_tokens": tokens, "step": step, "ran": largest is not None}
+
+
+def _forward_backward_or_oom(
+    accelerator: Accelerator, loss_module: torch.nn.Module, batch: dict[str, torch.Tensor]
+) -> str | None:
+    """One micro-batch's forward and backward, its gradient times 0; the out-of-memory's message, or None.
+    A function of its own so that the graph and the exception's frames are freed when it returns."""
+    try:
+        with accelerator.no_sync(loss_module), accelerator.autocast():
+            summed = loss_module(**{k: v.to(accelerator.device) for k, v in batch.items()})
+            if summed.requires_grad:
+                accelerator.backward(summed * 0.0)
+    except Exception as error:
+        if not is_out_of_memory(error):
+            raise
+        return _first_line(error)
+    return None
 
 
 def _refuse_silent_fp32(accelerator: Accelerator) -> None:

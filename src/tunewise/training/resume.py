@@ -67,7 +67,7 @@ def set_aside_earlier_run(output_dir: Path) -> Path | None:
 
 
 # Keys that may differ between a checkpoint's config and the resumed run's: they change how long
-# or how often, never what a step computes.
+# or how often, or how a step's micro-batches are cut or its activations kept, never what it computes.
 RESUMABLE_CHANGES = {
     # Fix (test_crash_safety.py): a run directory copied to another disk or machine must resume there.
     "training.output_dir",
@@ -82,6 +82,10 @@ RESUMABLE_CHANGES = {
     "training.nonfinite_patience",
     "training.nonfinite_policy",
     "training.load_best_model_at_end",
+    # The same steps and gradients, cut or recomputed otherwise: the fixes an out-of-memory message suggests.
+    "training.max_tokens_per_micro_batch",
+    "training.gradient_checkpointing",
+    "training.memory_check",
 }
 RESUMABLE_SECTIONS = ("generation.", "evaluation.")
 
