@@ -10,6 +10,7 @@ from rich.text import Text
 
 if TYPE_CHECKING:
     from tunewise.run import Prepared
+    from tunewise.training.loop import LargestMicroBatch
 
 PLAN_KEYS = [
     "training.precision",
@@ -37,8 +38,9 @@ PLAN_KEYS = [
 ]
 
 
-def plan_lints(prep: Prepared) -> list[dict]:
-    """Config warnings/infos and plan lints, as {severity, key, message, fix}."""
+def plan_lints(prep: Prepared, memory: tuple[int, int | None, str | None] | None = None) -> list[dict]:
+    """Config warnings/infos and plan lints, as {severity, key, message, fix}; `memory`: the run's estimated
+    bytes, the device's, and the error if the largest micro-batch's forward ran out (`activation_memory`)."""
     from tunewise.config.lints import PlanFacts, lint
     from tunewise.config.load import check_config
 
@@ -67,6 +69,10 @@ def plan_lints(prep: Prepared) -> list[dict]:
         packing=cfg.data.packing,
         padding_waste_percent=_padding_waste(prep),
         cpu_native_bf16=prep.hardware.bf16_supported,
+        estimated_memory_bytes=memory[0] if memory else None,
+        device_memory_bytes=memory[1] if memory else None,
+        forward_out_of_memory=memory[2] if memory else None,
+        gradient_checkpointing=cfg.training.gradient_checkpointing,
     )
     out = [
         {"severity": p.severity, "key": p.path, "message": p.message, "fix": ""}
@@ -100,6 +106,10 @@ def plan_summary(prep: Prepared) -> dict:
     lengths = list(data.train["length"])
     tokens = sum(lengths)
     effective = plan.effective_batch_size
+    largest = largest_micro_batch(prep)
+    by_method = memory_by_method(prep)
+    activations = activation_memory(prep, largest, by_method[cfg.adapter.method]["total_bytes"])
+    memory = (activations["run_bytes"], activations["device_memory_bytes"], activations["out_of_memory"])
     return {
         "model": cfg.model.model_name_or_path,
         "model_dir": str(prep.model_dir),
@@ -122,7 +132,7 @@ def plan_summary(prep: Prepared) -> dict:
         "warmup_steps": prep.steps.warmup_steps,
         "effective_batch_size": effective,
         "effective_batch_tokens": round(effective * tokens / max(len(lengths), 1)),
-        "largest_micro_batch_tokens": largest_micro_batch_tokens(prep),
+        "largest_micro_batch_tokens": largest.tokens if largest is not None else 0,
         "trainable_parameters": prep.trainable_parameters,
         "total_parameters": prep.total_parameters,
         "trainable_percent": round(100 * prep.trainable_parameters / max(prep.total_parameters, 1), 3),
@@ -134,20 +144,66 @@ def plan_summary(prep: Prepared) -> dict:
             for k, c in prep.resolution.choices.items()
         },
         "notes": prep.resolution.notes + prep.notes,
-        "lints": plan_lints(prep),
-        "memory_by_method": memory_by_method(prep),
+        "lints": plan_lints(prep, memory),
+        "memory_by_method": by_method,
+        "activations": activations,
     }
 
 
-def largest_micro_batch_tokens(prep: Prepared) -> int:
-    """Tokens (padding included) of the run's largest micro-batch on rank 0, cut as the loop cuts it:
+def largest_micro_batch(prep: Prepared) -> LargestMicroBatch | None:
+    """The run's largest micro-batch on rank 0 (its tokens, padding included), cut as the loop cuts it:
     activation memory follows it (and `training.memory_check` runs it after the first step)."""
     from tunewise.run import loop_settings
-    from tunewise.training.loop import LoopState, largest_micro_batch
+    from tunewise.training.loop import LoopState
+    from tunewise.training.loop import largest_micro_batch as find
 
     settings, lengths = loop_settings(prep), list(prep.data.train["length"])
-    largest = largest_micro_batch(settings, lengths, LoopState(), 0, prep.hardware.world_size)
-    return largest.tokens if largest is not None else 0
+    return find(settings, lengths, LoopState(), 0, prep.hardware.world_size)
+
+
+def activation_memory(prep: Prepared, largest: LargestMicroBatch | None, static_bytes: int) -> dict:
+    """What the largest micro-batch keeps for its backward (models/activations.py: measured eagerly on that very
+    micro-batch), the run's total with weights, gradients and optimizer state, and the device's memory."""
+    import psutil
+    import torch
+
+    from tunewise.models.activations import saved_for_backward
+    from tunewise.run import loop_settings
+    from tunewise.training.loop import collate_micro_batch, is_out_of_memory, make_collate
+    from tunewise.training.loss import CausalLMLoss
+
+    device = next(prep.model.parameters()).device
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prep.config.training.precision)
+    if device.type == "cpu" and half is not None:
+        half = torch.bfloat16  # the same two bytes; CPU autocast is bf16's
+    saved, problem = 0, None
+    if largest is not None:
+        settings = loop_settings(prep)
+        _, batch = collate_micro_batch(
+            prep.data.train, largest.ids, make_collate(settings), settings.pad_token_id
+        )
+        try:
+            saved = saved_for_backward(CausalLMLoss(prep.model), batch, half)
+        except Exception as error:
+            if not is_out_of_memory(error):
+                raise
+            problem = str(error).splitlines()[0]
+        if problem and device.type == "cuda":
+            torch.cuda.empty_cache()
+    if device.type == "cuda":
+        device_bytes: int | None = torch.cuda.get_device_properties(device).total_memory
+    elif device.type == "cpu":
+        device_bytes = psutil.virtual_memory().total
+    else:
+        device_bytes = None
+    tokens = largest.tokens if largest is not None else 0
+    return {
+        "largest_micro_batch_bytes": saved,
+        "per_token_bytes": round(saved / tokens) if tokens else 0,
+        "run_bytes": static_bytes + saved,
+        "device_memory_bytes": device_bytes,
+        "out_of_memory": problem,  # its forward alone did not fit
+    }
 
 
 def memory_by_method(prep: Prepared) -> dict[str, dict[str, int]]:
@@ -219,6 +275,7 @@ def print_plan(console: Console, prep: Prepared) -> None:
         table.add_row("model config", str(prep.config_overrides), "user", "dropout overrides")
     console.print(table)
     print_memory(console, s["memory_by_method"], s["method"], prep.config.training.optim)
+    print_activations(console, s["activations"], s["largest_micro_batch_tokens"])
     for note in s["notes"]:
         console.print(f"[yellow]note[/]: {note}")
     for item in s["lints"]:
@@ -237,8 +294,23 @@ def print_memory(console: Console, by_method: dict[str, dict[str, int]], chosen:
         table.add_row(
             *row, *(f"{b / 2**20:,.1f} MiB" for b in sizes), style="bold" if method == chosen else ""
         )
-    console.print("memory by method (activations not included; they grow with batch x sequence length):")
+    console.print("memory by method (activations below: they grow with the micro-batch's tokens):")
     console.print(table)
+
+
+def print_activations(console: Console, a: dict, largest_tokens: int) -> None:
+    if a["out_of_memory"]:
+        console.print(
+            f"activations: the largest micro-batch's forward alone ran out of memory: {a['out_of_memory']}"
+        )
+        return
+    device = f" of the {a['device_memory_bytes'] / 2**30:,.1f} GiB here" if a["device_memory_bytes"] else ""
+    console.print(
+        f"activations kept for the backward by the largest micro-batch ({largest_tokens:,} tokens; measured "
+        f"eagerly, torch_compile keeps less): {a['largest_micro_batch_bytes'] / 2**20:,.1f} MiB, "
+        f"{a['per_token_bytes'] / 2**10:,.1f} KiB per token; this run ~{a['run_bytes'] / 2**30:,.2f} GiB with "
+        f"weights, gradients and optimizer state{device}, before the backward's temporaries"
+    )
 
 
 def print_eval(console: Console, title: str, metrics: dict) -> None:

@@ -131,6 +131,53 @@ def test_cli_plan_json(tiny_config: dict, tmp_path: Path) -> None:
     assert 0 < plan["trainable_parameters"] < plan["total_parameters"]
     assert plan["errors"] == []
     assert isinstance(plan["lints"], list)
+    # Activations measured on the largest micro-batch itself, added to this method's static memory.
+    a, lora = plan["activations"], plan["memory_by_method"]["lora"]
+    assert a["largest_micro_batch_bytes"] > 100 * plan["largest_micro_batch_tokens"] > 0
+    assert a["per_token_bytes"] == round(a["largest_micro_batch_bytes"] / plan["largest_micro_batch_tokens"])
+    assert a["run_bytes"] == lora["total_bytes"] + a["largest_micro_batch_bytes"]
+    assert a["device_memory_bytes"] > a["run_bytes"] and a["out_of_memory"] is None
+
+
+def test_cli_plan_warns_when_the_largest_micro_batch_will_not_fit(
+    tiny_config: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A device smaller than the measured run, and a device where the forward itself runs out: a warning with the
+    fixes, before anything trains."""
+    import psutil
+
+    from tunewise.models import activations
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(tiny_config))
+
+    def memory_lints() -> list[dict]:
+        result = CliRunner().invoke(app, ["plan", str(path), "--json"])
+        assert result.exit_code == 0, result.output
+        return [
+            x
+            for x in json.loads(result.stdout)["lints"]
+            if "GiB" in x["message"] or "of memory" in x["message"]
+        ]
+
+    assert memory_lints() == []
+    small = psutil.virtual_memory()._replace(total=2**20)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: small)
+    (tight,) = memory_lints()
+    assert tight["key"] == "training.per_device_train_batch_size"
+    assert (
+        "more than the 0.0 GiB of this cpu" in tight["message"] and "set data.packing: true" in tight["fix"]
+    )
+    monkeypatch.undo()
+
+    def out_of_memory(*args: object) -> int:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB.")
+
+    monkeypatch.setattr(activations, "saved_for_backward", out_of_memory)
+    (failed,) = memory_lints()
+    assert failed["message"].endswith(
+        "forward alone ran out of memory: CUDA out of memory. Tried to allocate 9.00 GiB."
+    )
 
 
 def test_cli_plan_says_how_the_steps_were_counted(tiny_config: dict, tmp_path: Path) -> None:

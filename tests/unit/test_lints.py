@@ -229,3 +229,30 @@ def test_heavy_padding_suggests_packing_and_packing_or_light_padding_silences_it
     ]
     assert lints_for(padding_waste_percent=40.0, packing=True) == []
     assert lints_for(padding_waste_percent=10.0) == []
+
+
+def test_a_run_estimated_above_the_devices_memory_warns_with_the_fixes() -> None:
+    gib = 2**30
+    assert lints_for(estimated_memory_bytes=70 * gib, device_memory_bytes=80 * gib) == []
+    assert lints_for(estimated_memory_bytes=90 * gib, device_memory_bytes=80 * gib, packing=True) == [
+        Lint(
+            "warning",
+            "training.max_tokens_per_micro_batch",
+            "weights, gradients, optimizer state and the largest micro-batch's activations come to ~90.0 GiB, "
+            "more than the 80.0 GiB of this GPU",
+            "set training.max_tokens_per_micro_batch; gradient_checkpointing: true; a smaller "
+            "per_device_train_batch_size with more gradient_accumulation_steps",
+        )
+    ]
+    (padded,) = lints_for(
+        estimated_memory_bytes=90 * gib, device_memory_bytes=80 * gib, gradient_checkpointing=True
+    )
+    assert padded.key == "training.per_device_train_batch_size"
+    assert (
+        padded.fix
+        == "set data.packing: true; a smaller per_device_train_batch_size with more gradient_accumulation_steps"
+    )
+    (failed,) = lints_for(forward_out_of_memory="CUDA out of memory. Tried to allocate 4.00 GiB")
+    assert failed.message == (
+        "the largest micro-batch's forward alone ran out of memory: CUDA out of memory. Tried to allocate 4.00 GiB"
+    )

@@ -54,6 +54,13 @@ class PlanFacts:
     """% of the tokens in the first epoch's (unpacked) batches that are padding."""
     cpu_native_bf16: bool = False
     """The CPU has bf16 matmul instructions (AVX512_BF16 or AMX)."""
+    estimated_memory_bytes: int | None = None
+    """Weights, gradients, optimizer state and the largest micro-batch's saved activations (report.py)."""
+    device_memory_bytes: int | None = None
+    """The GPU's memory, or the host's RAM on CPU."""
+    forward_out_of_memory: str | None = None
+    """The error, when the largest micro-batch's forward alone ran out of memory while the plan measured it."""
+    gradient_checkpointing: bool = False
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,7 @@ def lint(facts: PlanFacts) -> list[Lint]:
         *_tensor_cores(facts),
         *_fp16_on_bf16_model(facts),
         *_bf16_on_cpu(facts),
+        *_memory(facts),
         *_no_validation(facts),
         *_padding(facts),
     ]
@@ -186,6 +194,25 @@ def _bf16_on_cpu(f: PlanFacts) -> list[Lint]:
         "slower than fp32 in an autocast linear on an AVX2 CPU (docs/performance.md)"
     )
     return [Lint("warning", "training.precision", message, "use precision: auto (fp32 here) or fp32")]
+
+
+def _memory(f: PlanFacts) -> list[Lint]:
+    need, have = f.estimated_memory_bytes, f.device_memory_bytes
+    if f.forward_out_of_memory:
+        message = f"the largest micro-batch's forward alone ran out of memory: {f.forward_out_of_memory}"
+    elif need is not None and have is not None and need > have:
+        where = "GPU" if f.device_type == "cuda" else f.device_type
+        message = (
+            f"weights, gradients, optimizer state and the largest micro-batch's activations come to "
+            f"~{need / 2**30:.1f} GiB, more than the {have / 2**30:.1f} GiB of this {where}"
+        )
+    else:
+        return []
+    fixes = ["set training.max_tokens_per_micro_batch" if f.packing else "set data.packing: true"]
+    fixes += [] if f.gradient_checkpointing else ["gradient_checkpointing: true"]
+    fixes += ["a smaller per_device_train_batch_size with more gradient_accumulation_steps"]
+    key = "training.max_tokens_per_micro_batch" if f.packing else "training.per_device_train_batch_size"
+    return [Lint("warning", key, message, "; ".join(fixes))]
 
 
 def _no_validation(f: PlanFacts) -> list[Lint]:

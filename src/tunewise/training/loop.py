@@ -125,7 +125,7 @@ def epoch_windows(
 def micro_batch_tokens(settings: LoopSettings, lengths: list[int], ids: list[int]) -> int:
     """Tokens in the micro-batch's input tensor as `make_collate` builds it, padding included."""
     if not ids:
-        return 1  # a rank's stand-in micro-batch: one pad token (_micro_batch)
+        return 1  # a rank's stand-in micro-batch: one pad token (collate_micro_batch)
     return batch_tensor_tokens(
         [lengths[i] for i in ids],
         packed=settings.packing,
@@ -254,12 +254,14 @@ def windows_from(
     while True:
         windows = epoch_windows(settings, lengths, epoch, rank, world)
         for w in range(start, len(windows)):
-            batches = [_micro_batch(dataset, ids, collate, settings.pad_token_id) for ids in windows[w]]
+            batches = [
+                collate_micro_batch(dataset, ids, collate, settings.pad_token_id) for ids in windows[w]
+            ]
             yield epoch, w, [ids for ids, _ in batches], [b for _, b in batches]
         epoch, start = epoch + 1, 0
 
 
-def _micro_batch(
+def collate_micro_batch(
     dataset: object, ids: list[int], collate: Callable, pad_token_id: int
 ) -> tuple[list[int], dict[str, torch.Tensor]]:
     if ids:
@@ -475,7 +477,7 @@ def check_memory(
         largest = None  # the first step held one as large
     failure = None
     if largest is not None:
-        _, batch = _micro_batch(dataset, largest.ids, make_collate(settings), settings.pad_token_id)
+        _, batch = collate_micro_batch(dataset, largest.ids, make_collate(settings), settings.pad_token_id)
         rng = capture_rng_state()
         failure = _forward_backward_or_oom(accelerator, loss_module, batch)
         optimizer.zero_grad(set_to_none=True)
