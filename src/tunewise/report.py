@@ -177,7 +177,11 @@ def activation_memory(prep: Prepared, largest: LargestMicroBatch | None, static_
     if device.type == "cpu" and half is not None:
         half = torch.bfloat16  # the same two bytes; CPU autocast is bf16's
     saved, problem = 0, None
-    if largest is not None:
+    # A forward on this process alone would wait for the other ranks' all-gathers under FSDP: not measured.
+    sharded = any("FullyShardedDataParallel" in type(m).__name__ for m in prep.model.modules()) or any(
+        type(p).__name__ in ("DTensor", "FlatParameter") for p in prep.model.parameters()
+    )
+    if largest is not None and not sharded:
         settings = loop_settings(prep)
         _, batch = collate_micro_batch(
             prep.data.train, largest.ids, make_collate(settings), settings.pad_token_id
@@ -203,6 +207,7 @@ def activation_memory(prep: Prepared, largest: LargestMicroBatch | None, static_
         "run_bytes": static_bytes + saved,
         "device_memory_bytes": device_bytes,
         "out_of_memory": problem,  # its forward alone did not fit
+        "measured": largest is not None and not sharded,
     }
 
 
@@ -299,6 +304,9 @@ def print_memory(console: Console, by_method: dict[str, dict[str, int]], chosen:
 
 
 def print_activations(console: Console, a: dict, largest_tokens: int) -> None:
+    if not a["measured"]:
+        console.print("activations: not measured (no micro-batch, or a model sharded across processes)")
+        return
     if a["out_of_memory"]:
         console.print(
             f"activations: the largest micro-batch's forward alone ran out of memory: {a['out_of_memory']}"

@@ -136,7 +136,7 @@ def test_cli_plan_json(tiny_config: dict, tmp_path: Path) -> None:
     assert a["largest_micro_batch_bytes"] > 100 * plan["largest_micro_batch_tokens"] > 0
     assert a["per_token_bytes"] == round(a["largest_micro_batch_bytes"] / plan["largest_micro_batch_tokens"])
     assert a["run_bytes"] == lora["total_bytes"] + a["largest_micro_batch_bytes"]
-    assert a["device_memory_bytes"] > a["run_bytes"] and a["out_of_memory"] is None
+    assert a["device_memory_bytes"] > a["run_bytes"] and a["out_of_memory"] is None and a["measured"]
 
 
 def test_cli_plan_warns_when_the_largest_micro_batch_will_not_fit(
