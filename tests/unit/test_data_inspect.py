@@ -261,3 +261,32 @@ def test_cli_reports_a_missing_file_as_a_user_error(tiny_model_dir: Path, tmp_pa
     )
     assert result.exit_code == 2
     assert "does not exist" in result.output
+
+
+def test_padded_rows_of_a_token_budget_cost_what_the_loop_cuts() -> None:
+    """With max_tokens_per_micro_batch, packed rows are re-cut within each step and each is rounded up to
+    pad_to_multiple_of: the packed cost is that of the loop's own windows, not of one row per micro-batch."""
+    lengths = [70, 70, 70, 70]
+    whole = padding_waste(lengths, 4, seed=1, pad_to_multiple_of=64)["packed"]
+    cut = padding_waste(lengths, 4, seed=1, pad_to_multiple_of=64, max_tokens_per_micro_batch=192)["packed"]
+    assert whole == {"tokens": 320, "padding": 40, "waste_percent": 12.5}  # 280 -> 320
+    assert cut == {"tokens": 384, "padding": 104, "waste_percent": 27.08}  # two rows of 140 -> 192
+    rng = random.Random(0)
+    lengths = [rng.randint(10, 500) for _ in range(400)]
+    once = {"total_steps": 1, "steps_per_epoch": 1, "max_steps_overrides": False, "logging_steps": 1}
+    never = {"eval_steps": None, "save_steps": None, "max_grad_norm": None}
+    budget = {"packing": True, "max_tokens_per_micro_batch": 1024, "pad_to_multiple_of": 64}
+    settings = LoopSettings(
+        per_device_batch_size=2,
+        gradient_accumulation_steps=4,
+        data_seed=1,
+        pad_token_id=0,
+        **once,
+        **never,
+        **budget,
+    )
+    run_batches = [b for w in epoch_windows(settings, lengths, epoch=0, rank=0, world=1) for b in w]
+    waste = padding_waste(
+        lengths, 2, seed=1, accumulation=4, pad_to_multiple_of=64, max_tokens_per_micro_batch=1024
+    )
+    assert waste["packed"] == batch_cost(lengths, run_batches, packed=True, pad_to_multiple_of=64)

@@ -22,7 +22,13 @@ from rich.table import Table
 from rich.text import Text
 from transformers import PreTrainedTokenizerBase
 
-from tunewise.data.collate import batch_indices, batch_tensor_tokens, group_window_by_length, round_up
+from tunewise.data.collate import (
+    batch_indices,
+    batch_tensor_tokens,
+    group_window_by_length,
+    pack_within,
+    round_up,
+)
 from tunewise.data.tokenize import IGNORE, TokenizeSettings, encode_dataset
 
 RECOMMEND_PERCENTILE = 99
@@ -138,14 +144,24 @@ def padding_waste(
     accumulation: int = 1,
     pad_to_length: int | None = None,
     pad_to_multiple_of: int | None = None,
+    max_tokens_per_micro_batch: int | None = None,
 ) -> dict[str, dict[str, Any]]:
     """One epoch's padding with random batches, length-grouped batches, and packed random batches.
 
     With `accumulation` above 1, padded micro-batches are regrouped by length within each optimizer step,
-    as the loop does (`group_window_by_length`)."""
+    as the loop does (`group_window_by_length`); with a token budget, packed ones are re-cut within each
+    step into rows of at most that many tokens (`pack_within`), each rounded up to `pad_to_multiple_of`."""
     randomly = batch_indices(lengths, batch_size, shuffle=True, seed=seed, group_by_length=False)
     grouped = batch_indices(lengths, batch_size, shuffle=True, seed=seed, group_by_length=True)
-    packed = batch_cost(lengths, randomly, packed=True, pad_to_multiple_of=pad_to_multiple_of)
+    rows = randomly
+    if max_tokens_per_micro_batch:
+        steps = [randomly[i : i + accumulation] for i in range(0, len(randomly), accumulation)]
+        rows = [
+            r
+            for step in steps
+            for r in pack_within(step, lengths, max_tokens_per_micro_batch, pad_to_multiple_of)
+        ]
+    packed = batch_cost(lengths, rows, packed=True, pad_to_multiple_of=pad_to_multiple_of)
     randomly, grouped = (_grouped_in_steps(b, lengths, accumulation) for b in (randomly, grouped))
     return {
         "random": batch_cost(
@@ -174,6 +190,7 @@ class Batching:
     group_by_length: bool = False
     packing: bool = False
     seed: int = 42
+    max_tokens_per_micro_batch: int | None = None  # packed rows re-cut by tokens within each step
 
     @property
     def strategy(self) -> str:
@@ -193,6 +210,7 @@ def _waste(spans: Sequence[Span], max_len: int, side: str, batching: Batching) -
         accumulation=batching.accumulation,
         pad_to_length=max_len if batching.padding == "max_length" else None,
         pad_to_multiple_of=batching.pad_to_multiple_of,
+        max_tokens_per_micro_batch=batching.max_tokens_per_micro_batch,
     )
 
 
@@ -220,6 +238,7 @@ def summarise(spans: Sequence[Span], max_seq_length: int, side: str, batching: B
             "batch_size": batching.batch_size,
             "padding": batching.padding,
             "pad_to_multiple_of": batching.pad_to_multiple_of,
+            "max_tokens_per_micro_batch": batching.max_tokens_per_micro_batch,
             "configured_strategy": batching.strategy,
             **_waste(spans, max_seq_length, side, batching),
         },
@@ -318,6 +337,7 @@ def inspect_target(
         group_by_length=d.group_by_length,
         packing=d.packing,
         seed=int(t.data_seed if t.data_seed is not None else t.seed),
+        max_tokens_per_micro_batch=t.max_tokens_per_micro_batch,
     )
     return {
         "source": ", ".join(str(f) for f in files),
