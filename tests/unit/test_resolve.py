@@ -164,6 +164,14 @@ def test_cpu_bf16_probe_picks_bf16_with_amx_or_avx512_bf16(monkeypatch: pytest.M
     assert amx.bf16_supported is True
     value, reason = choose_precision(amx)
     assert value == "bf16" and "AMX" in reason
+    # oneDNN, which runs torch's bf16 matmuls on CPU, capped below bf16 instructions emulates them: fp32.
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx512_core_vnni")
+    assert probe_hardware().bf16_supported is False
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    assert probe_hardware().bf16_supported is True
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "AVX2")  # oneDNN's older name
+    assert probe_hardware().bf16_supported is False
 
 
 AMX = Hardware("cpu", bf16_supported=True)

@@ -36,8 +36,26 @@ DISABLE = "TUNEWISE_CPU_ATTENTION_KERNEL"
 
 def cpu_has_bf16_matmuls() -> bool:
     """AMX or AVX512_BF16: bf16 matmuls in hardware. oneDNN's bf16 brgemm, which the kernel calls, needs one of
-    them (torch raises without), and `precision: auto` picks bf16 on CPU only with them (config/resolve.py)."""
+    them (torch raises without), and `precision: auto` picks bf16 on CPU only with them (config/resolve.py).
+    oneDNN, which runs torch's CPU bf16 matmuls, must be allowed to use them too: `ONEDNN_MAX_CPU_ISA` below
+    AVX512_CORE_BF16 leaves it emulating bf16, several times slower than fp32."""
+    if onednn_isa_cap() in ONEDNN_ISAS_WITHOUT_BF16:
+        return False
     return _cpu_check("_is_amx_tile_supported") or _cpu_check("_is_avx512_bf16_supported")
+
+
+# oneDNN's instruction-set names (its `ONEDNN_MAX_CPU_ISA` values) below the first with bf16 dot products.
+ONEDNN_ISAS_WITHOUT_BF16 = frozenset(
+    {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+)
+
+
+def onednn_isa_cap() -> str | None:
+    """The instruction set oneDNN is capped at (`ONEDNN_MAX_CPU_ISA`, or its older name `DNNL_MAX_CPU_ISA`)."""
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        if value := os.environ.get(name, "").strip():
+            return value.upper()
+    return None
 
 
 def _cpu_check(name: str) -> bool:
