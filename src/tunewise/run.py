@@ -466,7 +466,7 @@ def train(
             )
         except TrainingOutOfMemory as error:
             error.advice, sets = out_of_memory_advice(cfg, error.tokens)
-            error.resume_command = resume_command(config, [*overrides, *sets])
+            error.resume_command = resume_command(config, [*overrides, *sets]) if sets else None
             raise
     train_seconds = time.perf_counter() - started
     summary = {

@@ -735,6 +735,14 @@ def test_out_of_memory_advice_for_packed_rows() -> None:
     advice, sets = run.out_of_memory_advice(cfg, 512)
     assert sets == ["training.gradient_checkpointing=true"]
     assert not any("max_tokens_per_micro_batch" in line for line in advice)
+    # Nothing left that a resume accepts: no resume command, and the message says what instead.
+    padded = schema.TunewiseConfig.model_validate({"training": {"gradient_checkpointing": True}})
+    advice, sets = run.out_of_memory_advice(padded, 4096)
+    assert sets == [] and advice[0].startswith("data.packing: true")
+    error = loop.TrainingOutOfMemory("CUDA out of memory.", "step 9", 4096, 8, "cuda:0")
+    error.advice = advice
+    assert says(str(error), "Step 8 is saved in checkpoint-8")
+    assert says(str(error), "`--resume --force-resume` continues approximately")
 
 
 def test_out_of_memory_is_recognised_by_type_or_by_the_cpu_allocators_message() -> None:

@@ -404,6 +404,11 @@ class TrainingOutOfMemory(RuntimeError):
             lines += [f"  - {line}" for line in self.advice]
         if self.saved_step and self.resume_command:
             lines.append(f"Then continue with:\n  {self.resume_command}")
+        elif self.saved_step:
+            lines.append(
+                "None of these keeps the run's micro-batches and gradients as they were, so `--resume` refuses "
+                "them: `--resume --force-resume` continues approximately (docs/checkpoints.md), or start afresh."
+            )
         return "\n".join(lines)
 
 
