@@ -38,9 +38,12 @@ PLAN_KEYS = [
 ]
 
 
-def plan_lints(prep: Prepared, memory: tuple[int, int | None, str | None] | None = None) -> list[dict]:
+def plan_lints(
+    prep: Prepared, memory: tuple[int, int | None, str | None] | None = None, token_budget: int | None = None
+) -> list[dict]:
     """Config warnings/infos and plan lints, as {severity, key, message, fix}; `memory`: the run's estimated
-    bytes, the device's, and the error if the largest micro-batch's forward ran out (`activation_memory`)."""
+    bytes, the device's, and the error if the largest micro-batch's forward ran out (`activation_memory`);
+    `token_budget`: a max_tokens_per_micro_batch that fits (`fitting_token_budget`)."""
     from tunewise.config.lints import PlanFacts, lint
     from tunewise.config.load import check_config
 
@@ -73,6 +76,7 @@ def plan_lints(prep: Prepared, memory: tuple[int, int | None, str | None] | None
         device_memory_bytes=memory[1] if memory else None,
         forward_out_of_memory=memory[2] if memory else None,
         gradient_checkpointing=cfg.training.gradient_checkpointing,
+        fitting_token_budget=token_budget,
     )
     out = [
         {"severity": p.severity, "key": p.path, "message": p.message, "fix": ""}
@@ -110,6 +114,7 @@ def plan_summary(prep: Prepared) -> dict:
     by_method = memory_by_method(prep)
     activations = activation_memory(prep, largest, by_method[cfg.adapter.method]["total_bytes"])
     memory = (activations["run_bytes"], activations["device_memory_bytes"], activations["out_of_memory"])
+    budget = fitting_token_budget(prep, by_method[cfg.adapter.method]["total_bytes"], activations)
     return {
         "model": cfg.model.model_name_or_path,
         "model_dir": str(prep.model_dir),
@@ -144,7 +149,7 @@ def plan_summary(prep: Prepared) -> dict:
             for k, c in prep.resolution.choices.items()
         },
         "notes": prep.resolution.notes + prep.notes,
-        "lints": plan_lints(prep, memory),
+        "lints": plan_lints(prep, memory, budget),
         "memory_by_method": by_method,
         "activations": activations,
     }
@@ -209,6 +214,20 @@ def activation_memory(prep: Prepared, largest: LargestMicroBatch | None, static_
         "out_of_memory": problem,  # its forward alone did not fit
         "measured": largest is not None and not sharded,
     }
+
+
+def fitting_token_budget(prep: Prepared, static_bytes: int, activations: dict) -> int | None:
+    """The largest token budget (on the pad multiple, at least max_seq_length) whose activations, at the measured
+    bytes per token, with weights, gradients and optimizer state fill at most MEMORY_FILL of the device."""
+    from tunewise.config.lints import MEMORY_FILL
+
+    per_token, device = activations["per_token_bytes"], activations["device_memory_bytes"]
+    if not per_token or not device:
+        return None
+    d = prep.config.data
+    multiple = d.pad_to_multiple_of or 64
+    tokens = int((MEMORY_FILL * device - static_bytes) / per_token) // multiple * multiple
+    return tokens if tokens >= d.max_seq_length else None
 
 
 def memory_by_method(prep: Prepared) -> dict[str, dict[str, int]]:

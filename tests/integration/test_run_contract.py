@@ -165,9 +165,22 @@ def test_cli_plan_warns_when_the_largest_micro_batch_will_not_fit(
     monkeypatch.setattr(psutil, "virtual_memory", lambda: small)
     (tight,) = memory_lints()
     assert tight["key"] == "training.per_device_train_batch_size"
-    assert (
-        "more than the 0.0 GiB of this cpu" in tight["message"] and "set data.packing: true" in tight["fix"]
+    assert "more than the 0.0 GiB of this cpu" in tight["message"]
+    assert "set data.packing: true;" in tight["fix"]  # no budget fits a 1 MiB device
+
+    # A device a little short of this run: the suggested budget fills at most 70% of it with what the plan counts.
+    plan = json.loads(CliRunner().invoke(app, ["plan", str(path), "--json", "--set", "packing=true"]).stdout)
+    static, per_token = (
+        plan["memory_by_method"]["lora"]["total_bytes"],
+        plan["activations"]["per_token_bytes"],
     )
+    device = plan["activations"]["run_bytes"] - 1
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: small._replace(total=device))
+    result = CliRunner().invoke(app, ["plan", str(path), "--json", "--set", "packing=true"])
+    (short,) = [x for x in json.loads(result.stdout)["lints"] if "GiB" in x["message"]]
+    budget = int(short["fix"].split("max_tokens_per_micro_batch: ")[1].split(";")[0])
+    assert budget % 64 == 0 and budget >= 128  # on the pad multiple, at least max_seq_length
+    assert static + per_token * budget <= 0.7 * device < static + per_token * (budget + 64)
     monkeypatch.undo()
 
     def out_of_memory(*args: object) -> int:

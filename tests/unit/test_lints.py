@@ -252,6 +252,11 @@ def test_a_run_estimated_above_the_devices_memory_warns_with_the_fixes() -> None
         padded.fix
         == "set data.packing: true; a smaller per_device_train_batch_size with more gradient_accumulation_steps"
     )
+    big = {"estimated_memory_bytes": 90 * gib, "device_memory_bytes": 80 * gib, "fitting_token_budget": 8192}
+    (packed,) = lints_for(**big, packing=True)
+    assert packed.fix.startswith("set training.max_tokens_per_micro_batch: 8192; ")
+    (padded,) = lints_for(**big)
+    assert padded.fix.startswith("set data.packing: true with max_tokens_per_micro_batch: 8192; ")
     (failed,) = lints_for(forward_out_of_memory="CUDA out of memory. Tried to allocate 4.00 GiB")
     assert failed.message == (
         "the largest micro-batch's forward alone ran out of memory: CUDA out of memory. Tried to allocate 4.00 GiB"

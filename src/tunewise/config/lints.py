@@ -20,6 +20,10 @@ TENSOR_CORE_MULTIPLE = 8  # NVIDIA: fp16/bf16 matmul dimensions in multiples of 
 # Padding worth removing: at a quarter of the batch tokens, packing (same batches, same loss) skips that
 # much linear-layer work; on CPU packed runs were 1.7x faster than padded ones (docs/performance.md).
 PADDING_WASTE_PERCENT = 25.0
+# The share of a device's memory a suggested token budget may fill with what the plan counts: the rest is for
+# what it does not (the backward's temporaries, a chunk of logits, the allocator's overhead). A guess, not a
+# measurement: on SmolLM2 on CPU the forward's RSS grew 1.4-1.5x the counted activations (docs/training.md).
+MEMORY_FILL = 0.7
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,9 @@ class PlanFacts:
     forward_out_of_memory: str | None = None
     """The error, when the largest micro-batch's forward alone ran out of memory while the plan measured it."""
     gradient_checkpointing: bool = False
+    fitting_token_budget: int | None = None
+    """The largest max_tokens_per_micro_batch whose measured activations, with weights, gradients and optimizer
+    state, fill at most MEMORY_FILL of the device (None: none at least max_seq_length does)."""
 
 
 @dataclass(frozen=True)
@@ -208,7 +215,15 @@ def _memory(f: PlanFacts) -> list[Lint]:
         )
     else:
         return []
-    fixes = ["set training.max_tokens_per_micro_batch" if f.packing else "set data.packing: true"]
+    budget = f.fitting_token_budget
+    if f.packing:
+        fixes = [
+            f"set training.max_tokens_per_micro_batch: {budget}"
+            if budget
+            else "set training.max_tokens_per_micro_batch"
+        ]
+    else:
+        fixes = ["set data.packing: true" + (f" with max_tokens_per_micro_batch: {budget}" if budget else "")]
     fixes += [] if f.gradient_checkpointing else ["gradient_checkpointing: true"]
     fixes += ["a smaller per_device_train_batch_size with more gradient_accumulation_steps"]
     key = "training.max_tokens_per_micro_batch" if f.packing else "training.per_device_train_batch_size"
