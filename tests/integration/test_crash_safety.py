@@ -158,6 +158,13 @@ def assert_same_adapter(actual_dir: Path, expected_dir: Path) -> None:
         torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=TOLERANCE, msg=name)
 
 
+def assert_finished_as_uninterrupted(summary: dict, actual_dir: Path, expected_dir: Path) -> None:
+    """A resumed run reached the end of its 8 steps with the uninterrupted run's curve and adapter."""
+    assert summary["stop_reason"] == "max_steps" and summary["total_steps"] == 8
+    assert_same_curve(actual_dir, expected_dir, 8)
+    assert_same_adapter(actual_dir, expected_dir)
+
+
 def all_finite(value: Any) -> bool:
     if isinstance(value, torch.Tensor):
         return not value.is_floating_point() or bool(torch.isfinite(value).all())
@@ -276,9 +283,7 @@ def test_resumed_equals_uninterrupted(
     console = quiet()
     summary = run.train(config, console=console, resume=True)
     assert says(console.file.getvalue(), f"checkpoint-{k} (step {k}")  # type: ignore[attr-defined]
-    assert summary["stop_reason"] == "max_steps" and summary["total_steps"] == 8
-    assert_same_curve(out, reference, 8)
-    assert_same_adapter(out, reference)
+    assert_finished_as_uninterrupted(summary, out, reference)
 
 
 def test_resume_without_the_rng_would_differ(
@@ -688,9 +693,7 @@ def test_out_of_memory_in_a_step_saves_the_last_one_and_the_printed_resume_finis
     monkeypatch.undo()
 
     summary = run.train(str(config_path), ["training.gradient_checkpointing=true"], quiet(), resume=True)
-    assert summary["stop_reason"] == "max_steps" and summary["total_steps"] == 8
-    assert_same_curve(out, reference, 8)
-    assert_same_adapter(out, reference)
+    assert_finished_as_uninterrupted(summary, out, reference)
 
 
 def test_the_memory_check_fails_after_step_1_when_the_largest_micro_batch_does_not_fit(
