@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shlex
 import time
 from dataclasses import dataclass, field
@@ -60,6 +59,7 @@ from tunewise.training.loop import (
     NonFiniteError,
     TrainingOutOfMemory,
     fit,
+    peak_memory_bytes,
 )
 from tunewise.training.loss import CausalLMLoss
 from tunewise.training.optim import build_optimizer
@@ -249,12 +249,6 @@ def evaluate_all(prep: Prepared, loss_module: torch.nn.Module, device: torch.dev
             metrics["_answers"] = answers
             metrics["_task_metric"] = metric
     return metrics
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 class RunWriter:

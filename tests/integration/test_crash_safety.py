@@ -18,6 +18,7 @@ import math
 import os
 import queue
 import random
+import resource
 import shlex
 import shutil
 import signal
@@ -634,7 +635,8 @@ def test_the_memory_check_runs_the_largest_micro_batch_after_step_1_and_changes_
     run.train(without, console=quiet())
     checked = packed_rows_of_varied_length(config, tmp_path / "checked", memory_check=True)
     sizes = record_forwards(monkeypatch)
-    summary = run.train(checked, console=quiet())
+    console = quiet()
+    summary = run.train(checked, console=console)
 
     assert len(sizes) == 8 * 2 + 1  # 8 steps of 2 micro-batches, and the check
     steps = [sizes[:2]] + [sizes[3 + 2 * i : 5 + 2 * i] for i in range(7)]
@@ -642,7 +644,15 @@ def test_the_memory_check_runs_the_largest_micro_batch_after_step_1_and_changes_
     assert largest > max(steps[0]), "this data's largest micro-batch is not in step 1 (else nothing to check)"
     assert sizes[2] == largest
     step = 1 + next(i for i, s in enumerate(steps) if largest in s)
-    assert summary["memory_check"] == {"largest_micro_batch_tokens": largest, "step": step, "ran": True}
+    check = summary["memory_check"]
+    assert {k: check[k] for k in ("largest_micro_batch_tokens", "step", "ran")} == {
+        "largest_micro_batch_tokens": largest,
+        "step": step,
+        "ran": True,
+    }
+    assert 0 < check["peak_memory_bytes"] <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    shown = f"memory check: the run's largest micro-batch ({largest:,} tokens, step {step}) fits; peak"
+    assert says(console.file.getvalue(), shown)  # type: ignore[attr-defined]
     assert_same_curve(tmp_path / "checked", tmp_path / "without", 8)
     assert_same_adapter(tmp_path / "checked", tmp_path / "without")
 
@@ -663,7 +673,8 @@ def test_the_memory_check_is_skipped_when_step_1_held_the_largest_micro_batch(
     sizes = record_forwards(monkeypatch)
     summary = run.train(config, console=quiet())
     assert len(sizes) == 16 and max(sizes[:2]) == max(sizes)
-    assert summary["memory_check"] == {"largest_micro_batch_tokens": max(sizes), "step": 1, "ran": False}
+    check = summary["memory_check"]
+    assert (check["largest_micro_batch_tokens"], check["step"], check["ran"]) == (max(sizes), 1, False)
 
 
 def test_out_of_memory_in_a_step_saves_the_last_one_and_the_printed_resume_finishes_the_run(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import logging
 import math
+import resource
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -379,6 +380,8 @@ def fit(
             state.memory_check = check_memory(
                 accelerator, loss_module, optimizer, train_dataset, settings, lengths, state, hooks, ran
             )
+            if progress:
+                progress.note(_memory_check_line(state.memory_check, accelerator.device))
     return state
 
 
@@ -493,8 +496,24 @@ def check_memory(
         where += f" (that micro-batch comes in step {step})" if failure is not None else ""
         detail = failure or "another process ran out of memory"
         raise _out_of_memory(accelerator, optimizer, state, hooks, capture_rng_state(), detail, where, tokens)
-    log.info("memory check: the run's largest micro-batch (%d tokens, step %d) fits", tokens, step)
-    return {"largest_micro_batch_tokens": tokens, "step": step, "ran": largest is not None}
+    return {
+        "largest_micro_batch_tokens": tokens,
+        "step": step,
+        "ran": largest is not None,
+        "peak_memory_bytes": peak_memory_bytes(accelerator.device),  # the run's own peak, reached early
+    }
+
+
+def _memory_check_line(check: dict, device: torch.device) -> str:
+    peak = f"{check['peak_memory_bytes'] / 2**30:.2f}"
+    if device.type == "cuda":
+        peak += f" of {torch.cuda.get_device_properties(device).total_memory / 2**30:.1f}"
+    tokens = f"{check['largest_micro_batch_tokens']:,} tokens"
+    if check["ran"]:
+        return f"memory check: the run's largest micro-batch ({tokens}, step {check['step']}) fits; peak {peak} GiB"
+    return (
+        f"memory check: step {check['step']} held the run's largest micro-batch ({tokens}); peak {peak} GiB"
+    )
 
 
 def _forward_backward_or_oom(
@@ -512,6 +531,13 @@ def _forward_backward_or_oom(
             raise
         return _first_line(error)
     return None
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """The process's peak so far: allocated on the GPU, resident on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def _refuse_silent_fp32(accelerator: Accelerator) -> None:

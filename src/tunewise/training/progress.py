@@ -41,6 +41,10 @@ class TrainProgress:
             tps=f"{row['tokens_per_second']:.0f}",
         )
 
+    def note(self, text: str) -> None:
+        """A line above the bar."""
+        self._progress.console.print(text)
+
     def __enter__(self) -> Self:
         self._progress.start()
         return self
