@@ -459,7 +459,7 @@ def train(
                 progress,
             )
         except TrainingOutOfMemory as error:
-            error.advice, sets = out_of_memory_advice(cfg, error.tokens)
+            error.advice, sets = out_of_memory_advice(cfg, error.tokens, evaluation=error.in_evaluation)
             error.resume_command = resume_command(config, [*overrides, *sets]) if sets else None
             raise
     train_seconds = time.perf_counter() - started
@@ -522,12 +522,28 @@ def print_resume_command(
     )
 
 
-def out_of_memory_advice(cfg: TunewiseConfig, tokens: int) -> tuple[list[str], list[str]]:
-    """What to change after running out of memory at a micro-batch of `tokens` tokens: the advice, and as
-    `--set` overrides the first change that a resume accepts (training/resume.py: RESUMABLE_CHANGES)."""
+def out_of_memory_advice(
+    cfg: TunewiseConfig, tokens: int, evaluation: bool = False
+) -> tuple[list[str], list[str]]:
+    """What to change after running out of memory at a micro-batch of `tokens` tokens (or in an evaluation):
+    the advice, and as `--set` overrides the first change that a resume accepts (training/resume.py:
+    RESUMABLE_CHANGES)."""
     t, d = cfg.training, cfg.data
     advice: list[str] = []
     sets: list[str] = []
+    if evaluation:
+        batch = t.per_device_eval_batch_size
+        if batch > 1:
+            advice.append(
+                f"training.per_device_eval_batch_size: {batch // 2} (now {batch}; evaluation only: the same "
+                "metrics, and a resume accepts it)"
+            )
+            sets.append(f"training.per_device_eval_batch_size={batch // 2}")
+        advice.append(
+            f"a lower generation.max_new_tokens (now {cfg.generation.max_new_tokens}): the task metric's "
+            "answers keep a key/value cache that grows with it"
+        )
+        return advice, sets
     if d.packing:
         # Half the failed micro-batch, on the pad multiple, never below the longest example.
         multiple = d.pad_to_multiple_of or 1

@@ -707,6 +707,42 @@ def test_out_of_memory_in_a_step_saves_the_last_one_and_the_printed_resume_finis
     assert_finished_as_uninterrupted(summary, out, reference)
 
 
+def test_out_of_memory_in_an_evaluation_saves_that_step_and_suggests_a_smaller_eval_batch(
+    config: dict, reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The evaluation after step 4 runs out of memory: step 4, finished, is saved with the random state it ended
+    with; the fix (a smaller per_device_eval_batch_size) is one a resume accepts, and the resumed run trains
+    as the uninterrupted one (evaluation draws no random numbers here)."""
+    out = Path(config["training"]["output_dir"])
+    validation = tmp_path / "validation.jsonl"
+    validation.write_text("".join(json.dumps(r) + "\n" for r in tiny_chat_rows(6, seed=2, max_words=6)))
+    config["data"]["validation_file"] = str(validation)
+    config["training"] |= {"save_steps": 100, "eval_steps": 4}
+    trained = record_forwards(monkeypatch)
+    forward = CausalLMLoss.forward
+
+    def evaluation_too_large(self: CausalLMLoss, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not self.training and len(trained) >= 8:  # after step 4's two micro-batches
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB.")
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(CausalLMLoss, "forward", evaluation_too_large)
+    config_path = write_yaml(tmp_path / "run.yaml", config)
+    result = CliRunner().invoke(app, ["train", str(config_path)], env={"COLUMNS": "400"})
+
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    message = result.output
+    assert says(message, "Out of memory on cpu in the evaluation after step 4: CUDA out of memory.")
+    assert says(message, "Step 4 is saved in checkpoint-4")
+    assert says(message, "training.per_device_eval_batch_size: 8 (now 16;")
+    assert says(message, f"tunewise train {config_path} --set training.per_device_eval_batch_size=8 --resume")
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-4"]
+    monkeypatch.undo()
+
+    summary = run.train(str(config_path), ["training.per_device_eval_batch_size=8"], quiet(), resume=True)
+    assert_finished_as_uninterrupted(summary, out, reference)
+
+
 def test_the_memory_check_fails_after_step_1_when_the_largest_micro_batch_does_not_fit(
     config: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -365,7 +365,10 @@ def fit(
             hooks.log({**row, "loss": sum(losses_since_log) / len(losses_since_log)})
             losses_since_log.clear()
         if settings.eval_steps and state.step % settings.eval_steps == 0 and hooks.evaluate:
-            _evaluate(state, settings, hooks)
+            after_step = capture_rng_state()
+            if (failure := _evaluate_or_oom(state, settings, hooks)) is not None:
+                where = f"the evaluation after step {state.step}"
+                raise _out_of_memory(accelerator, optimizer, state, hooks, after_step, failure, where, 0)
         if state.step >= settings.total_steps and state.stop_reason is None:
             state.stop_reason = "max_steps" if settings.max_steps_overrides else "epochs"
         if hooks.should_stop() and state.stop_reason is None:
@@ -395,9 +398,16 @@ class TrainingOutOfMemory(RuntimeError):
         self.advice: list[str] = []  # filled by the caller, who knows the config
         self.resume_command: str | None = None
 
+    @property
+    def in_evaluation(self) -> bool:
+        """An evaluation ran out (its batches are not counted: no tokens), not a training step."""
+        return not self.tokens
+
     def __str__(self) -> str:
-        head = f"Out of memory on {self.device} in {self.where}, at a micro-batch of {self.tokens:,} tokens"
-        lines = [f"{head} (padding included): {self.detail}"]
+        head = f"Out of memory on {self.device} in {self.where}"
+        if self.tokens:  # a training micro-batch (an evaluation's batches are not counted)
+            head += f", at a micro-batch of {self.tokens:,} tokens (padding included)"
+        lines = [f"{head}: {self.detail}"]
         if self.saved_step:
             lines.append(
                 f"Step {self.saved_step} is saved in checkpoint-{self.saved_step}: no finished step is lost."
@@ -552,6 +562,17 @@ def _refuse_silent_fp32(accelerator: Accelerator) -> None:
             "would silently train in fp32. Use precision: bf16 (CPU autocast) or fp32."
         )
         raise ConfigError([Problem("training.precision", message)])
+
+
+def _evaluate_or_oom(state: LoopState, settings: LoopSettings, hooks: Hooks) -> str | None:
+    """`_evaluate`; the out-of-memory's message, or None. Its own function: the frames are freed on return."""
+    try:
+        _evaluate(state, settings, hooks)
+    except Exception as error:
+        if not is_out_of_memory(error):
+            raise
+        return _first_line(error)
+    return None
 
 
 def _evaluate(state: LoopState, settings: LoopSettings, hooks: Hooks) -> None:

@@ -86,6 +86,7 @@ RESUMABLE_CHANGES = {
     "training.max_tokens_per_micro_batch",
     "training.gradient_checkpointing",
     "training.memory_check",
+    "training.per_device_eval_batch_size",  # evaluation only
 }
 RESUMABLE_SECTIONS = ("generation.", "evaluation.")
 
