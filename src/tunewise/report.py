@@ -177,16 +177,25 @@ def activation_memory(prep: Prepared, largest: LargestMicroBatch | None, static_
     from tunewise.training.loop import collate_micro_batch, is_out_of_memory, make_collate
     from tunewise.training.loss import CausalLMLoss
 
-    device = next(prep.model.parameters()).device
+    device, problem = next(prep.model.parameters()).device, None
+    if prep.hardware.device_type == "cuda" and device.type == "cpu":
+        # `tunewise plan` loads the model on the host; a run trains it on the GPU, where it is measured too.
+        try:
+            prep.model.to("cuda")
+            device = next(prep.model.parameters()).device
+        except Exception as error:
+            if not is_out_of_memory(error):
+                raise
+            problem = f"the weights on the GPU ({str(error).splitlines()[0]})"
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prep.config.training.precision)
     if device.type == "cpu" and half is not None:
         half = torch.bfloat16  # the same two bytes; CPU autocast is bf16's
-    saved, problem = 0, None
+    saved = 0
     # A forward on this process alone would wait for the other ranks' all-gathers under FSDP: not measured.
     sharded = any("FullyShardedDataParallel" in type(m).__name__ for m in prep.model.modules()) or any(
         type(p).__name__ in ("DTensor", "FlatParameter") for p in prep.model.parameters()
     )
-    if largest is not None and not sharded:
+    if largest is not None and not sharded and problem is None:
         settings = loop_settings(prep)
         _, batch = collate_micro_batch(
             prep.data.train, largest.ids, make_collate(settings), settings.pad_token_id
@@ -196,11 +205,11 @@ def activation_memory(prep: Prepared, largest: LargestMicroBatch | None, static_
         except Exception as error:
             if not is_out_of_memory(error):
                 raise
-            problem = str(error).splitlines()[0]
+            problem = f"the largest micro-batch's forward ({str(error).splitlines()[0]})"
         if problem and device.type == "cuda":
             torch.cuda.empty_cache()
-    if device.type == "cuda":
-        device_bytes: int | None = torch.cuda.get_device_properties(device).total_memory
+    if prep.hardware.device_type == "cuda":  # where the run trains, wherever the plan found the model
+        device_bytes: int | None = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     elif device.type == "cpu":
         device_bytes = psutil.virtual_memory().total
     else:
@@ -211,7 +220,7 @@ def activation_memory(prep: Prepared, largest: LargestMicroBatch | None, static_
         "per_token_bytes": round(saved / tokens) if tokens else 0,
         "run_bytes": static_bytes + saved,
         "device_memory_bytes": device_bytes,
-        "out_of_memory": problem,  # its forward alone did not fit
+        "out_of_memory": problem,  # what ran out of memory while measuring
         "measured": largest is not None and not sharded,
     }
 
@@ -327,9 +336,7 @@ def print_activations(console: Console, a: dict, largest_tokens: int) -> None:
         console.print("activations: not measured (no micro-batch, or a model sharded across processes)")
         return
     if a["out_of_memory"]:
-        console.print(
-            f"activations: the largest micro-batch's forward alone ran out of memory: {a['out_of_memory']}"
-        )
+        console.print(f"activations: not measured, out of memory in {a['out_of_memory']}")
         return
     device = f" of the {a['device_memory_bytes'] / 2**30:,.1f} GiB here" if a["device_memory_bytes"] else ""
     console.print(

@@ -188,8 +188,9 @@ def test_cli_plan_warns_when_the_largest_micro_batch_will_not_fit(
 
     monkeypatch.setattr(activations, "saved_for_backward", out_of_memory)
     (failed,) = memory_lints()
-    assert failed["message"].endswith(
-        "forward alone ran out of memory: CUDA out of memory. Tried to allocate 9.00 GiB."
+    assert failed["message"] == (
+        "the plan ran out of memory measuring the largest micro-batch's forward (CUDA out of memory. Tried to "
+        "allocate 9.00 GiB.)"
     )
 
 
@@ -316,3 +317,33 @@ def test_cli_generate_with_run_directory(trained: tuple[dict, dict]) -> None:
     )
     assert result.exit_code == 0, result.output
     assert result.stdout.strip()
+
+
+def test_plan_for_a_gpu_run_measures_on_the_gpu_and_says_when_the_weights_do_not_fit(
+    tiny_config: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`tunewise plan` loads the model on the host; for a run that trains on a GPU it measures there, against
+    the GPU's memory. Where moving the weights runs out of memory, the plan says so instead of measuring."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from tunewise.report import activation_memory, largest_micro_batch
+    from tunewise.run import prepare
+
+    prep = prepare(tiny_config)
+    prep.hardware = dataclasses.replace(prep.hardware, device_type="cuda")
+    moved: list[str] = []
+
+    def no_room(device: str) -> None:
+        moved.append(device)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB.")
+
+    monkeypatch.setattr(prep.model, "to", no_room)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda index: SimpleNamespace(total_memory=8 * 2**30)
+    )
+    a = activation_memory(prep, largest_micro_batch(prep), static_bytes=1000)
+    assert moved == ["cuda"]
+    assert a["out_of_memory"] == "the weights on the GPU (CUDA out of memory. Tried to allocate 20.00 MiB.)"
+    assert a["device_memory_bytes"] == 8 * 2**30 and a["largest_micro_batch_bytes"] == 0

@@ -257,7 +257,8 @@ def test_a_run_estimated_above_the_devices_memory_warns_with_the_fixes() -> None
     assert packed.fix.startswith("set training.max_tokens_per_micro_batch: 8192; ")
     (padded,) = lints_for(**big)
     assert padded.fix.startswith("set data.packing: true with max_tokens_per_micro_batch: 8192; ")
-    (failed,) = lints_for(forward_out_of_memory="CUDA out of memory. Tried to allocate 4.00 GiB")
-    assert failed.message == (
-        "the largest micro-batch's forward alone ran out of memory: CUDA out of memory. Tried to allocate 4.00 GiB"
+    (failed,) = lints_for(forward_out_of_memory="the largest micro-batch's forward (CUDA out of memory.)")
+    assert (
+        failed.message
+        == "the plan ran out of memory measuring the largest micro-batch's forward (CUDA out of memory.)"
     )

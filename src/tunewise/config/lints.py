@@ -63,7 +63,8 @@ class PlanFacts:
     device_memory_bytes: int | None = None
     """The GPU's memory, or the host's RAM on CPU."""
     forward_out_of_memory: str | None = None
-    """The error, when the largest micro-batch's forward alone ran out of memory while the plan measured it."""
+    """What ran out of memory while the plan measured activations (the weights on the GPU, or the largest
+    micro-batch's forward), with the error."""
     gradient_checkpointing: bool = False
     fitting_token_budget: int | None = None
     """The largest max_tokens_per_micro_batch whose measured activations, with weights, gradients and optimizer
@@ -206,7 +207,7 @@ def _bf16_on_cpu(f: PlanFacts) -> list[Lint]:
 def _memory(f: PlanFacts) -> list[Lint]:
     need, have = f.estimated_memory_bytes, f.device_memory_bytes
     if f.forward_out_of_memory:
-        message = f"the largest micro-batch's forward alone ran out of memory: {f.forward_out_of_memory}"
+        message = f"the plan ran out of memory measuring {f.forward_out_of_memory}"
     elif need is not None and have is not None and need > have:
         where = "GPU" if f.device_type == "cuda" else f.device_type
         message = (
