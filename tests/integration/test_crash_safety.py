@@ -707,6 +707,40 @@ def test_out_of_memory_in_a_step_saves_the_last_one_and_the_printed_resume_finis
     assert_finished_as_uninterrupted(summary, out, reference)
 
 
+def test_an_unexpected_error_in_a_step_saves_the_last_finished_one_before_it_goes_on(
+    config: dict, reference: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug in a forward (a custom model's, say) at step 5 with no periodic checkpoint: the error reaches the
+    caller as it was, after step 4 is saved with the random state step 5 began from; fixed, the run resumes
+    there and finishes as the uninterrupted one."""
+    out = Path(config["training"]["output_dir"])
+    config["training"]["save_steps"] = 100
+    forward = CausalLMLoss.forward
+    calls: list[int] = []
+    measured = plan_measurements(monkeypatch)
+
+    def buggy(self: CausalLMLoss, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.training and id(self) not in measured:
+            calls.append(1)
+            if len(calls) == 9:  # step 5's first micro-batch
+                raise RuntimeError("index 4096 is out of bounds for dimension 0 with size 4096")
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(CausalLMLoss, "forward", buggy)
+    with (
+        caplog.at_level(logging.ERROR, logger="tunewise"),
+        pytest.raises(RuntimeError, match="out of bounds"),
+    ):
+        run.train(config, console=quiet())
+    assert "step 4 is saved in checkpoint-4: after this error, `--resume` continues there" in caplog.text
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-4"]
+    assert load_checkpoint(out / "checkpoint-4").trainer_state["stop_reason"] == "error"
+    monkeypatch.undo()
+
+    summary = run.train(config, console=quiet(), resume=True)
+    assert_finished_as_uninterrupted(summary, out, reference)
+
+
 def test_out_of_memory_in_an_evaluation_saves_that_step_and_suggests_a_smaller_eval_batch(
     config: dict, reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -312,6 +312,12 @@ def fit(
             loss, grad_norm = float(loss_t), float(grad_norm_t)
         except Exception as error:
             if not is_out_of_memory(error):
+                if (saved := _save_last_step(accelerator, optimizer, state, hooks, rng, "error")) is not None:
+                    log.error(
+                        "step %d is saved in checkpoint-%d: after this error, `--resume` continues there",
+                        saved,
+                        saved,
+                    )
                 raise
             failure = _first_line(error)
         if failure is not None:  # outside the except block, so its frames (the step's tensors) are freed
@@ -449,24 +455,37 @@ def _out_of_memory(
 ) -> TrainingOutOfMemory:
     """Free what the failed step held and checkpoint the last completed step, with the random state the
     failed step began from, so `--resume` after a change that fits runs it as the uninterrupted run would."""
-    optimizer.zero_grad(set_to_none=True)
     gc.collect()
     if accelerator.device.type == "cuda":
         torch.cuda.empty_cache()
-    restore_rng_state(rng)
-    saved = None
-    # One process only: under DDP the other ranks wait in a collective this rank will never join, and a
-    # save would wait for them; their last periodic checkpoint is where a resume starts.
-    if hooks.save and state.step > 0 and accelerator.num_processes == 1:
-        state.stop_reason = "out_of_memory"
-        try:
-            hooks.save(state)
-            saved = state.step
-        except (CheckpointError, OSError, RuntimeError) as error:  # the out-of-memory is the error to report
-            log.error(
-                "could not save step %d after running out of memory: %s", state.step, _first_line(error)
-            )
+    saved = _save_last_step(accelerator, optimizer, state, hooks, rng, "out_of_memory")
     return TrainingOutOfMemory(detail, where, tokens, saved, str(accelerator.device))
+
+
+def _save_last_step(
+    accelerator: Accelerator,
+    optimizer: torch.optim.Optimizer,
+    state: LoopState,
+    hooks: Hooks,
+    rng: dict,
+    reason: str,
+) -> int | None:
+    """After an error before an update: checkpoint the last finished step (its gradients dropped, `rng` the
+    random state it ended with), so nothing finished is lost; the step saved, or None.
+
+    One process only: under DDP the other ranks wait in a collective this rank will never join, and a save
+    would wait for them; their last periodic checkpoint is where a resume starts."""
+    optimizer.zero_grad(set_to_none=True)
+    restore_rng_state(rng)
+    if not hooks.save or state.step == 0 or accelerator.num_processes > 1:
+        return None
+    state.stop_reason = reason
+    try:
+        hooks.save(state)
+    except (CheckpointError, OSError, RuntimeError) as error:  # the first error is the one to report
+        log.error("could not save step %d before stopping: %s", state.step, _first_line(error))
+        return None
+    return state.step
 
 
 def check_memory(
