@@ -614,6 +614,15 @@ def record_forwards(monkeypatch: pytest.MonkeyPatch, fail_when: Any = None) -> l
     return sizes
 
 
+def train_until_it_fails(config: dict, tmp_path: Path) -> tuple[Path, str]:
+    """`tunewise train` on `config` written to a file: it must stop with exit status 2 and a message, no
+    traceback. Returns the config's path and the output."""
+    config_path = write_yaml(tmp_path / "run.yaml", config)
+    result = CliRunner().invoke(app, ["train", str(config_path)], env={"COLUMNS": "400"})
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    return config_path, result.output
+
+
 def packed_rows_of_varied_length(config: dict, output_dir: Path, **training: Any) -> dict:
     """The run with packed micro-batches of 2 examples of 44-94 tokens: their sizes vary (padded ones of
     max_seq_length 64 are nearly all 128 tokens)."""
@@ -686,11 +695,7 @@ def test_out_of_memory_in_a_step_saves_the_last_one_and_the_printed_resume_finis
     out = Path(config["training"]["output_dir"])
     config["training"]["save_steps"] = 100
     record_forwards(monkeypatch, fail_when=lambda call, tokens: call == 9)
-    config_path = write_yaml(tmp_path / "run.yaml", config)
-    result = CliRunner().invoke(app, ["train", str(config_path)], env={"COLUMNS": "400"})
-
-    assert result.exit_code == 2 and "Traceback" not in result.output
-    message = result.output
+    config_path, message = train_until_it_fails(config, tmp_path)
     assert says(message, "Out of memory on cpu in step 5, at a micro-batch of")
     assert says(message, "CUDA out of memory. Tried to allocate 2.00 GiB.")
     assert says(message, "Step 4 is saved in checkpoint-4: no finished step is lost.")
@@ -761,11 +766,7 @@ def test_out_of_memory_in_an_evaluation_saves_that_step_and_suggests_a_smaller_e
         return forward(self, *args, **kwargs)
 
     monkeypatch.setattr(CausalLMLoss, "forward", evaluation_too_large)
-    config_path = write_yaml(tmp_path / "run.yaml", config)
-    result = CliRunner().invoke(app, ["train", str(config_path)], env={"COLUMNS": "400"})
-
-    assert result.exit_code == 2 and "Traceback" not in result.output
-    message = result.output
+    config_path, message = train_until_it_fails(config, tmp_path)
     assert says(message, "Out of memory on cpu in the evaluation after step 4: CUDA out of memory.")
     assert says(message, "Step 4 is saved in checkpoint-4")
     assert says(message, "training.per_device_eval_batch_size: 8 (now 16;")
@@ -792,14 +793,12 @@ def test_the_memory_check_fails_after_step_1_when_the_largest_micro_batch_does_n
 
     checked = packed_rows_of_varied_length(config, tmp_path / "run", memory_check=True, save_steps=100)
     record_forwards(monkeypatch, fail_when=lambda call, tokens: tokens > limit)
-    config_path = write_yaml(tmp_path / "run.yaml", checked)
-    result = CliRunner().invoke(app, ["train", str(config_path)], env={"COLUMNS": "400"})
+    _, message = train_until_it_fails(checked, tmp_path)
 
-    assert result.exit_code == 2
-    assert says(result.output, f"in the memory check after step 1 (that micro-batch comes in step {step})")
-    assert says(result.output, f"at a micro-batch of {largest:,} tokens")
+    assert says(message, f"in the memory check after step 1 (that micro-batch comes in step {step})")
+    assert says(message, f"at a micro-batch of {largest:,} tokens")
     budget = max(128, largest // 2)  # never below max_seq_length
-    assert says(result.output, f"--set training.max_tokens_per_micro_batch={budget} --resume")
+    assert says(message, f"--set training.max_tokens_per_micro_batch={budget} --resume")
     out = tmp_path / "run"
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-1"]
     assert sorted(step_rows(out)) == [1]
