@@ -104,15 +104,21 @@ def _padding_waste(prep: Prepared) -> float:
     return float(waste["length_grouped" if d.group_by_length else "random"]["waste_percent"])
 
 
-def plan_summary(prep: Prepared) -> dict:
-    """The plan as plain data: `tunewise plan --json` prints this, the console view renders it."""
+def plan_summary(prep: Prepared, measure: bool = True) -> dict:
+    """The plan as plain data: `tunewise plan --json` prints this, the console view renders it.
+
+    `measure`: run the largest micro-batch's forward to count its activations (`activation_memory`). The plan
+    `tunewise train` prints does not: an eager forward there would add its memory to the run's own peak (more
+    than a compiled step keeps), where `training.memory_check` tries the real step instead."""
     cfg, plan, data = prep.config, prep.steps.plan, prep.data
     lengths = list(data.train["length"])
     tokens = sum(lengths)
     effective = plan.effective_batch_size
     largest = largest_micro_batch(prep)
     by_method = memory_by_method(prep)
-    activations = activation_memory(prep, largest, by_method[cfg.adapter.method]["total_bytes"])
+    activations = activation_memory(
+        prep, largest if measure else None, by_method[cfg.adapter.method]["total_bytes"]
+    )
     memory = (activations["run_bytes"], activations["device_memory_bytes"], activations["out_of_memory"])
     budget = fitting_token_budget(prep, by_method[cfg.adapter.method]["total_bytes"], activations)
     return {
@@ -178,7 +184,7 @@ def activation_memory(prep: Prepared, largest: LargestMicroBatch | None, static_
     from tunewise.training.loss import CausalLMLoss
 
     device, problem = next(prep.model.parameters()).device, None
-    if prep.hardware.device_type == "cuda" and device.type == "cpu":
+    if largest is not None and prep.hardware.device_type == "cuda" and device.type == "cpu":
         # `tunewise plan` loads the model on the host; a run trains it on the GPU, where it is measured too.
         try:
             prep.model.to("cuda")
@@ -269,8 +275,8 @@ def steps_line(s: dict[str, Any]) -> str:
     return f"{per_epoch}/epoch x {s['num_train_epochs']:g} epochs = [bold]{total}[/] optimizer steps"
 
 
-def print_plan(console: Console, prep: Prepared) -> None:
-    s = plan_summary(prep)
+def print_plan(console: Console, prep: Prepared, measure: bool = True) -> None:
+    s = plan_summary(prep, measure)
     console.rule("[bold]plan")
     console.print(
         f"model [bold]{s['model']}[/] ({s['total_parameters']:,} parameters) - method [bold]{s['method']}[/], "
@@ -333,7 +339,9 @@ def print_memory(console: Console, by_method: dict[str, dict[str, int]], chosen:
 
 def print_activations(console: Console, a: dict, largest_tokens: int) -> None:
     if not a["measured"]:
-        console.print("activations: not measured (no micro-batch, or a model sharded across processes)")
+        console.print(
+            "activations: not measured here (`tunewise plan` measures them on the largest micro-batch)"
+        )
         return
     if a["out_of_memory"]:
         console.print(f"activations: not measured, out of memory in {a['out_of_memory']}")

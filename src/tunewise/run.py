@@ -404,7 +404,7 @@ def train(
             console.print(f"[bold]resuming[/] from {path} (step {state.step}, epoch {state.epoch})")
     writer.text("config.yaml", config_yaml)
     if main:
-        print_plan(console, prep)
+        print_plan(console, prep, measure=False)  # no extra forward in the run's own memory (plan_summary)
     if not resume:
         before = evaluate_all(prep, loss_module, accelerator.device, with_task=True)
         writer.metrics({"step": 0, **_public(before)})

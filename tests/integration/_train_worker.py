@@ -36,7 +36,6 @@ from rich.console import Console
 
 from tunewise import run
 from tunewise.config import schema
-from tunewise.models import activations
 from tunewise.training import checkpoint
 from tunewise.training.loss import CausalLMLoss
 
@@ -76,16 +75,10 @@ def instrument(job: dict[str, Any]) -> None:
         write_file(path, data)
 
     micro_batches = 0
-    measured: set[int] = set()  # the plan's activation measurement runs a training forward too; not a step's
-    measure = activations.saved_for_backward
-
-    def recorded_measure(loss_module: CausalLMLoss, *args: Any) -> int:
-        measured.add(id(loss_module))
-        return measure(loss_module, *args)
 
     def killing_forward(self: CausalLMLoss, *args: Any, **kwargs: Any) -> torch.Tensor:
         nonlocal micro_batches
-        if self.training and id(self) not in measured:
+        if self.training:
             micro_batches += 1
             if micro_batches == job["kill_at_micro_batch"]:
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -95,7 +88,6 @@ def instrument(job: dict[str, Any]) -> None:
     run.restore = reported_restore
     checkpoint._write_file = slow_write
     if job.get("kill_at_micro_batch"):
-        activations.saved_for_backward = recorded_measure
         CausalLMLoss.forward = killing_forward  # type: ignore[method-assign]
 
 

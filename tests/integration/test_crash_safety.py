@@ -42,7 +42,6 @@ from typer.testing import CliRunner
 from tunewise import run
 from tunewise.cli import app
 from tunewise.config import schema
-from tunewise.models import activations
 from tunewise.testing import tiny_chat_rows
 from tunewise.training import checkpoint, loop
 from tunewise.training import resume as resume_module
@@ -477,32 +476,17 @@ def test_disk_full_during_a_run_checkpoint(
 # ----------------------------------------------------------------------------------- non-finite steps
 
 
-def plan_measurements(monkeypatch: pytest.MonkeyPatch) -> set[int]:
-    """The ids of the loss modules whose forward the plan runs to measure activations (models/activations.py),
-    so that tests counting the training loop's forwards can leave those out."""
-    measured: set[int] = set()
-    real = activations.saved_for_backward
-
-    def recorded(loss_module: CausalLMLoss, *args: Any) -> int:
-        measured.add(id(loss_module))
-        return real(loss_module, *args)
-
-    monkeypatch.setattr(activations, "saved_for_backward", recorded)
-    return measured
-
-
 def inject_nan(monkeypatch: pytest.MonkeyPatch, attempts: set[int], accumulation: int = 2) -> list[list[int]]:
     """NaN loss on the given optimizer-step attempts (1-based, skipped ones included); returns the example ids
     of every window the loop drew, in order, to compare with what the loop logged."""
     forward, windows_from = CausalLMLoss.forward, loop.windows_from
     calls = 0
     drawn: list[list[int]] = []
-    measured = plan_measurements(monkeypatch)
 
     def nan_forward(self: CausalLMLoss, *args: Any, **kwargs: Any) -> torch.Tensor:
         nonlocal calls
         loss = forward(self, *args, **kwargs)
-        if not self.training or id(self) in measured:
+        if not self.training:
             return loss
         calls += 1
         return loss * float("nan") if (calls - 1) // accumulation + 1 in attempts else loss
@@ -601,10 +585,9 @@ def record_forwards(monkeypatch: pytest.MonkeyPatch, fail_when: Any = None) -> l
     forward raise torch's out-of-memory error, as the CUDA caching allocator raises it."""
     forward = CausalLMLoss.forward
     sizes: list[int] = []
-    measured = plan_measurements(monkeypatch)
 
     def recorded(self: CausalLMLoss, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.training and id(self) not in measured:
+        if self.training:
             sizes.append(int(kwargs["input_ids"].numel()))
             if fail_when is not None and fail_when(len(sizes), sizes[-1]):
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
@@ -722,10 +705,9 @@ def test_an_unexpected_error_in_a_step_saves_the_last_finished_one_before_it_goe
     config["training"]["save_steps"] = 100
     forward = CausalLMLoss.forward
     calls: list[int] = []
-    measured = plan_measurements(monkeypatch)
 
     def buggy(self: CausalLMLoss, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.training and id(self) not in measured:
+        if self.training:
             calls.append(1)
             if len(calls) == 9:  # step 5's first micro-batch
                 raise RuntimeError("index 4096 is out of bounds for dimension 0 with size 4096")

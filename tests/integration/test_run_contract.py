@@ -347,3 +347,23 @@ def test_plan_for_a_gpu_run_measures_on_the_gpu_and_says_when_the_weights_do_not
     assert moved == ["cuda"]
     assert a["out_of_memory"] == "the weights on the GPU (CUDA out of memory. Tried to allocate 20.00 MiB.)"
     assert a["device_memory_bytes"] == 8 * 2**30 and a["largest_micro_batch_bytes"] == 0
+
+
+def test_train_prints_the_plan_without_an_extra_forward(
+    tiny_config: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An eager forward of the largest micro-batch at train start would add its memory to the run's own peak
+    (more than a compiled step keeps): `train`'s plan leaves the activations to `tunewise plan`."""
+    from rich.console import Console
+
+    from tunewise.models import activations
+
+    def forbidden(*args: object) -> int:
+        raise AssertionError("train measured activations")
+
+    monkeypatch.setattr(activations, "saved_for_backward", forbidden)
+    tiny_config["training"]["max_steps"] = 2
+    console = Console(file=io.StringIO(), width=200)
+    summary = train(tiny_config, console=console)
+    assert summary["total_steps"] == 2
+    assert "activations: not measured here (`tunewise plan` measures them" in console.file.getvalue()  # type: ignore[attr-defined]
