@@ -6,6 +6,7 @@ there) and `tunewise train`.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shlex
@@ -59,6 +60,7 @@ from tunewise.training.loop import (
     NonFiniteError,
     TrainingOutOfMemory,
     fit,
+    is_out_of_memory,
     peak_memory_bytes,
 )
 from tunewise.training.loss import CausalLMLoss
@@ -490,7 +492,7 @@ def train(
                 f"loaded the best checkpoint (step {state.best_step}, {t.metric_for_best_model} {state.best_metric:.4f})"
             )
     if after is None or "_answers" not in after:
-        after = evaluate_all(prep, loss_module, accelerator.device, with_task=True)
+        after = final_evaluation(prep, loss_module, accelerator, state.step, config, overrides)
         writer.metrics({"step": state.step, **_public(after)})
     samples = _samples(prep, before, after, cfg.evaluation.num_sample_prompts)
     summary |= {"eval_after": _public(after), "task_metric": after.get("_task_metric"), "samples": samples}
@@ -501,6 +503,34 @@ def train(
         print_samples(console, samples)
         console.print(f"\n[bold green]Run written to[/] {output_dir.resolve()}")
     return summary
+
+
+def final_evaluation(
+    prep: Prepared,
+    loss_module: torch.nn.Module,
+    accelerator: Accelerator,
+    step: int,
+    config: object,
+    overrides: list[str] | tuple[str, ...],
+) -> dict:
+    """The evaluation after training. Should it run out of memory, the run's last step is already saved (every
+    run saves when it stops): the error says so, with a smaller evaluation batch to resume with, which
+    evaluates and writes the run without training again."""
+    failure = None
+    try:
+        return evaluate_all(prep, loss_module, accelerator.device, with_task=True)
+    except Exception as error:
+        if not is_out_of_memory(error):
+            raise
+        failure = str(error).strip().splitlines()[0]
+    gc.collect()
+    if accelerator.device.type == "cuda":
+        torch.cuda.empty_cache()
+    where = f"the evaluation after training (step {step})"
+    stopped = TrainingOutOfMemory(failure, where, 0, step, str(accelerator.device))
+    stopped.advice, sets = out_of_memory_advice(prep.config, 0, evaluation=True)
+    stopped.resume_command = resume_command(config, [*overrides, *sets]) if sets else None
+    raise stopped
 
 
 def resume_command(config: object, overrides: list[str] | tuple[str, ...]) -> str:

@@ -760,6 +760,40 @@ def test_out_of_memory_in_an_evaluation_saves_that_step_and_suggests_a_smaller_e
     assert_finished_as_uninterrupted(summary, out, reference)
 
 
+def test_out_of_memory_in_the_evaluation_after_training_resumes_to_evaluate_and_write_the_run(
+    config: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last evaluation runs out of memory after all 8 steps: the final checkpoint is there, the error says so
+    with a smaller evaluation batch, and the printed resume evaluates and writes the run without training."""
+    out = Path(config["training"]["output_dir"])
+    validation = tmp_path / "validation.jsonl"
+    validation.write_text("".join(json.dumps(r) + "\n" for r in tiny_chat_rows(6, seed=2, max_words=6)))
+    config["data"]["validation_file"] = str(validation)
+    trained = record_forwards(monkeypatch)
+    forward = CausalLMLoss.forward
+
+    def evaluation_too_large(self: CausalLMLoss, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not self.training and len(trained) >= 16:  # after the last step's two micro-batches
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB.")
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(CausalLMLoss, "forward", evaluation_too_large)
+    config_path, message = train_until_it_fails(config, tmp_path)
+    assert says(
+        message, "Out of memory on cpu in the evaluation after training (step 8): CUDA out of memory."
+    )
+    assert says(message, "Step 8 is saved in checkpoint-8")
+    assert says(message, f"tunewise train {config_path} --set training.per_device_eval_batch_size=8 --resume")
+    assert not (out / "adapter_model.safetensors").exists() and not (out / "summary.json").exists()
+    monkeypatch.undo()
+
+    sizes = record_forwards(monkeypatch)
+    summary = run.train(str(config_path), ["training.per_device_eval_batch_size=8"], quiet(), resume=True)
+    assert sizes == []  # no step trained again
+    assert summary["total_steps"] == 8 and summary["eval_after"]["eval_loss"] > 0
+    assert (out / "adapter_model.safetensors").exists() and (out / "summary.json").exists()
+
+
 def test_the_memory_check_fails_after_step_1_when_the_largest_micro_batch_does_not_fit(
     config: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
