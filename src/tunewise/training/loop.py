@@ -302,7 +302,9 @@ def fit(
     memory_checked = not settings.memory_check
     while state.step < settings.total_steps and state.stop_reason is None:
         epoch, w, example_ids, window = upcoming
-        rng = capture_rng_state()  # as the step found it: what a checkpoint after an out-of-memory keeps
+        # The random state as the step found it: what a checkpoint after a failed step keeps. One process
+        # only, the one kind of run that saves then (_save_last_step).
+        rng = capture_rng_state() if accelerator.num_processes == 1 else None
         failure = None
         try:
             loss_t, grad_norm_t, targets = launch_step(
@@ -371,7 +373,7 @@ def fit(
             hooks.log({**row, "loss": sum(losses_since_log) / len(losses_since_log)})
             losses_since_log.clear()
         if settings.eval_steps and state.step % settings.eval_steps == 0 and hooks.evaluate:
-            after_step = capture_rng_state()
+            after_step = capture_rng_state() if accelerator.num_processes == 1 else None
             if (failure := _evaluate_or_oom(state, settings, hooks)) is not None:
                 where = f"the evaluation after step {state.step}"
                 raise _out_of_memory(accelerator, optimizer, state, hooks, after_step, failure, where, 0)
@@ -448,7 +450,7 @@ def _out_of_memory(
     optimizer: torch.optim.Optimizer,
     state: LoopState,
     hooks: Hooks,
-    rng: dict,
+    rng: dict | None,
     detail: str,
     where: str,
     tokens: int,
@@ -467,7 +469,7 @@ def _save_last_step(
     optimizer: torch.optim.Optimizer,
     state: LoopState,
     hooks: Hooks,
-    rng: dict,
+    rng: dict | None,
     reason: str,
 ) -> int | None:
     """After an error before an update: checkpoint the last finished step (its gradients dropped, `rng` the
@@ -476,9 +478,9 @@ def _save_last_step(
     One process only: under DDP the other ranks wait in a collective this rank will never join, and a save
     would wait for them; their last periodic checkpoint is where a resume starts."""
     optimizer.zero_grad(set_to_none=True)
-    restore_rng_state(rng)
-    if not hooks.save or state.step == 0 or accelerator.num_processes > 1:
+    if not hooks.save or state.step == 0 or accelerator.num_processes > 1 or rng is None:
         return None
+    restore_rng_state(rng)
     state.stop_reason = reason
     try:
         hooks.save(state)
