@@ -125,7 +125,8 @@ def plan(
     set_: SetOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a machine-readable object.")] = False,
 ) -> None:
-    """Resolve everything without training and print the plan."""
+    """Resolve everything without training and print the plan: settings and why, steps, memory (the largest
+    micro-batch's activations measured with one forward of it), lints."""
     from tunewise.report import plan_summary, print_plan
     from tunewise.run import prepare
 
