@@ -177,22 +177,20 @@ def activation_memory(prep: Prepared, largest: LargestMicroBatch | None, static_
     micro-batch), the run's total with weights, gradients and optimizer state, and the device's memory."""
     import psutil
     import torch
+    from accelerate.utils.memory import clear_device_cache
 
     from tunewise.models.activations import saved_for_backward
     from tunewise.run import loop_settings
-    from tunewise.training.loop import collate_micro_batch, is_out_of_memory, make_collate
+    from tunewise.training.loop import catch_out_of_memory, collate_micro_batch, make_collate
     from tunewise.training.loss import CausalLMLoss
 
     device, problem = next(prep.model.parameters()).device, None
     if largest is not None and prep.hardware.device_type == "cuda" and device.type == "cpu":
         # `tunewise plan` loads the model on the host; a run trains it on the GPU, where it is measured too.
-        try:
-            prep.model.to("cuda")
-            device = next(prep.model.parameters()).device
-        except Exception as error:
-            if not is_out_of_memory(error):
-                raise
-            problem = f"the weights on the GPU ({str(error).splitlines()[0]})"
+        _, failure = catch_out_of_memory(lambda: prep.model.to("cuda"))
+        if failure is not None:
+            problem = f"the weights on the GPU ({failure})"
+        device = next(prep.model.parameters()).device
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prep.config.training.precision)
     if device.type == "cpu" and half is not None:
         half = torch.bfloat16  # the same two bytes; CPU autocast is bf16's
@@ -206,14 +204,13 @@ def activation_memory(prep: Prepared, largest: LargestMicroBatch | None, static_
         _, batch = collate_micro_batch(
             prep.data.train, largest.ids, make_collate(settings), settings.pad_token_id
         )
-        try:
-            saved = saved_for_backward(CausalLMLoss(prep.model), batch, half)
-        except Exception as error:
-            if not is_out_of_memory(error):
-                raise
-            problem = f"the largest micro-batch's forward ({str(error).splitlines()[0]})"
-        if problem and device.type == "cuda":
-            torch.cuda.empty_cache()
+        counted, failure = catch_out_of_memory(
+            lambda: saved_for_backward(CausalLMLoss(prep.model), batch, half)
+        )
+        saved = counted or 0
+        if failure is not None:
+            problem = f"the largest micro-batch's forward ({failure})"
+            clear_device_cache(garbage_collection=True)
     if prep.hardware.device_type == "cuda":  # where the run trains, wherever the plan found the model
         device_bytes: int | None = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     elif device.type == "cpu":

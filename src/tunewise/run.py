@@ -6,7 +6,6 @@ there) and `tunewise train`.
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import shlex
@@ -18,6 +17,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
+from accelerate.utils.memory import clear_device_cache
 from rich.console import Console
 from rich.markup import escape
 from transformers import PreTrainedTokenizerBase, set_seed
@@ -59,8 +59,8 @@ from tunewise.training.loop import (
     LoopState,
     NonFiniteError,
     TrainingOutOfMemory,
+    catch_out_of_memory,
     fit,
-    is_out_of_memory,
     peak_memory_bytes,
 )
 from tunewise.training.loss import CausalLMLoss
@@ -516,16 +516,12 @@ def final_evaluation(
     """The evaluation after training. Should it run out of memory, the run's last step is already saved (every
     run saves when it stops): the error says so, with a smaller evaluation batch to resume with, which
     evaluates and writes the run without training again."""
-    failure = None
-    try:
-        return evaluate_all(prep, loss_module, accelerator.device, with_task=True)
-    except Exception as error:
-        if not is_out_of_memory(error):
-            raise
-        failure = str(error).strip().splitlines()[0]
-    gc.collect()
-    if accelerator.device.type == "cuda":
-        torch.cuda.empty_cache()
+    after, failure = catch_out_of_memory(
+        lambda: evaluate_all(prep, loss_module, accelerator.device, with_task=True)
+    )
+    if failure is None:
+        return after  # type: ignore[return-value]  # a dict whenever nothing failed
+    clear_device_cache(garbage_collection=True)
     where = f"the evaluation after training (step {step})"
     stopped = TrainingOutOfMemory(failure, where, 0, step, str(accelerator.device))
     stopped.advice, sets = out_of_memory_advice(prep.config, 0, evaluation=True)

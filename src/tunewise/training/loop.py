@@ -8,7 +8,6 @@ one big batch, as transformers does since 4.46.
 
 from __future__ import annotations
 
-import gc
 import logging
 import math
 import resource
@@ -17,9 +16,11 @@ from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import partial
+from typing import TypeVar
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
 
 from tunewise.config.load import ConfigError, Problem
 from tunewise.data.collate import (
@@ -37,6 +38,7 @@ from tunewise.training.checkpoint import CheckpointError, capture_rng_state, res
 from tunewise.training.progress import TrainProgress
 
 log = logging.getLogger("tunewise")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -305,27 +307,27 @@ def fit(
         # The random state as the step found it: what a checkpoint after a failed step keeps. One process
         # only, the one kind of run that saves then (_save_last_step).
         rng = capture_rng_state() if accelerator.num_processes == 1 else None
-        failure = None
         try:
-            loss_t, grad_norm_t, targets = launch_step(
-                accelerator, loss_module, window, settings.max_grad_norm
-            )
-            upcoming = next(windows)  # read and collate the next window while the device computes this one
-            loss, grad_norm = float(loss_t), float(grad_norm_t)
-        except Exception as error:
-            if not is_out_of_memory(error):
-                if (saved := _save_last_step(accelerator, optimizer, state, hooks, rng, "error")) is not None:
-                    log.error(
-                        "step %d is saved in checkpoint-%d: after this error, `--resume` continues there",
-                        saved,
-                        saved,
-                    )
-                raise
-            failure = _first_line(error)
-        if failure is not None:  # outside the except block, so its frames (the step's tensors) are freed
+            run_step = partial(launch_step, accelerator, loss_module, window, settings.max_grad_norm)
+            launched, failure = catch_out_of_memory(run_step)
+            if launched is not None:
+                # Read and collate the next window while the device computes this one.
+                upcoming = next(windows)
+                loss_t, grad_norm_t, targets = launched
+                loss, grad_norm = float(loss_t), float(grad_norm_t)
+        except Exception:  # not an out-of-memory: save what is finished, then let it go on
+            if (saved := _save_last_step(accelerator, optimizer, state, hooks, rng, "error")) is not None:
+                log.error(
+                    "step %d is saved in checkpoint-%d: after this error, `--resume` continues there",
+                    saved,
+                    saved,
+                )
+            raise
+        if failure is not None:
             tokens = max(int(b["input_ids"].numel()) for b in window)
-            where = f"step {state.step + 1}"
-            raise _out_of_memory(accelerator, optimizer, state, hooks, rng, failure, where, tokens)
+            raise _out_of_memory(
+                accelerator, optimizer, state, hooks, rng, failure, f"step {state.step + 1}", tokens
+            )
         state.epoch, state.window = epoch, w + 1
         scaled = accelerator.scaler is not None  # fp16: the loss scaler owns overflowing gradients
         if not math.isfinite(loss) or (not math.isfinite(grad_norm) and not scaled):
@@ -374,7 +376,7 @@ def fit(
             losses_since_log.clear()
         if settings.eval_steps and state.step % settings.eval_steps == 0 and hooks.evaluate:
             after_step = capture_rng_state() if accelerator.num_processes == 1 else None
-            if (failure := _evaluate_or_oom(state, settings, hooks)) is not None:
+            if (failure := catch_out_of_memory(partial(_evaluate, state, settings, hooks))[1]) is not None:
                 where = f"the evaluation after step {state.step}"
                 raise _out_of_memory(accelerator, optimizer, state, hooks, after_step, failure, where, 0)
         if state.step >= settings.total_steps and state.stop_reason is None:
@@ -434,11 +436,22 @@ class TrainingOutOfMemory(RuntimeError):
 
 
 def is_out_of_memory(error: BaseException) -> bool:
-    """The allocator's out-of-memory: torch's (CUDA, XPU) or a failed CPU allocation (a plain RuntimeError)."""
-    if isinstance(error, torch.OutOfMemoryError):
-        return True
-    text = str(error)
-    return isinstance(error, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
+    """The allocator's out-of-memory on any device, torch's error or a failed CPU allocation (a plain RuntimeError),
+    as accelerate recognises it for `find_executable_batch_size`."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, Exception) and should_reduce_batch_size(error)
+    )
+
+
+def catch_out_of_memory(work: Callable[[], T]) -> tuple[T | None, str | None]:
+    """(work(), None), or (None, the out-of-memory's first line); any other error goes on. A call of its own, so
+    the failed work's frames, and the tensors they hold, are freed by the time the caller handles it."""
+    try:
+        return work(), None
+    except Exception as error:
+        if not is_out_of_memory(error):
+            raise
+        return None, _first_line(error)
 
 
 def _first_line(error: BaseException) -> str:
@@ -457,9 +470,7 @@ def _out_of_memory(
 ) -> TrainingOutOfMemory:
     """Free what the failed step held and checkpoint the last completed step, with the random state the
     failed step began from, so `--resume` after a change that fits runs it as the uninterrupted run would."""
-    gc.collect()
-    if accelerator.device.type == "cuda":
-        torch.cuda.empty_cache()
+    clear_device_cache(garbage_collection=True)
     saved = _save_last_step(accelerator, optimizer, state, hooks, rng, "out_of_memory")
     return TrainingOutOfMemory(detail, where, tokens, saved, str(accelerator.device))
 
@@ -518,7 +529,7 @@ def check_memory(
     if largest is not None:
         _, batch = collate_micro_batch(dataset, largest.ids, make_collate(settings), settings.pad_token_id)
         rng = capture_rng_state()
-        failure = _forward_backward_or_oom(accelerator, loss_module, batch)
+        failure = catch_out_of_memory(lambda: _forward_backward(accelerator, loss_module, batch))[1]
         optimizer.zero_grad(set_to_none=True)
         restore_rng_state(rng)
     tokens, step = (largest.tokens, largest.step) if largest is not None else (ran_tokens, state.step)
@@ -547,21 +558,14 @@ def _memory_check_line(check: dict, device: torch.device) -> str:
     )
 
 
-def _forward_backward_or_oom(
+def _forward_backward(
     accelerator: Accelerator, loss_module: torch.nn.Module, batch: dict[str, torch.Tensor]
-) -> str | None:
-    """One micro-batch's forward and backward, its gradient times 0; the out-of-memory's message, or None.
-    A function of its own so that the graph and the exception's frames are freed when it returns."""
-    try:
-        with accelerator.no_sync(loss_module), accelerator.autocast():
-            summed = loss_module(**{k: v.to(accelerator.device) for k, v in batch.items()})
-            if summed.requires_grad:
-                accelerator.backward(summed * 0.0)
-    except Exception as error:
-        if not is_out_of_memory(error):
-            raise
-        return _first_line(error)
-    return None
+) -> None:
+    """One micro-batch's forward and backward, its gradient times 0."""
+    with accelerator.no_sync(loss_module), accelerator.autocast():
+        summed = loss_module(**{k: v.to(accelerator.device) for k, v in batch.items()})
+        if summed.requires_grad:
+            accelerator.backward(summed * 0.0)
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -583,17 +587,6 @@ def _refuse_silent_fp32(accelerator: Accelerator) -> None:
             "would silently train in fp32. Use precision: bf16 (CPU autocast) or fp32."
         )
         raise ConfigError([Problem("training.precision", message)])
-
-
-def _evaluate_or_oom(state: LoopState, settings: LoopSettings, hooks: Hooks) -> str | None:
-    """`_evaluate`; the out-of-memory's message, or None. Its own function: the frames are freed on return."""
-    try:
-        _evaluate(state, settings, hooks)
-    except Exception as error:
-        if not is_out_of_memory(error):
-            raise
-        return _first_line(error)
-    return None
 
 
 def _evaluate(state: LoopState, settings: LoopSettings, hooks: Hooks) -> None:
