@@ -144,6 +144,12 @@ def test_non_string_keys(tmp_path: Path) -> None:
 # -------------------------------------------------------------------------------------- unknown keys
 
 
+def test_other_tools_names_point_to_real_keys_and_shadow_none() -> None:
+    keys = all_keys()
+    assert {alias: target for alias, target in load_module.ALIASES.items() if target not in keys} == {}
+    assert [alias for alias in load_module.ALIASES if alias in keys or alias in SECTIONS] == []
+
+
 @pytest.mark.parametrize(
     ("raw", "path", "message"),
     [
@@ -161,6 +167,18 @@ def test_non_string_keys(tmp_path: Path) -> None:
         ({"trainin": {}}, "trainin", "unknown key; did you mean `training`?"),
         ({"training": {"lr": 1e-4}}, "training.lr", "unknown key; did you mean `learning_rate`?"),
         ({"adapter": {"lora_r": 8}}, "adapter.lora_r", "unknown key; did you mean `r`?"),
+        # HF's run_clm name: difflib alone would point to `validation_file`.
+        ({"data": {"train_file": "a.jsonl"}}, "data.train_file", "unknown key; did you mean `dataset`?"),
+        (
+            {"data": {"cutoff_len": 1024}},
+            "data.cutoff_len",
+            "unknown key; did you mean `max_seq_length`?",
+        ),
+        (
+            {"training": {"lora_rank": 8}},
+            "training.lora_rank",
+            "unknown key; did you mean `r` (under `adapter:`)?",
+        ),
         (
             {"data": {"learnin_rate": 1}},
             "data.learnin_rate",

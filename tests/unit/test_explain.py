@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import io
 import re
 
 import pytest
+from rich.console import Console, RenderableType
 from rich.text import Text
 
 from tunewise.config.knowledge import KNOWLEDGE, explain_all, explain_key
 from tunewise.config.schema import SECTIONS, all_keys, field_doc
 
 
-def plain(markup: str) -> str:
-    return Text.from_markup(markup).plain
+def plain(shown: RenderableType) -> str:
+    """What the terminal shows, wide enough that nothing wraps."""
+    if isinstance(shown, str):
+        return Text.from_markup(shown).plain
+    console = Console(width=400, record=True, file=io.StringIO())
+    console.print(shown)
+    return "\n".join(line.rstrip() for line in console.export_text().splitlines())
 
 
 def flat(text: str) -> str:
@@ -127,7 +134,9 @@ def test_explain_key_markup_is_escaped() -> None:
     # "[q_proj, v_proj]"-like text must print literally through rich, not vanish as a tag.
     assert "matches" in plain(explain_key("target_modules"))
     for key in KNOWLEDGE:
-        Text.from_markup(explain_key(key))  # raises on broken markup
+        shown = explain_key(key)
+        assert isinstance(shown, str)
+        Text.from_markup(shown)  # raises on broken markup
 
 
 @pytest.mark.parametrize(

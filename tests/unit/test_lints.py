@@ -217,6 +217,18 @@ def test_warmup_edge_and_several_lints_in_config_order() -> None:
     assert keys == ["training.learning_rate", "training.warmup_steps", "training.logging_steps"]
 
 
+def test_warmup_of_one_step_in_a_tiny_run_is_not_flagged() -> None:
+    # ceil(3% x 3) = 1 step is 33% of the run, but the lint's own fix (5%, at least 1 step) is that same step.
+    def warmup_lints(warmup_steps: int) -> list[str]:
+        found = lints_for(total_steps=3, warmup_steps=warmup_steps)
+        return [x.message for x in found if x.key == "training.warmup_steps"]
+
+    assert warmup_lints(1) == []
+    assert warmup_lints(2) == [
+        "warmup takes 2 of 3 steps (67%): the learning rate peaks late and little training happens at the full rate"
+    ]
+
+
 def test_heavy_padding_suggests_packing_and_packing_or_light_padding_silences_it() -> None:
     assert lints_for(padding_waste_percent=40.0) == [
         Lint(

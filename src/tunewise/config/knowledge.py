@@ -9,7 +9,10 @@ from __future__ import annotations
 import textwrap
 from dataclasses import dataclass
 
+from rich.console import Group, RenderableType
 from rich.markup import escape
+from rich.padding import Padding
+from rich.table import Table
 
 from tunewise.config.load import show, suggest
 from tunewise.config.schema import SECTIONS, all_keys, field_doc
@@ -900,8 +903,8 @@ KNOWLEDGE: dict[str, Knowledge] = {entry.key: entry for entry in _ENTRIES}
 """Every schema key's explanation, by bare key name."""
 
 
-def explain_key(key: str) -> str:
-    """Rich-markup explanation of one key (`lora_alpha` or `adapter.lora_alpha`), or of a whole section."""
+def explain_key(key: str) -> RenderableType:
+    """Rich-markup explanation of one key (`lora_alpha` or `adapter.lora_alpha`), or a section's listing."""
     name = key.strip().split(".")[-1]
     if key.strip() in SECTIONS:
         return _section_listing(key.strip())
@@ -910,9 +913,12 @@ def explain_key(key: str) -> str:
     return _render(KNOWLEDGE[name])
 
 
-def explain_all() -> str:
+def explain_all() -> Group:
     """Every key, grouped by section, with its one-line summary."""
-    return "\n\n".join(_section_listing(section) for section in SECTIONS)
+    listings: list[RenderableType] = []
+    for section in SECTIONS:
+        listings += [_section_listing(section), ""]
+    return Group(*listings[:-1])
 
 
 def _unknown(key: str) -> str:
@@ -925,11 +931,14 @@ def _unknown(key: str) -> str:
     )
 
 
-def _section_listing(section: str) -> str:
-    keys = list(SECTIONS[section].model_fields)
-    width = max(map(len, keys))
-    rows = [f"  {k:<{width}}  {escape(KNOWLEDGE[k].summary)}" for k in keys]
-    return "\n".join([f"[bold]{section}[/bold]", *rows])
+def _section_listing(section: str) -> Group:
+    """The section's keys and summaries; a summary wraps within its own column, under itself."""
+    rows = Table.grid(padding=(0, 2))
+    rows.add_column(no_wrap=True)
+    rows.add_column()
+    for key in SECTIONS[section].model_fields:
+        rows.add_row(key, escape(KNOWLEDGE[key].summary))
+    return Group(f"[bold]{section}[/bold]", Padding(rows, (0, 0, 0, 2)))
 
 
 def _render(entry: Knowledge) -> str:

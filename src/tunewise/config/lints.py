@@ -114,6 +114,9 @@ def _warmup(f: PlanFacts) -> list[Lint]:
         return []
     share = f.warmup_steps / f.total_steps
     suggested = max(1, round(0.05 * f.total_steps))
+    if f.warmup_steps <= suggested:
+        # A very short run: one warmup step is already a large share, and the fix would be that same step.
+        return []
     message = (
         f"warmup takes {f.warmup_steps} of {f.total_steps} steps ({share:.0%}): the learning rate peaks "
         "late and little training happens at the full rate"

@@ -40,9 +40,32 @@ METRICS = ("eval_loss", "eval_perplexity", "exact_match", "json_exact_match")
 """What `metric_for_best_model` can name: the two loss metrics and the task metrics."""
 LOWER_IS_BETTER = ("eval_loss", "eval_perplexity")
 
-# Names other fine-tuning tools use for our keys (axolotl, litgpt, torchtune, TRL), so a habit from
-# elsewhere gets a pointer to the right key rather than a bare "unknown key".
+# Names other fine-tuning tools use for our keys (HF's example scripts, axolotl, LLaMA-Factory, litgpt,
+# torchtune, TRL), so a habit from elsewhere gets a pointer to the right key rather than a bare "unknown key"
+# or a near spelling of another one (`train_file` is closer to `validation_file` than to `dataset`).
 ALIASES = {
+    "train_file": "dataset",
+    "dataset_name": "dataset",
+    "datasets": "dataset",
+    "data_path": "dataset",
+    "data_files": "dataset",
+    "eval_file": "validation_file",
+    "eval_dataset": "validation_file",
+    "lora_rank": "r",
+    "lora_target": "target_modules",
+    "lora_target_linear": "target_modules",
+    "cutoff_len": "max_seq_length",
+    "block_size": "max_seq_length",
+    "template": "chat_template",
+    "train_batch_size": "per_device_train_batch_size",
+    "eval_batch_size": "per_device_eval_batch_size",
+    "num_steps": "max_steps",
+    "total_steps": "max_steps",
+    "num_warmup_steps": "warmup_steps",
+    "mixed_precision": "precision",
+    "gradient_clipping": "max_grad_norm",
+    "clip_grad_norm": "max_grad_norm",
+    "quant_type": "bnb_4bit_quant_type",
     "lr": "learning_rate",
     "lora_r": "r",
     "rank": "r",
