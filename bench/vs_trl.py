@@ -362,6 +362,9 @@ def run_tunewise(spec: dict) -> RunResult:
             # The check after step 1 (on by default on GPUs) runs one more micro-batch inside the timed span;
             # a safety measure, not training: the baselines have none, and every step here runs anyway.
             "memory_check": False,
+            # Checkpoints by time (30 minutes by default) would write inside the timed span of a long run;
+            # the baselines save nothing (save_strategy "no").
+            "save_minutes": None,
         }
         | options.get("training", {}),
         "evaluation": {"task_metric": "none", "num_sample_prompts": 0},

@@ -318,6 +318,7 @@ def loop_settings(prep: Prepared) -> LoopSettings:
         early_stopping_threshold=t.early_stopping_threshold,
         nonfinite_patience=t.nonfinite_patience,
         memory_check=t.memory_check is True,
+        save_seconds=None if t.save_minutes is None else 60 * t.save_minutes,
     )
 
 
@@ -619,7 +620,8 @@ def roll_back(
     if latest is None:
         raise NonFiniteError(
             f"{state.consecutive_nonfinite} consecutive non-finite steps and no checkpoint to roll back to yet; "
-            "set training.save_steps so one exists, or lower training.learning_rate"
+            "set training.save_steps (or a shorter training.save_minutes) so one exists, or lower "
+            "training.learning_rate"
         )
     rollbacks = state.rollbacks + 1
     restored, _ = restore(

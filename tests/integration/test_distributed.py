@@ -146,7 +146,8 @@ def test_two_processes_with_a_token_budget_follow_one_process(
     numbers of micro-batches (DDP syncs each once, at its last), and the loss curve is still the one process's
     padded one. With the memory check on: after step 1 each rank runs its own largest micro-batch unsynced (or
     skips it) and the ranks agree on the outcome in a collective, which changes nothing in the run."""
-    training = {"max_tokens_per_micro_batch": 128, "memory_check": True}
+    # save_minutes so small that every step is due: the ranks agree on it in a collective every step.
+    training = {"max_tokens_per_micro_batch": 128, "memory_check": True, "save_minutes": 1e-9}
     budget = {"data": {"packing": True}, "training": training}
     config = write_config(tmp_path, tiny_model_dir, per_device_batch=2, name="run", **budget)
     prep = tunewise.run.prepare(config)
@@ -172,3 +173,5 @@ def test_two_processes_with_a_token_budget_follow_one_process(
     assert [r["tokens"] for r in ddp] == [r["tokens"] for r in reference]
     check = json.loads((tmp_path / "run" / "summary.json").read_text())["memory_check"]
     assert check["largest_micro_batch_tokens"] <= 128 and 1 <= check["step"] <= TOTAL_STEPS
+    saved = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "run").glob("checkpoint-*"))
+    assert saved == list(range(1, TOTAL_STEPS + 1))

@@ -653,6 +653,29 @@ def test_logging_eval_and_save_cadence(
     assert run.summary["stop_reason"] == "epochs"
 
 
+def test_save_minutes_checkpoints_by_the_clock_and_a_step_save_resets_it() -> None:
+    """Each step takes 25 s on a fake clock; save_seconds 60 saves the step that ends 60 s or more after the
+    last checkpoint (or the start), and always the last step."""
+
+    def saves(**settings: Any) -> list[int]:
+        now = [0.0]
+        saved: list[int] = []
+
+        def tick(row: dict) -> None:  # logged once a step, after it
+            now[0] += 25.0
+
+        fit_tiny_model(
+            7, Hooks(save=lambda s: saved.append(s.step), log=tick, clock=lambda: now[0]), **settings
+        )
+        return saved
+
+    assert saves(save_seconds=60.0) == [3, 6, 7]
+    assert saves(save_seconds=None) == [7]
+    assert saves(save_seconds=60.0, save_steps=2) == [2, 4, 6, 7]  # 50 s after each step save: never due
+    assert saves(save_seconds=75.0) == [3, 6, 7]  # due at exactly save_seconds
+    assert saves(save_seconds=76.0) == [4, 7]
+
+
 def test_logged_loss_is_the_mean_since_the_last_log() -> None:
     """As HF: with logging_steps 3 the row of step 3 holds the mean loss of steps 1-3; other keys are step 3's."""
     every: list[dict] = []

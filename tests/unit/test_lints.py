@@ -110,6 +110,16 @@ def test_sane_plans_give_no_lints() -> None:
             ),
         ),
         (
+            {"save_steps": 500, "save_minutes": 30},
+            Lint(
+                "warning",
+                "training.save_steps",
+                "save_steps (500) is larger than the 300 total steps: no checkpoint is saved before the end "
+                "but by save_minutes (every 30 min)",
+                "set save_steps to at most 300 (e.g. 30), or a fraction like 0.1",
+            ),
+        ),
+        (
             {"lora_alpha": 256},
             Lint(
                 "info",

@@ -754,8 +754,25 @@ _ENTRIES = [
         "save_steps",
         what="Write a checkpoint every N optimizer steps (or a fraction of the run, below 1).",
         hf=_TA + "save_steps",
-        why="null: save only at the end; short runs rarely need intermediate checkpoints.",
-        interactions="save_total_limit; load_best_model_at_end (must be a multiple of eval_steps).",
+        why="null: no checkpoints by step count (HF's default is 500); save_minutes still checkpoints a long "
+        "run, and the end of a run, a Ctrl-C, SIGTERM or an error in a step always saves.",
+        interactions="save_total_limit; save_minutes; load_best_model_at_end (must be a multiple of eval_steps).",
+    ),
+    _k(
+        "save_minutes",
+        what="Also write a checkpoint after any optimizer step that ends this many minutes (of wall time, "
+        "evaluations included) after the last checkpoint or the start. Ctrl-C, SIGTERM and errors in a step "
+        "already save; this bounds what a kill -9, the kernel's OOM killer, a lost machine or a power cut "
+        "can take. Checkpoints are written between steps and change nothing a step computes, so a run trains "
+        "the same with it on or off; which steps get a checkpoint depends on the machine's speed. Under "
+        "several processes all save when any one is due.",
+        hf="tunewise (HF saves by step count only: save_steps, default 500)",
+        why="30: at most half an hour of training lost. A LoRA checkpoint (adapter and optimizer state) takes "
+        "seconds; a full fine-tune's holds the model and AdamW's two moments (about 12 bytes a parameter in "
+        "fp32) and may take minutes on a slow disk, so raise it there.",
+        interactions="save_steps (either one triggers a checkpoint), save_total_limit (time-based checkpoints "
+        "count towards it; the best one is still kept).",
+        mistakes="A few minutes on a full fine-tune of a large model: the run spends much of its time writing.",
     ),
     _k(
         "save_total_limit",

@@ -69,6 +69,8 @@ class PlanFacts:
     fitting_token_budget: int | None = None
     """The largest max_tokens_per_micro_batch whose measured activations, with weights, gradients and optimizer
     state, fill at most MEMORY_FILL of the device (None: none at least max_seq_length does)."""
+    save_minutes: float | None = None
+    """training.save_minutes: checkpoints by time besides save_steps."""
 
 
 @dataclass(frozen=True)
@@ -129,7 +131,8 @@ def _intervals(f: PlanFacts) -> list[Lint]:
     consequence = {
         "logging_steps": "nothing is logged during training",
         "eval_steps": "evaluation runs only before and after training",
-        "save_steps": "no checkpoint is saved before the end",
+        "save_steps": "no checkpoint is saved before the end"
+        + (f" but by save_minutes (every {f.save_minutes:g} min)" if f.save_minutes else ""),
     }
     lints = []
     for key, then in consequence.items():

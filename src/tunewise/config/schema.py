@@ -224,7 +224,9 @@ class TrainingConfig(_Section):
     eval_steps: int | float | None = Field(default=None, gt=0)
     """Evaluate every N steps (or fraction); null: only before and after training."""
     save_steps: int | float | None = Field(default=None, gt=0)
-    """Checkpoint every N steps (or fraction); null: only at the end."""
+    """Checkpoint every N steps (or fraction); null: none by step count (save_minutes still applies)."""
+    save_minutes: float | None = Field(default=30, gt=0)
+    """Also checkpoint once this many minutes passed since the last checkpoint; null: by steps only."""
     save_total_limit: int | None = Field(default=2, ge=1)
     """Keep at most this many checkpoints (the best one is never deleted)."""
     load_best_model_at_end: bool = False

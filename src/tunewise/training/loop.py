@@ -67,6 +67,9 @@ class LoopSettings:
     early_stopping_threshold: float = 0.0
     nonfinite_patience: int = 3
     memory_check: bool = False  # after the first step, the run's largest micro-batch once (see check_memory)
+    save_seconds: float | None = (
+        None  # also save once this long has passed since the last save (or the start)
+    )
 
 
 @dataclass
@@ -101,6 +104,7 @@ class Hooks:
     log: Callable[[dict], None] | None = None
     should_stop: Callable[[], bool] = lambda: False
     rollback: Callable[[LoopState], LoopState] | None = None  # nonfinite_policy: rollback
+    clock: Callable[[], float] = time.monotonic  # seconds, for save_seconds
 
 
 def epoch_windows(
@@ -184,6 +188,13 @@ def _improved(value: float, best: float | None, greater: bool, threshold: float)
     if best is None:
         return True
     return value > best + threshold if greater else value < best - threshold
+
+
+def _save_time_due(accelerator: Accelerator, settings: LoopSettings, since_last_save: float) -> bool:
+    """save_seconds have passed since the last checkpoint, on any process (so all of them save together)."""
+    if settings.save_seconds is None:
+        return False
+    return global_count(accelerator, int(since_last_save >= settings.save_seconds)) > 0
 
 
 def global_count(accelerator: Accelerator, value: int) -> int:
@@ -302,6 +313,7 @@ def fit(
     )
     upcoming = next(windows)
     memory_checked = not settings.memory_check
+    last_saved = hooks.clock()
     while state.step < settings.total_steps and state.stop_reason is None:
         epoch, w, example_ids, window = upcoming
         # The random state as the step found it: what a checkpoint after a failed step keeps. One process
@@ -384,9 +396,12 @@ def fit(
         if hooks.should_stop() and state.stop_reason is None:
             state.stop_reason = "interrupted"
         if hooks.save and (
-            state.stop_reason or (settings.save_steps and state.step % settings.save_steps == 0)
+            state.stop_reason
+            or (settings.save_steps and state.step % settings.save_steps == 0)
+            or _save_time_due(accelerator, settings, hooks.clock() - last_saved)
         ):
             hooks.save(state)
+            last_saved = hooks.clock()
         if not memory_checked and state.stop_reason is None:  # after step 1 is logged and saved as usual
             memory_checked = True
             ran = max(int(b["input_ids"].numel()) for b in window)

@@ -74,6 +74,7 @@ RESUMABLE_CHANGES = {
     "training.max_steps",
     "training.num_train_epochs",
     "training.save_steps",
+    "training.save_minutes",
     "training.save_total_limit",
     "training.logging_steps",
     "training.eval_steps",
