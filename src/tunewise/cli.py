@@ -183,7 +183,10 @@ def chat(
     """A simple interactive chat (empty line or Ctrl-D quits)."""
     from tunewise.infer.chat import load_for_chat, reply
 
-    loaded = load_for_chat(model, set_ or [])
+    try:
+        loaded = load_for_chat(model, set_ or [])
+    except _user_errors() as exc:
+        _fail(exc)
     history: list[dict] = []
     while True:
         try:

@@ -319,6 +319,15 @@ def test_cli_generate_with_run_directory(trained: tuple[dict, dict]) -> None:
     assert result.stdout.strip()
 
 
+def test_cli_chat_and_generate_with_a_missing_model_fail_with_the_reason(tmp_path: Path) -> None:
+    missing = str(tmp_path / "merged")
+    for args in (["chat", "--model", missing], ["generate", "hi", "--model", missing]):
+        result = CliRunner().invoke(app, args, input="hello\n\n", env={"COLUMNS": "400"})
+        assert result.exit_code == 2, result.output
+        assert f"error: model_name_or_path: {missing} does not exist" in " ".join(result.output.split())
+        assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
 def test_plan_for_a_gpu_run_measures_on_the_gpu_and_says_when_the_weights_do_not_fit(
     tiny_config: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -46,7 +46,19 @@ def test_hub_id_offline_says_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None
     with pytest.raises(ModelLoadError) as err:
         materialize(resolve_source("someone/some-model"))
     message = str(err.value)
-    assert "someone/some-model" in message and "Offline?" in message and "smollm2-135m-instruct" in message
+    assert "someone/some-model" in message and "offline" in message and "smollm2-135m-instruct" in message
+
+
+def test_a_bare_name_that_is_no_directory_says_both(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`--model merged` before `merge -o merged` ran: a hub id to try, but also maybe a mistyped path."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelLoadError) as err:
+        materialize(resolve_source("merged"))
+    assert str(err.value).startswith(
+        f"model_name_or_path: `merged` is no local directory (no {tmp_path.resolve() / 'merged'}) and could not "
+        "be fetched from the Hugging Face hub"
+    )
 
 
 def test_fp16_on_cpu_is_a_config_error() -> None:

@@ -108,10 +108,12 @@ def _download(repo_id: str) -> Path:
             snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
         )
     except Exception as exc:  # offline, unknown repo, gated: all end the same way for the user
+        # Fix: `--model merged` (a typo'd or not yet written directory) read as a failed download only.
         raise ModelLoadError(
-            f"model_name_or_path: could not fetch `{repo_id}` from the Hugging Face hub ({type(exc).__name__}). "
-            f"Offline? Download it elsewhere (`huggingface-cli download {repo_id} --local-dir DIR`) and set "
-            f"model_name_or_path to DIR, or use the embedded default `{EMBEDDED_MODEL}`."
+            f"model_name_or_path: `{repo_id}` is no local directory (no {Path(repo_id).expanduser().resolve()}) "
+            f"and could not be fetched from the Hugging Face hub ({type(exc).__name__}). A path: check it. A hub "
+            f"id while offline: download it elsewhere (`huggingface-cli download {repo_id} --local-dir DIR`) "
+            f"and set model_name_or_path to DIR, or use the embedded default `{EMBEDDED_MODEL}`."
         ) from exc
 
 
