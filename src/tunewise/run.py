@@ -10,6 +10,7 @@ import json
 import os
 import shlex
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,7 @@ from tunewise.training.loop import (
 )
 from tunewise.training.loss import CausalLMLoss
 from tunewise.training.optim import build_optimizer
-from tunewise.training.progress import TrainProgress
+from tunewise.training.progress import EvalBars, TrainProgress
 from tunewise.training.resume import (
     GracefulStop,
     RunCheckpointer,
@@ -224,29 +225,33 @@ def sampling(cfg: TunewiseConfig) -> SamplingSettings:
 # Compiled layers (training.torch_compile) serve training; evaluation and generation run them eagerly, which
 # spares a compile per new shape (each decoding step with a KV cache is one) for a few passes.
 @torch.compiler.set_stance("force_eager")
-def evaluate_all(prep: Prepared, loss_module: torch.nn.Module, device: torch.device, with_task: bool) -> dict:
-    """eval_loss, eval_perplexity and (with_task) the task metric and the answers given."""
+def evaluate_all(
+    prep: Prepared,
+    loss_module: torch.nn.Module,
+    device: torch.device,
+    with_task: bool,
+    bars: EvalBars | None = None,
+) -> dict:
+    """eval_loss, eval_perplexity and (with_task) the task metric and the answers given; `bars` shows each."""
     cfg = prep.config
     if prep.data.validation is None:
         return {}
     pad = int(prep.tokenizer.pad_token_id)
-    metrics = eval_loss(
-        loss_module, prep.data.validation, cfg.training.per_device_eval_batch_size, pad, device
-    )
+    batch_size = cfg.training.per_device_eval_batch_size
+    with bars.phase("eval loss", "batches") if bars else nullcontext(None) as report:
+        metrics = eval_loss(loss_module, prep.data.validation, batch_size, pad, device, report)
     rows = prep.data.validation_rows
     if with_task and rows is not None and "messages" in rows.column_names:
         pairs = [prompt_messages(m) for m in rows["messages"]]
         references = [ref for _, ref in pairs]
         metric = choose_task_metric(cfg.evaluation.task_metric, references)
         if metric:
-            answers = generate_answers(
-                prep.model,
-                prep.tokenizer,
-                [p for p, _ in pairs],
-                sampling(cfg),
-                cfg.training.per_device_eval_batch_size,
-                cfg.data.chat_template,
-            )
+            with bars.phase("answers", f"prompts for {metric}") if bars else nullcontext(None) as report:
+                prompts = [p for p, _ in pairs]
+                settings, template = sampling(cfg), cfg.data.chat_template
+                answers = generate_answers(
+                    prep.model, prep.tokenizer, prompts, settings, batch_size, template, report
+                )
             metrics[metric] = score(metric, answers, references)
             metrics["_answers"] = answers
             metrics["_task_metric"] = metric
@@ -409,7 +414,9 @@ def train(
     if main:
         print_plan(console, prep, measure=False)  # no extra forward in the run's own memory (plan_summary)
     if not resume:
-        before = evaluate_all(prep, loss_module, accelerator.device, with_task=True)
+        before = evaluate_all(
+            prep, loss_module, accelerator.device, True, EvalBars(console) if main else None
+        )
         writer.metrics({"step": 0, **_public(before)})
     if main:
         print_eval(console, "before training", before)
@@ -421,7 +428,8 @@ def train(
         # Task metrics cost generation: only when they pick the best model, or at the last step, whose
         # evaluation then serves as the final one.
         with_task = t.metric_for_best_model not in LOWER_IS_BETTER or step == prep.steps.plan.total_steps
-        evals[step] = evaluate_all(prep, loss_module, accelerator.device, with_task=with_task)
+        bars = progress.eval_bars() if progress else None
+        evals[step] = evaluate_all(prep, loss_module, accelerator.device, with_task, bars)
         writer.metrics({"step": step, **_public(evals[step])})
         return evals[step]
 
@@ -440,7 +448,9 @@ def train(
     started = time.perf_counter()
     with (
         GracefulStop() as stop,
-        TrainProgress(prep.steps.plan.total_steps, console, state.step) if main else _null() as progress,
+        TrainProgress(prep.steps.plan.total_steps, console, state.step)
+        if main
+        else nullcontext() as progress,
     ):
         hooks = Hooks(
             evaluate=on_eval if prep.data.validation is not None else None,
@@ -493,7 +503,8 @@ def train(
                 f"loaded the best checkpoint (step {state.best_step}, {t.metric_for_best_model} {state.best_metric:.4f})"
             )
     if after is None or "_answers" not in after:
-        after = final_evaluation(prep, loss_module, accelerator, state.step, config, overrides)
+        bars = EvalBars(console) if main else None
+        after = final_evaluation(prep, loss_module, accelerator, state.step, config, overrides, bars)
         writer.metrics({"step": state.step, **_public(after)})
     samples = _samples(prep, before, after, cfg.evaluation.num_sample_prompts)
     summary |= {"eval_after": _public(after), "task_metric": after.get("_task_metric"), "samples": samples}
@@ -513,12 +524,13 @@ def final_evaluation(
     step: int,
     config: object,
     overrides: list[str] | tuple[str, ...],
+    bars: EvalBars | None = None,
 ) -> dict:
     """The evaluation after training. Should it run out of memory, the run's last step is already saved (every
     run saves when it stops): the error says so, with a smaller evaluation batch to resume with, which
     evaluates and writes the run without training again."""
     after, failure = catch_out_of_memory(
-        lambda: evaluate_all(prep, loss_module, accelerator.device, with_task=True)
+        lambda: evaluate_all(prep, loss_module, accelerator.device, True, bars)
     )
     if failure is None:
         return after  # type: ignore[return-value]  # a dict whenever nothing failed
@@ -666,11 +678,3 @@ def _samples(prep: Prepared, before: dict, after: dict, n: int) -> list[dict]:
             }
         )
     return out
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *args: object) -> None:
-        return None

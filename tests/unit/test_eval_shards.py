@@ -88,3 +88,38 @@ def test_ranks_answer_every_world_th_batch_and_all_get_one_process_answers(
     for rank in (0, 1):
         monkeypatch.setattr(metrics, "_world", lambda rank=rank: (2, rank))
         assert metrics.generate_answers(model, tok, prompts, greedy, 2, None) == single
+
+
+def test_progress_reports_follow_this_ranks_own_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    tok = build_tiny_tokenizer()
+    rows = [encode_row(r, tok, TokenizeSettings(128)) for r in tiny_chat_rows(5, seed=4)]
+    dataset = datasets.Dataset.from_list(rows)
+    loss = CausalLMLoss(build_tiny_model(len(tok), seed=0))
+    model = build_tiny_model(len(tok), seed=1)
+    prompts = [prompt_messages(r["messages"])[0] for r in tiny_chat_rows(5, seed=6)]
+    greedy = SamplingSettings(max_new_tokens=6, do_sample=False)
+    cpu = torch.device("cpu")
+
+    reports: list[tuple[int, int]] = []
+    quiet = metrics.eval_loss(loss, dataset, 2, tok.pad_token_id, cpu)
+    assert metrics.eval_loss(loss, dataset, 2, tok.pad_token_id, cpu, lambda *r: reports.append(r)) == quiet
+    assert reports == [(0, 3), (1, 3), (2, 3), (3, 3)]  # batches of 2, 2, 1 rows
+    reports.clear()
+    answers = metrics.generate_answers(model, tok, prompts, greedy, 2, None)
+    assert (
+        metrics.generate_answers(model, tok, prompts, greedy, 2, None, lambda *r: reports.append(r))
+        == answers
+    )
+    assert reports == [(0, 5), (2, 5), (4, 5), (5, 5)]  # answers, not batches
+
+    # Rank 1 of 2: its own forward passes (one batch and the discarded rerun) and its own answers.
+    monkeypatch.setattr(metrics, "_world", lambda: (2, 1))
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t: None)
+    monkeypatch.setattr(torch.distributed, "all_gather_object", lambda out, obj: out.__setitem__(0, obj))
+    reports.clear()
+    metrics.eval_loss(loss, dataset, 2, tok.pad_token_id, cpu, lambda *r: reports.append(r))
+    assert reports == [(0, 2), (1, 2), (2, 2)]
+    reports.clear()
+    with pytest.raises(KeyError):  # the stand-in gather hands back rank 1's share only
+        metrics.generate_answers(model, tok, prompts, greedy, 2, None, lambda *r: reports.append(r))
+    assert reports == [(0, 2), (2, 2)]

@@ -375,3 +375,25 @@ def test_smollm2_eos_targets_survive_padding_when_pad_is_eos(smollm: PreTrainedT
         batch = collate_padded(examples, smollm.pad_token_id, padding_side=side)
         eos_targets = int((batch["targets"] == smollm.eos_token_id).sum())
         assert eos_targets == 3  # two turns + one turn, every end-of-turn learnt despite the padding
+
+
+def test_a_long_tokenising_shows_a_bar_and_leaves_the_bars_as_they_were(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tok = build_tiny_tokenizer()
+    rows = datasets.Dataset.from_list(tiny_chat_rows(5, seed=2))
+    enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # as the CLI does
+    try:
+        monkeypatch.setattr(tokenize_module, "LONG_TOKENISING_ROWS", 6)
+        short = tokenize_module.encode_dataset(rows, tok, TokenizeSettings(64))
+        assert "tokenising" not in capsys.readouterr().err
+        monkeypatch.setattr(tokenize_module, "LONG_TOKENISING_ROWS", 5)
+        long = tokenize_module.encode_dataset(rows, tok, TokenizeSettings(64))
+        shown = capsys.readouterr().err
+        assert "tokenising" in shown and "5/5" in shown
+        assert not datasets.is_progress_bar_enabled()
+        assert long["input_ids"] == short["input_ids"]
+    finally:
+        if enabled:
+            datasets.enable_progress_bars()

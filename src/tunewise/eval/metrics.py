@@ -13,6 +13,9 @@ from tunewise.data.collate import collate_padded
 from tunewise.data.tokenize import IGNORE
 from tunewise.infer.generate import SamplingSettings, generate
 
+Report = Callable[[int, int], None]
+"""Called after each batch with (done, total): a progress bar's feed."""
+
 
 def _as_json(text: str) -> object:
     try:
@@ -54,13 +57,19 @@ def score(metric: str, predictions: list[str], references: list[str]) -> float:
 
 @torch.no_grad()
 def eval_loss(
-    loss_module: torch.nn.Module, dataset: object, batch_size: int, pad_id: int, device: torch.device
+    loss_module: torch.nn.Module,
+    dataset: object,
+    batch_size: int,
+    pad_id: int,
+    device: torch.device,
+    report: Report | None = None,
 ) -> dict:
     """Mean cross-entropy per target token over the whole set, and its perplexity.
 
     Under torch.distributed each rank takes every world-th batch and the sums are all-reduced. Every rank
     runs the same number of forward passes (a rank short of a batch reruns one and discards it), as
-    DDP's buffer broadcast and FSDP's all-gathers in forward need.
+    DDP's buffer broadcast and FSDP's all-gathers in forward need. `report(done, total)` follows this
+    rank's forward passes.
     """
     world, rank = _world()
     n = len(dataset)  # type: ignore[arg-type]
@@ -69,7 +78,10 @@ def eval_loss(
     was_training = loss_module.training
     loss_module.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, target tokens
-    for i in range(math.ceil(len(batches) / world)):
+    passes = math.ceil(len(batches) / world)
+    if report:
+        report(0, passes)
+    for i in range(passes):
         start, stop = mine[i] if i < len(mine) else batches[0]
         rows = dataset[start:stop]  # type: ignore[index]
         examples = [{"input_ids": x, "labels": y} for x, y in zip(rows["input_ids"], rows["labels"])]
@@ -77,6 +89,8 @@ def eval_loss(
         summed = loss_module(**batch)
         if i < len(mine):
             sums += torch.stack([summed.double(), (batch["targets"] != IGNORE).sum().double()])
+        if report:
+            report(i + 1, passes)
     loss_module.train(was_training)
     if world > 1:
         torch.distributed.all_reduce(sums)
@@ -92,20 +106,25 @@ def generate_answers(
     settings: SamplingSettings,
     batch_size: int,
     chat_template: str | None,
+    report: Report | None = None,
 ) -> list[str]:
     """`generate` for every conversation; under torch.distributed each rank answers every world-th batch.
 
     The batches are the ones a single process makes (same members, same left padding), so greedy answers
-    are the same as there; every rank gets all the answers, in order.
+    are the same as there; every rank gets all the answers, in order. `report(done, total)` follows this
+    rank's answers.
     """
     world, rank = _world()
     starts = range(0, len(conversations), batch_size)
-    mine = {
-        start: generate(
-            model, tokenizer, conversations[start : start + batch_size], settings, batch_size, chat_template
-        )
-        for start in starts[rank::world]
-    }
+    total = sum(len(conversations[start : start + batch_size]) for start in starts[rank::world])
+    mine: dict[int, list[str]] = {}
+    if report:
+        report(0, total)
+    for start in starts[rank::world]:
+        batch = conversations[start : start + batch_size]
+        mine[start] = generate(model, tokenizer, batch, settings, batch_size, chat_template)
+        if report:
+            report(sum(map(len, mine.values())), total)
     if world > 1:
         shares: list[dict[int, list[str]] | None] = [None] * world
         torch.distributed.all_gather_object(shares, mine)
