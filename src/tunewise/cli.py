@@ -234,12 +234,18 @@ def merge(
     base: Annotated[
         str | None, typer.Option(help="Base model, if the one the adapter records has moved.")
     ] = None,
+    dtype: Annotated[
+        str,
+        typer.Option(
+            help="Saved weights: float32, or bfloat16 / float16 (half the size; merged in float32)."
+        ),
+    ] = "float32",
 ) -> None:
-    """Merge an adapter into its base: a float32 HF model (safetensors, tokenizer) any tool loads."""
+    """Merge an adapter into its base: an HF model (safetensors, tokenizer) any tool loads."""
     from tunewise.models.merge import merge_adapter
 
     try:
-        result = merge_adapter(adapter, output, base)
+        result = merge_adapter(adapter, output, base, dtype)
     except _user_errors() as exc:
         _fail(exc)
     for note in result.notes:

@@ -57,6 +57,26 @@ def test_merged_model_equals_base_plus_adapter(tiny_model_dir: Path, tmp_path: P
     assert result.notes == [f"base model {tiny_model_dir} (recorded in adapter_config.json)"]
 
 
+def test_a_half_precision_merge_is_the_float32_merge_rounded_once(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    adapter = save_adapter(tiny_model_dir, tmp_path / "adapter")
+    full = merge_adapter(adapter, tmp_path / "fp32").output_dir
+    result = CliRunner().invoke(
+        app, ["merge", str(adapter), "-o", str(tmp_path / "bf16"), "--dtype", "bfloat16"]
+    )
+    assert result.exit_code == 0, result.output
+    exact = AutoModelForCausalLM.from_pretrained(full, dtype=torch.float32).state_dict()
+    half = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype="auto")
+    assert half.dtype == torch.bfloat16 and half.config.dtype == torch.bfloat16
+    for name, tensor in half.state_dict().items():
+        assert torch.equal(tensor, exact[name].to(torch.bfloat16)), name
+    sizes = [(folder / "model.safetensors").stat().st_size for folder in (full, tmp_path / "bf16")]
+    assert sizes[1] < 0.55 * sizes[0]
+    refused = CliRunner().invoke(app, ["merge", str(adapter), "-o", str(tmp_path / "x"), "--dtype", "int8"])
+    assert refused.exit_code == 2 and "choose one of float32, bfloat16, float16" in refused.output
+
+
 def test_a_moved_base_is_found_through_the_runs_config(tiny_model_dir: Path, tmp_path: Path) -> None:
     adapter = save_adapter(tiny_model_dir, tmp_path / "adapter")
     config_path = adapter / "adapter_config.json"

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from peft import PeftModel
 from transformers import BitsAndBytesConfig
@@ -96,9 +97,17 @@ def _run_quantization(q: dict[str, Any]) -> BitsAndBytesConfig | None:
     )
 
 
-def merge_adapter(adapter_dir: Path, output_dir: Path, base: str | None = None) -> MergeResult:
-    """Write base + adapter as one float32 model (safetensors, tokenizer, generation config)."""
+MERGED_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def merge_adapter(
+    adapter_dir: Path, output_dir: Path, base: str | None = None, dtype: str = "float32"
+) -> MergeResult:
+    """Write base + adapter as one model (safetensors, tokenizer, generation config): merged in float32, saved
+    in `dtype` (half the size in bfloat16 or float16, rounded once after the merge)."""
     adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
+    if dtype not in MERGED_DTYPES:
+        raise ModelLoadError(f"--dtype {dtype}: choose one of {', '.join(MERGED_DTYPES)}")
     if not is_adapter(adapter_dir):
         if (adapter_dir / "config.json").is_file():
             raise ModelLoadError(f"{adapter_dir} is a full model (a `method: full` run?): nothing to merge")
@@ -116,7 +125,7 @@ def merge_adapter(adapter_dir: Path, output_dir: Path, base: str | None = None) 
         )
     model = load_model(found.model_dir, dtype="float32", trust_remote_code=found.trust_remote_code)
     merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
-    merged.save_pretrained(output_dir)  # config, generation config, safetensors
+    merged.to(getattr(torch, dtype)).save_pretrained(output_dir)  # config (its dtype too), safetensors
     tokenizer_dir = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else found.model_dir
     load_tokenizer(tokenizer_dir, found.trust_remote_code).save_pretrained(output_dir)
     return MergeResult(output_dir, found, notes)
