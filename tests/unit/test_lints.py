@@ -86,7 +86,7 @@ def test_sane_plans_give_no_lints() -> None:
             Lint(
                 "warning",
                 "training.logging_steps",
-                "logging_steps (500) is larger than the 300 total steps: nothing is logged during training",
+                "logging_steps (500) is larger than the 300 total steps: metrics.jsonl gets a training row for the last step only",
                 "set logging_steps to at most 300 (e.g. 30), or a fraction like 0.1",
             ),
         ),

@@ -739,7 +739,7 @@ _ENTRIES = [
         "fraction of total steps (0.1 = ten logs per run), as in HF.",
         hf=_TA + "logging_steps",
         why="10: HF's 500 would show nothing on a short fine-tune.",
-        mistakes="More steps between logs than the run has: nothing is logged during training.",
+        mistakes="More steps between logs than the run has: metrics.jsonl gets a training row for the last step only.",
     ),
     _k(
         "eval_steps",

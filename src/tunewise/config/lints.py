@@ -129,7 +129,7 @@ def _warmup(f: PlanFacts) -> list[Lint]:
 
 def _intervals(f: PlanFacts) -> list[Lint]:
     consequence = {
-        "logging_steps": "nothing is logged during training",
+        "logging_steps": "metrics.jsonl gets a training row for the last step only",
         "eval_steps": "evaluation runs only before and after training",
         "save_steps": "no checkpoint is saved before the end"
         + (f" but by save_minutes (every {f.save_minutes:g} min)" if f.save_minutes else ""),
