@@ -12,9 +12,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from tunewise.data.collate import collate_padded
 from tunewise.data.tokenize import IGNORE
 from tunewise.infer.generate import SamplingSettings, generate
-
-Report = Callable[[int, int], None]
-"""Called after each batch with (done, total): a progress bar's feed."""
+from tunewise.training.progress import Report
 
 
 def _as_json(text: str) -> object:

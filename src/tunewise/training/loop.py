@@ -67,9 +67,8 @@ class LoopSettings:
     early_stopping_threshold: float = 0.0
     nonfinite_patience: int = 3
     memory_check: bool = False  # after the first step, the run's largest micro-batch once (see check_memory)
-    save_seconds: float | None = (
-        None  # also save once this long has passed since the last save (or the start)
-    )
+    # Also save after a step that ends this long after the last save (or the start): training.save_minutes.
+    save_seconds: float | None = None
 
 
 @dataclass
