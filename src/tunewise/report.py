@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from tunewise.training.loop import LargestMicroBatch
 
 PLAN_KEYS = [
+    "training.output_dir",
     "training.precision",
     "training.learning_rate",
     "training.lr_scheduler_type",
@@ -126,6 +127,7 @@ def plan_summary(prep: Prepared, measure: bool = True) -> dict:
     return {
         "model": cfg.model.model_name_or_path,
         "model_dir": str(prep.model_dir),
+        "output_dir": cfg.training.output_dir,
         "method": cfg.adapter.method,
         "device": prep.hardware.device_type,
         "world_size": prep.hardware.world_size,
@@ -295,7 +297,7 @@ def print_plan(console: Console, prep: Prepared, measure: bool = True) -> None:
     table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
     # Setting names are config paths a user copies: whole on one line; the explanation wraps instead.
     table.add_column("setting", no_wrap=True, min_width=max(map(len, PLAN_KEYS)))
-    table.add_column("value")
+    table.add_column("value", overflow="fold")
     table.add_column("source")
     table.add_column("why", overflow="fold")
     quantized = prep.config.quantization.load_in_4bit is True or prep.config.quantization.load_in_8bit

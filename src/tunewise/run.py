@@ -190,7 +190,7 @@ def prepare(
 ) -> Prepared:
     cfg = load_config(config, list(overrides))
     hardware = probe_hardware(world_size)
-    res = resolve_static(cfg, hardware)
+    res = resolve_static(cfg, hardware, Path(config) if isinstance(config, str | Path) else None)
     model, tokenizer, model_dir, config_overrides = prepare_model(res.config)
     data = prepare_data(res.config, tokenizer)
     steps = resolve_steps(res, len(data.train), world_size)

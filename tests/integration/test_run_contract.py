@@ -216,6 +216,18 @@ def test_cli_plan_says_how_the_steps_were_counted(tiny_config: dict, tmp_path: P
     assert plan["max_steps_overrides"] is True and plan["total_steps"] == 3
 
 
+def test_a_config_without_output_dir_runs_into_runs_named_after_it(tiny_config: dict, tmp_path: Path) -> None:
+    del tiny_config["training"]["output_dir"]
+    path = tmp_path / "exp-7.yaml"
+    path.write_text(yaml.safe_dump(tiny_config))
+    result = CliRunner().invoke(app, ["plan", str(path)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    row = next(line.split() for line in result.stdout.splitlines() if line.startswith("training.output_dir"))
+    assert row[1:] == ["runs/exp-7", "auto", "named", "after", "exp-7.yaml"]
+    plan = json.loads(CliRunner().invoke(app, ["plan", str(path), "--json"]).stdout)
+    assert plan["output_dir"] == "runs/exp-7"
+
+
 def test_cli_plan_fits_80_columns_without_cutting_setting_names(tiny_config: dict, tmp_path: Path) -> None:
     from tunewise.report import PLAN_KEYS
 

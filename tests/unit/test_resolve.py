@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -196,3 +198,19 @@ def test_bf16_on_cpu_rounds_batches_to_recurring_shapes(
     assert res.choices["data.pad_to_multiple_of"].source == source
     if source == "auto":
         assert "oneDNN" in res.choices["data.pad_to_multiple_of"].reason
+
+
+def test_a_config_files_runs_go_to_runs_named_after_it(tmp_path: Path) -> None:
+    named = tmp_path / "lr-sweep-3.yaml"
+    named.write_text("training:\n  max_steps: 2\n")
+    res = resolve_static(load_config(named), CPU, named)
+    assert res.config.training.output_dir == "runs/lr-sweep-3"
+    choice = res.choices["training.output_dir"]
+    assert (choice.source, choice.reason) == ("auto", "named after lr-sweep-3.yaml")
+
+    chosen = tmp_path / "mine.yaml"
+    chosen.write_text("training:\n  output_dir: out/here\n")
+    res = resolve_static(load_config(chosen), CPU, chosen)
+    assert res.config.training.output_dir == "out/here" and "training.output_dir" not in res.choices
+    # A dict or no config at all: the schema's default.
+    assert resolve_static(load_config({}), CPU).config.training.output_dir == "runs/quickstart"

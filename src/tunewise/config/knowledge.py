@@ -446,7 +446,9 @@ _ENTRIES = [
         "output_dir",
         what="Where a run writes its resolved config, metrics, checkpoints, adapter or model, and summary.",
         hf=_TA + "output_dir",
-        why="runs/quickstart, so the first run lands somewhere predictable.",
+        why="runs/<the config file's name> (runs/exp1 for exp1.yaml), so each experiment's config writes its own "
+        "run directory and `--resume` finds it; runs/quickstart without a file (the defaults, a dict in Python). "
+        "An earlier run already there is moved to earlier-runs/ first, never overwritten.",
         mistakes="Reusing a directory for a different experiment: checkpoints and metrics mix.",
     ),
     _k(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -119,8 +120,16 @@ def choose_warmup_ratio() -> tuple[float, str]:
 # ---------------------------------------------------------------- resolution
 
 
-def resolve_static(cfg: TunewiseConfig, hw: Hardware) -> Resolution:
-    """Resolve everything that does not depend on the dataset."""
+def choose_output_dir(config_file: Path | None) -> tuple[str, str] | None:
+    """runs/<the config file's name>, so two experiments' configs write two run directories; None without a
+    file (defaults, a dict), which keeps the schema's runs/quickstart."""
+    if config_file is None:
+        return None
+    return f"runs/{config_file.stem}", f"named after {config_file.name}"
+
+
+def resolve_static(cfg: TunewiseConfig, hw: Hardware, config_file: Path | None = None) -> Resolution:
+    """Resolve everything that does not depend on the dataset; `config_file`: the YAML it came from."""
     user = user_set_paths(cfg)
     cfg = cfg.model_copy(deep=True)
     res = Resolution(cfg, user=user)
@@ -205,6 +214,9 @@ def resolve_static(cfg: TunewiseConfig, hw: Hardware) -> Resolution:
     if t.data_seed is None:
         t.data_seed = t.seed
         res.record("training.data_seed", t.seed, "auto", "same as seed")
+    if "training.output_dir" not in user and (named := choose_output_dir(config_file)):
+        t.output_dir, why = named
+        res.record("training.output_dir", t.output_dir, "auto", why)
     if t.greater_is_better is None:
         t.greater_is_better = t.metric_for_best_model not in LOWER_IS_BETTER
     return res
