@@ -175,3 +175,33 @@ def test_two_processes_with_a_token_budget_follow_one_process(
     assert check["largest_micro_batch_tokens"] <= 128 and 1 <= check["step"] <= TOTAL_STEPS
     saved = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "run").glob("checkpoint-*"))
     assert saved == list(range(1, TOTAL_STEPS + 1))
+
+
+def _agree_on_flags(rank: int, port: int, out: str) -> None:
+    """One of two gloo processes: each raises other flags; both must read the same answers."""
+    AcceleratorState._reset_state(reset_partial_state=True)  # forked from a process that may hold one
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    from accelerate import Accelerator
+
+    from tunewise.training.loop import any_process
+
+    accelerator = Accelerator(cpu=True)
+    stop_on_rank_0 = any_process(accelerator, rank == 0, False)  # Ctrl-C reached rank 0 first
+    due_on_rank_1 = any_process(accelerator, False, rank == 1)  # rank 1's clock passed save_minutes first
+    Path(out, f"{rank}.json").write_text(json.dumps([stop_on_rank_0, due_on_rank_1]))
+    torch.distributed.destroy_process_group()
+
+
+def test_a_stop_or_a_due_save_on_one_process_applies_to_all(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.start_processes(
+        _agree_on_flags, args=(port, str(tmp_path)), nprocs=2, start_method="fork"
+    )
+    answers = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
+    assert answers == [[[True, False], [False, True]]] * 2

@@ -189,11 +189,12 @@ def _improved(value: float, best: float | None, greater: bool, threshold: float)
     return value > best + threshold if greater else value < best - threshold
 
 
-def _save_time_due(accelerator: Accelerator, settings: LoopSettings, since_last_save: float) -> bool:
-    """save_seconds have passed since the last checkpoint, on any process (so all of them save together)."""
-    if settings.save_seconds is None:
-        return False
-    return global_count(accelerator, int(since_last_save >= settings.save_seconds)) > 0
+def any_process(accelerator: Accelerator, *flags: bool) -> list[bool]:
+    """Each flag, true where it is true on any process (one collective for all of them)."""
+    if accelerator.num_processes == 1:
+        return list(flags)
+    counts = torch.tensor([int(f) for f in flags], device=accelerator.device, dtype=torch.long)
+    return [bool(c) for c in accelerator.reduce(counts, reduction="sum").tolist()]
 
 
 def global_count(accelerator: Accelerator, value: int) -> int:
@@ -392,12 +393,19 @@ def fit(
                 raise _out_of_memory(accelerator, optimizer, state, hooks, after_step, failure, where, 0)
         if state.step >= settings.total_steps and state.stop_reason is None:
             state.stop_reason = "max_steps" if settings.max_steps_overrides else "epochs"
-        if hooks.should_stop() and state.stop_reason is None:
+        # Every process calls this, every step: a signal or the clock can reach the processes a step apart,
+        # and one saving (a barrier) or stopping while the others train on would hang them all.
+        stop_requested, save_time_due = any_process(
+            accelerator,
+            hooks.should_stop(),
+            settings.save_seconds is not None and hooks.clock() - last_saved >= settings.save_seconds,
+        )
+        if stop_requested and state.stop_reason is None:
             state.stop_reason = "interrupted"
         if hooks.save and (
             state.stop_reason
             or (settings.save_steps and state.step % settings.save_steps == 0)
-            or _save_time_due(accelerator, settings, hooks.clock() - last_saved)
+            or save_time_due
         ):
             hooks.save(state)
             last_saved = hooks.clock()
