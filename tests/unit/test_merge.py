@@ -152,3 +152,44 @@ def test_cli_merge_says_what_is_wrong(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["merge", str(tmp_path), "--output", str(tmp_path / "out")])
     assert result.exit_code == 2
     assert "has no adapter_config.json: give a run directory" in " ".join(result.output.split())
+
+
+def test_a_runs_system_prompt_opens_its_conversations(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run trained with data.system_prompt saw it first in every example; generate and chat start with it."""
+    from tunewise.infer import chat
+
+    prompted = tmp_path / "run"
+    shutil.copytree(run_dir, prompted, ignore=shutil.ignore_patterns("checkpoint-*"))
+    config = yaml.safe_load((prompted / "config.yaml").read_text())
+    config["data"]["system_prompt"] = "Answer in French."
+    (prompted / "config.yaml").write_text(yaml.safe_dump(config))
+    seen: list[list[dict]] = []
+
+    def record(model: object, tokenizer: object, conversations: list[list[dict]], *rest: object) -> list[str]:
+        seen.extend(conversations)
+        return ["ok"]
+
+    monkeypatch.setattr(chat, "generate", record)
+
+    user = [{"role": "user", "content": "hi"}]
+    own = [{"role": "system", "content": "Be brief."}, *user]
+    answer(str(prompted), user, [])
+    answer(str(prompted), own, [])
+    answer(str(run_dir), user, [])  # trained without one
+    answer(str(run_dir), user, ["system_prompt=Answer in German."])
+    assert seen == [
+        [{"role": "system", "content": "Answer in French."}, *user],
+        own,
+        user,
+        [{"role": "system", "content": "Answer in German."}, *user],
+    ]
+
+
+def test_a_seed_given_to_generate_makes_sampling_reproducible(run_dir: Path) -> None:
+    user = [{"role": "user", "content": "hi"}]
+    sampled = ["do_sample=true", "temperature=2.0", "top_k=0", "max_new_tokens=12"]
+    first, again = (answer(str(run_dir), user, [*sampled, "seed=5"]) for _ in range(2))
+    other = answer(str(run_dir), user, [*sampled, "training.seed=6"])
+    assert first == again and other != first

@@ -723,7 +723,8 @@ _ENTRIES = [
     _k(
         "seed",
         what="Seeds Python, NumPy and PyTorch: adapter initialisation, dropout and everything random except "
-        "data order (data_seed).",
+        "data order (data_seed). Given to `generate` or `chat` (`--set seed=N`), it makes their sampling "
+        "reproducible; without it each call samples afresh.",
         hf=_TA + "seed",
         why="42, HF's default.",
         mistakes="Expecting bit-identical GPU runs from a seed alone (some kernels are non-deterministic).",

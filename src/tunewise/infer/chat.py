@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from peft import PeftModel
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
 from tunewise.infer.generate import SamplingSettings, generate
 from tunewise.models.load import load_model, load_tokenizer, materialize, resolve_source
@@ -20,6 +20,8 @@ class Loaded:
     sampling: SamplingSettings
     chat_template: str | None = None
     """The run's data.chat_template, so a run answers in the format it trained on."""
+    system_prompt: str | None = None
+    """The run's data.system_prompt: its examples began with it, so its answers do too."""
 
 
 def load_generation_model(name_or_path: str) -> tuple[PreTrainedModel | PeftModel, PreTrainedTokenizerBase]:
@@ -45,6 +47,8 @@ def load_generation_model(name_or_path: str) -> tuple[PreTrainedModel | PeftMode
 
 
 def load_for_chat(name_or_path: str, overrides: list[str]) -> Loaded:
+    """The model with the run's generation settings, chat template and system prompt (a run directory's
+    config.yaml, else the defaults), `--set` overrides on top. `--set seed=N` makes sampling reproducible."""
     from tunewise.config.load import load_config
 
     run_config = Path(name_or_path) / "config.yaml"
@@ -54,11 +58,16 @@ def load_for_chat(name_or_path: str, overrides: list[str]) -> Loaded:
         g.max_new_tokens, g.do_sample, g.temperature, g.top_p, g.top_k, g.repetition_penalty
     )
     model, tokenizer = load_generation_model(name_or_path)
-    return Loaded(model, tokenizer, sampling, cfg.data.chat_template)
+    # Only a seed given here: a run's config.yaml always holds one, which would make every sample the same.
+    if any(item.split("=", 1)[0].strip() in ("seed", "training.seed") for item in overrides):
+        set_seed(cfg.training.seed)
+    return Loaded(model, tokenizer, sampling, cfg.data.chat_template, cfg.data.system_prompt)
 
 
 def reply(loaded: Loaded, history: list[dict]) -> str:
     model = loaded.model  # a PeftModel generates as its base model does
+    if loaded.system_prompt and history[0]["role"] != "system":  # as the training rows got it (data/load.py)
+        history = [{"role": "system", "content": loaded.system_prompt}, *history]
     answers = generate(model, loaded.tokenizer, [history], loaded.sampling, 1, loaded.chat_template)  # type: ignore[arg-type]
     return answers[0]
 
