@@ -34,7 +34,7 @@ from tunewise.config.resolve import (
 )
 from tunewise.config.schema import TunewiseConfig
 from tunewise.data.build import DataBundle, build_data
-from tunewise.data.tokenize import TokenizeSettings
+from tunewise.data.tokenize import TokenizeSettings, resolve_chat_template
 from tunewise.eval.metrics import choose_task_metric, eval_loss, generate_answers, score
 from tunewise.infer.generate import SamplingSettings, prompt_messages
 from tunewise.models.adapters import (
@@ -193,6 +193,10 @@ def prepare(
     res = resolve_static(cfg, hardware, Path(config) if isinstance(config, str | Path) else None)
     model, tokenizer, model_dir, config_overrides = prepare_model(res.config)
     data = prepare_data(res.config, tokenizer)
+    if res.config.data.chat_template is not None and data.format != "text":
+        # The run directory's tokenizer (and so a merge of it, vLLM, apply_chat_template) renders
+        # conversations as training did, not with the template the model came with.
+        tokenizer.chat_template = resolve_chat_template(tokenizer, res.config.data.chat_template)
     steps = resolve_steps(res, len(data.train), world_size)
     trainable, total = count_parameters(model)
     pretrained = json.loads((model_dir / "config.json").read_text()).get("torch_dtype")

@@ -193,3 +193,32 @@ def test_a_seed_given_to_generate_makes_sampling_reproducible(run_dir: Path) -> 
     first, again = (answer(str(run_dir), user, [*sampled, "seed=5"]) for _ in range(2))
     other = answer(str(run_dir), user, [*sampled, "training.seed=6"])
     assert first == again and other != first
+
+
+def test_a_runs_chat_template_travels_with_its_tokenizer_into_the_merge(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """data.chat_template: zephyr. The run directory's tokenizer, and so its merge (and vLLM, or any
+    apply_chat_template), render conversations as training did, not with the base tokenizer's own template."""
+    from transformers import AutoTokenizer
+
+    from tunewise.data.tokenize import NAMED_TEMPLATES
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in tiny_chat_rows(8, seed=3)))
+    config = {
+        "model": {"model_name_or_path": str(tiny_model_dir)},
+        "data": {"dataset": str(data), "max_seq_length": 64, "chat_template": "zephyr"},
+        "training": {"output_dir": str(tmp_path / "run"), "max_steps": 1, "per_device_train_batch_size": 4},
+        "evaluation": {"task_metric": "none", "num_sample_prompts": 0},
+    }
+    run = Path(train(config)["output_dir"])
+    result = CliRunner().invoke(app, ["merge", str(run), "-o", str(tmp_path / "merged")])
+    assert result.exit_code == 0, result.output
+    conversation = tiny_chat_rows(1, seed=4)[0]["messages"]
+    base = AutoTokenizer.from_pretrained(tiny_model_dir).apply_chat_template(conversation, tokenize=False)
+    for folder in (run, tmp_path / "merged"):
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        assert tokenizer.chat_template == NAMED_TEMPLATES["zephyr"]
+        rendered = tokenizer.apply_chat_template(conversation, tokenize=False)
+        assert rendered.startswith("<|user|>") and rendered != base

@@ -183,7 +183,9 @@ _ENTRIES = [
         "replacing the tokenizer's own template; or a name: chatml, llama3 or zephyr.",
         hf="PreTrainedTokenizerBase.chat_template",
         why="null: use the tokenizer's template, which matches how the instruct model was trained.",
-        interactions="The adapter must be served with the same template it was trained with.",
+        interactions="The adapter must be served with the same template it was trained with: the run directory's "
+        "tokenizer carries it (tokenizer_config / chat_template.jinja), so `merge`, `generate` and other tools "
+        "that call apply_chat_template use it.",
         mistakes="Base models have no template; inventing one is fine, but use it again at inference.",
     ),
     _k(
