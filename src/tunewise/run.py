@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.markup import escape
 from transformers import PreTrainedTokenizerBase, set_seed
 
+from tunewise.card import model_card
 from tunewise.config.load import LOWER_IS_BETTER, ConfigError, Problem, dump_config, load_config
 from tunewise.config.resolve import (
     Hardware,
@@ -514,6 +515,7 @@ def train(
     summary |= {"eval_after": _public(after), "task_metric": after.get("_task_metric"), "samples": samples}
     if main:
         save_final(prep, output_dir)
+        writer.text("README.md", model_card(prep, summary, output_dir))  # in place of PEFT's empty template
         writer.text("summary.json", json.dumps(summary, indent=2))
         print_eval(console, "after training", after)
         print_samples(console, samples)

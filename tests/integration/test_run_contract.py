@@ -73,6 +73,37 @@ def test_run_directory_contract(trained: tuple[dict, dict]) -> None:
     assert "host memory: glibc malloc keeps freed blocks for reuse" in printed  # a CPU run on glibc
 
 
+def test_the_run_directory_has_a_model_card_of_its_own_numbers(trained: tuple[dict, dict]) -> None:
+    config, summary = trained
+    out = Path(config["training"]["output_dir"])
+    card = (out / "README.md").read_text()
+    assert "More Information Needed" not in card  # PEFT's empty template, replaced
+    front = yaml.safe_load(card.split("---")[1])
+    assert front == {
+        "base_model": config["model"]["model_name_or_path"],
+        "library_name": "peft",
+        "pipeline_tag": "text-generation",
+        "tags": ["tunewise", "lora"],
+    }
+    before, after = summary["eval_before"], summary["eval_after"]
+    assert f"| eval_loss | {before['eval_loss']:.4f} | {after['eval_loss']:.4f} |" in card
+    exact = f"| exact_match | {100 * before['exact_match']:.1f}% | {100 * after['exact_match']:.1f}% |"
+    assert exact in card
+    assert f"- {summary['total_steps']} optimizer steps (max_steps) of " in card
+    assert f"tunewise merge {out} --output {out}-merged" in card
+
+
+def test_a_full_fine_tunes_card_names_its_system_prompt(tiny_config: dict) -> None:
+    tiny_config["adapter"] = {"method": "full"}
+    tiny_config["data"]["system_prompt"] = 'Say "ok".'
+    tiny_config["training"] |= {"max_steps": 1, "learning_rate": 1e-5}
+    summary = train(tiny_config, console=QUIET)
+    card = (Path(summary["output_dir"]) / "README.md").read_text()
+    assert yaml.safe_load(card.split("---")[1])["library_name"] == "transformers"
+    assert "full fine-tuning (" in card and "tunewise merge" not in card  # nothing to merge
+    assert 'began with the system prompt "Say \\"ok\\".": send it first' in card
+
+
 def test_loss_falls_and_only_adapter_weights_change(trained: tuple[dict, dict], tiny_model_dir: Path) -> None:
     config, summary = trained
     out = Path(config["training"]["output_dir"])
