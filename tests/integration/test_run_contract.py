@@ -371,6 +371,17 @@ def test_cli_chat_and_generate_with_a_missing_model_fail_with_the_reason(tmp_pat
         assert result.exception is None or isinstance(result.exception, SystemExit)
 
 
+def test_cli_generate_refuses_a_setting_that_would_do_nothing(trained: tuple[dict, dict]) -> None:
+    out = trained[0]["training"]["output_dir"]
+    args = ["generate", "hi", "--model", out, "--set", "max_new_tokens=2", "--set", "learning_rate=1"]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "400"})
+    assert result.exit_code == 2, result.output
+    assert (
+        "training.learning_rate: does nothing when answering (generate and chat read generation.*"
+        in " ".join(result.output.split())
+    )
+
+
 def test_plan_for_a_gpu_run_measures_on_the_gpu_and_says_when_the_weights_do_not_fit(
     tiny_config: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:

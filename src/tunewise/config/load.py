@@ -242,6 +242,14 @@ def _line_map(node: yaml.Node | None, prefix: Loc, file: str, lines: dict[Loc, s
 # ------------------------------------------------------------------------------------------ overrides
 
 
+def override_path(item: str) -> str:
+    """The dotted config path a `--set KEY=VALUE` writes (`learning_rate=1` -> `training.learning_rate`)."""
+    loc = tuple(item.partition("=")[0].strip().split("."))
+    if loc[0] not in SECTIONS and loc[0] in all_keys():
+        loc = (all_keys()[loc[0]], *loc)
+    return ".".join(loc)
+
+
 def _apply_overrides(raw: dict[Any, Any], overrides: Iterable[str], sources: dict[Loc, str]) -> list[Problem]:
     """Write each `KEY=VALUE` into `raw`: KEY is `section.key`, a bare key, or deeper (`key.sub`)."""
     problems = []
@@ -252,9 +260,7 @@ def _apply_overrides(raw: dict[Any, Any], overrides: Iterable[str], sources: dic
             message = f"`{item}` is not KEY=VALUE (e.g. --set learning_rate=1e-4 or --set training.seed=1)"
             problems.append(Problem("--set", message, source="--set"))
             continue
-        loc = tuple(key.split("."))
-        if loc[0] not in SECTIONS and loc[0] in all_keys():
-            loc = (all_keys()[loc[0]], *loc)
+        loc = tuple(override_path(key).split("."))
         try:
             value = yaml.load(text, Loader=_Loader)  # _Loader is a SafeLoader
         except yaml.YAMLError as exc:

@@ -46,20 +46,29 @@ def load_generation_model(name_or_path: str) -> tuple[PreTrainedModel | PeftMode
     return load_model(model_dir), load_tokenizer(model_dir)
 
 
+# What generate and chat read from a config besides `generation.*`; a --set of anything else would do nothing.
+ANSWER_KEYS = ("data.chat_template", "data.system_prompt", "training.seed")
+
+
 def load_for_chat(name_or_path: str, overrides: list[str]) -> Loaded:
     """The model with the run's generation settings, chat template and system prompt (a run directory's
     config.yaml, else the defaults), `--set` overrides on top. `--set seed=N` makes sampling reproducible."""
-    from tunewise.config.load import load_config
+    from tunewise.config.load import ConfigError, Problem, load_config, override_path
 
     run_config = Path(name_or_path) / "config.yaml"
     cfg = load_config(run_config if run_config.is_file() else None, overrides)
+    paths = [override_path(item) for item in overrides]
+    if ignored := [p for p in paths if not p.startswith("generation.") and p not in ANSWER_KEYS]:
+        reads = "generation.*, " + ", ".join(ANSWER_KEYS)
+        why = f"does nothing when answering (generate and chat read {reads})"
+        raise ConfigError([Problem(path, why, source="--set") for path in ignored])
     g = cfg.generation
     sampling = SamplingSettings(
         g.max_new_tokens, g.do_sample, g.temperature, g.top_p, g.top_k, g.repetition_penalty
     )
     model, tokenizer = load_generation_model(name_or_path)
     # Only a seed given here: a run's config.yaml always holds one, which would make every sample the same.
-    if any(item.split("=", 1)[0].strip() in ("seed", "training.seed") for item in overrides):
+    if "training.seed" in paths:
         set_seed(cfg.training.seed)
     return Loaded(model, tokenizer, sampling, cfg.data.chat_template, cfg.data.system_prompt)
 
