@@ -7,10 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from tunewise.data.build import builtin_files
 from tunewise.eval.metrics import choose_task_metric, json_exact_match, score
-from tunewise.infer.generate import SamplingSettings, prompt_messages
+from tunewise.infer.generate import SamplingSettings, generate, prompt_messages, stop_token_ids
+from tunewise.testing import build_tiny_model, build_tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -80,3 +82,27 @@ def test_prompt_messages_split_at_the_last_answer() -> None:
         {"role": "assistant", "content": "d"},
     ]
     assert prompt_messages(chat) == (chat[:3], "d")
+
+
+def test_generation_stops_at_the_templates_end_of_turn_when_eos_is_another_token() -> None:
+    """A base model trained with data.chat_template: chatml keeps <|endoftext|> as EOS but ends its answers with
+    <|im_end|>: the answer stops there instead of running on into an invented next turn."""
+    tok = build_tiny_tokenizer()
+    tok.eos_token = "<|endoftext|>"
+    model = build_tiny_model(len(tok), eos_token_id=tok.eos_token_id)
+    end, letter = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("a")
+    forwards: list[int] = []
+
+    def steer(module: torch.nn.Module, args: object, logits: torch.Tensor) -> torch.Tensor:
+        """The first new token ends the turn; anything after it is a run of "a"."""
+        bias = torch.zeros_like(logits)
+        bias[..., letter if forwards else end] = 100.0
+        forwards.append(1)
+        return logits + bias
+
+    model.lm_head.register_forward_hook(steer)
+    user = [{"role": "user", "content": "hi"}]
+    assert generate(model, tok, [user], SamplingSettings(max_new_tokens=6), 1, "chatml") == [""]
+    assert len(forwards) == 1
+    assert stop_token_ids(model, tok, "{{ '<|im_end|>' }}") == [tok.eos_token_id, end]
+    assert stop_token_ids(model, tok, "{{ eos_token }}") == [tok.eos_token_id]  # no marker in the template

@@ -846,7 +846,9 @@ _ENTRIES = [
     # ------------------------------------------------------------------------------------- generation
     _k(
         "max_new_tokens",
-        what="The most tokens generated after the prompt; generation also stops at the end-of-sequence token.",
+        what="The most tokens generated after the prompt; generation also stops at the end-of-sequence token "
+        "and at the chat template's end-of-turn marker (<|im_end|>, <|eot_id|>, ...), which a base model "
+        "trained on a named template may not have as its EOS.",
         hf=_GC + "max_new_tokens",
         why="128: enough for short answers in samples and task metrics, bounded so evaluation stays quick.",
         mistakes="Too small for the task's answers: the task metric fails on truncated output.",

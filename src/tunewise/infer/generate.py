@@ -31,6 +31,27 @@ class SamplingSettings:
         }
 
 
+# End-of-turn markers of common chat templates (ChatML, Llama 3, Gemma, Phi-3). A model trained on such a template
+# ends its answers with the marker, which need not be the EOS of its tokenizer or generation config (a base model
+# trained with `data.chat_template: chatml` keeps <|endoftext|>): without it as a stop token, generation runs on
+# into an invented next turn, hidden by skip_special_tokens but still in the answer text.
+END_OF_TURN_MARKERS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
+
+
+def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, template: str) -> list[int]:
+    """The model's EOS ids (generation config, tokenizer) and the template's end-of-turn marker, if any."""
+    configured = model.generation_config.eos_token_id
+    ids = set(configured if isinstance(configured, list) else [configured])
+    ids.add(tokenizer.eos_token_id)
+    for marker in END_OF_TURN_MARKERS:
+        if (
+            marker in template
+            and len(pieces := tokenizer(marker, add_special_tokens=False)["input_ids"]) == 1
+        ):
+            ids.add(pieces[0])
+    return sorted(i for i in ids if i is not None)
+
+
 def prompt_messages(messages: list[dict]) -> tuple[list[dict], str]:
     """Split a conversation at its last assistant turn: (prompt turns, reference answer)."""
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
@@ -55,6 +76,7 @@ def generate(
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation appends on the right, so pads must be on the left
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stop_ids = stop_token_ids(model, tokenizer, chat_template)
     answers: list[str] = []
     try:
         for start in range(0, len(conversations), batch_size):
@@ -71,6 +93,7 @@ def generate(
                 **enc,
                 max_new_tokens=settings.max_new_tokens,
                 pad_token_id=pad_id,
+                eos_token_id=stop_ids,
                 **settings.generate_kwargs(),
             )
             new = out[:, enc["input_ids"].shape[1] :]
