@@ -37,7 +37,7 @@ from tunewise.config.schema import TunewiseConfig
 from tunewise.data.build import DataBundle, build_data
 from tunewise.data.tokenize import TokenizeSettings, resolve_chat_template
 from tunewise.eval.metrics import choose_task_metric, eval_loss, generate_answers, score
-from tunewise.infer.generate import SamplingSettings, prompt_messages
+from tunewise.infer.generate import SamplingSettings, prompt_messages, stop_at_end_of_turn
 from tunewise.models.adapters import (
     LoraSettings,
     apply_method,
@@ -333,7 +333,10 @@ def loop_settings(prep: Prepared) -> LoopSettings:
 
 
 def save_final(prep: Prepared, output_dir: Path) -> None:
-    """The final adapter in PEFT format (or the full model), with the tokenizer."""
+    """The final adapter in PEFT format (or the full model, its generation config stopping at the chat
+    template's end of turn, as a merge's does), with the tokenizer."""
+    if prep.config.adapter.method == "full":
+        stop_at_end_of_turn(prep.model, prep.tokenizer)
     prep.model.save_pretrained(output_dir)
     prep.tokenizer.save_pretrained(output_dir)
 

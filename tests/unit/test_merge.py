@@ -222,3 +222,37 @@ def test_a_runs_chat_template_travels_with_its_tokenizer_into_the_merge(
         assert tokenizer.chat_template == NAMED_TEMPLATES["zephyr"]
         rendered = tokenizer.apply_chat_template(conversation, tokenize=False)
         assert rendered.startswith("<|user|>") and rendered != base
+
+
+def test_a_base_model_trained_on_chatml_stops_at_its_end_of_turn_merged_or_fully_tuned(
+    tmp_path: Path,
+) -> None:
+    """A base model (EOS <|endoftext|>, no chat template) trained with data.chat_template: chatml: its merge's
+    generation config stops at <|im_end|> too, so transformers' generate or vLLM end the answer there."""
+    from transformers import GenerationConfig
+
+    from tunewise.testing import build_tiny_model, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.eos_token, tokenizer.chat_template = "<|endoftext|>", None
+    base = tmp_path / "base"
+    build_tiny_model(len(tokenizer), eos_token_id=tokenizer.eos_token_id).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in tiny_chat_rows(8, seed=3)))
+    config = {
+        "model": {"model_name_or_path": str(base)},
+        "data": {"dataset": str(data), "max_seq_length": 64, "chat_template": "chatml"},
+        "training": {"output_dir": str(tmp_path / "run"), "max_steps": 1, "per_device_train_batch_size": 4},
+        "evaluation": {"task_metric": "none", "num_sample_prompts": 0},
+    }
+    run = Path(train(config)["output_dir"])
+    merge_adapter(run, tmp_path / "merged")
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert GenerationConfig.from_pretrained(base).eos_token_id == tokenizer.eos_token_id
+    assert GenerationConfig.from_pretrained(tmp_path / "merged").eos_token_id == [tokenizer.eos_token_id, end]
+    # A full fine-tune writes its model itself: the same.
+    config["adapter"] = {"method": "full"}
+    config["training"] |= {"output_dir": str(tmp_path / "full"), "learning_rate": 1e-5}
+    full = Path(train(config)["output_dir"])
+    assert GenerationConfig.from_pretrained(full).eos_token_id == [tokenizer.eos_token_id, end]

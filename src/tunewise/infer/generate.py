@@ -52,6 +52,13 @@ def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, t
     return sorted(i for i in ids if i is not None)
 
 
+def stop_at_end_of_turn(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Put the tokenizer's end-of-turn marker in the model's generation config before it is saved, so other
+    tools (transformers' generate, vLLM) stop where `generate` here does."""
+    if isinstance(tokenizer.chat_template, str):
+        model.generation_config.eos_token_id = stop_token_ids(model, tokenizer, tokenizer.chat_template)
+
+
 def prompt_messages(messages: list[dict]) -> tuple[list[dict], str]:
     """Split a conversation at its last assistant turn: (prompt turns, reference answer)."""
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")

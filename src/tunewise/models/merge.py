@@ -18,6 +18,7 @@ import yaml
 from peft import PeftModel
 from transformers import BitsAndBytesConfig
 
+from tunewise.infer.generate import stop_at_end_of_turn
 from tunewise.models.adapters import quantization_config
 from tunewise.models.load import ModelLoadError, load_model, load_tokenizer, materialize, resolve_source
 
@@ -125,7 +126,9 @@ def merge_adapter(
         )
     model = load_model(found.model_dir, dtype="float32", trust_remote_code=found.trust_remote_code)
     merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
-    merged.to(getattr(torch, dtype)).save_pretrained(output_dir)  # config (its dtype too), safetensors
     tokenizer_dir = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else found.model_dir
-    load_tokenizer(tokenizer_dir, found.trust_remote_code).save_pretrained(output_dir)
+    tokenizer = load_tokenizer(tokenizer_dir, found.trust_remote_code)
+    stop_at_end_of_turn(merged, tokenizer)
+    merged.to(getattr(torch, dtype)).save_pretrained(output_dir)  # config (its dtype too), safetensors
+    tokenizer.save_pretrained(output_dir)
     return MergeResult(output_dir, found, notes)
