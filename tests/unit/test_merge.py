@@ -195,6 +195,18 @@ def test_a_seed_given_to_generate_makes_sampling_reproducible(run_dir: Path) -> 
     assert first == again and other != first
 
 
+def one_step_run(model_dir: Path, chat_template: str, folder: Path) -> dict:
+    """A one-step LoRA run of `model_dir` on 8 chat rows rendered with `chat_template`, written to folder/run."""
+    data = folder / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in tiny_chat_rows(8, seed=3)))
+    return {
+        "model": {"model_name_or_path": str(model_dir)},
+        "data": {"dataset": str(data), "max_seq_length": 64, "chat_template": chat_template},
+        "training": {"output_dir": str(folder / "run"), "max_steps": 1, "per_device_train_batch_size": 4},
+        "evaluation": {"task_metric": "none", "num_sample_prompts": 0},
+    }
+
+
 def test_a_runs_chat_template_travels_with_its_tokenizer_into_the_merge(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -204,15 +216,7 @@ def test_a_runs_chat_template_travels_with_its_tokenizer_into_the_merge(
 
     from tunewise.data.tokenize import NAMED_TEMPLATES
 
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in tiny_chat_rows(8, seed=3)))
-    config = {
-        "model": {"model_name_or_path": str(tiny_model_dir)},
-        "data": {"dataset": str(data), "max_seq_length": 64, "chat_template": "zephyr"},
-        "training": {"output_dir": str(tmp_path / "run"), "max_steps": 1, "per_device_train_batch_size": 4},
-        "evaluation": {"task_metric": "none", "num_sample_prompts": 0},
-    }
-    run = Path(train(config)["output_dir"])
+    run = Path(train(one_step_run(tiny_model_dir, "zephyr", tmp_path))["output_dir"])
     result = CliRunner().invoke(app, ["merge", str(run), "-o", str(tmp_path / "merged")])
     assert result.exit_code == 0, result.output
     conversation = tiny_chat_rows(1, seed=4)[0]["messages"]
@@ -238,14 +242,7 @@ def test_a_base_model_trained_on_chatml_stops_at_its_end_of_turn_merged_or_fully
     base = tmp_path / "base"
     build_tiny_model(len(tokenizer), eos_token_id=tokenizer.eos_token_id).save_pretrained(base)
     tokenizer.save_pretrained(base)
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in tiny_chat_rows(8, seed=3)))
-    config = {
-        "model": {"model_name_or_path": str(base)},
-        "data": {"dataset": str(data), "max_seq_length": 64, "chat_template": "chatml"},
-        "training": {"output_dir": str(tmp_path / "run"), "max_steps": 1, "per_device_train_batch_size": 4},
-        "evaluation": {"task_metric": "none", "num_sample_prompts": 0},
-    }
+    config = one_step_run(base, "chatml", tmp_path)
     run = Path(train(config)["output_dir"])
     merge_adapter(run, tmp_path / "merged")
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
