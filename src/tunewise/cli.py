@@ -43,6 +43,14 @@ SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override a key: KEY=VALUE, e.g. --set learning_rate=1e-4 (repeatable)."),
 ]
+AnswerSetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        help="Override a generation setting: KEY=VALUE, e.g. --set temperature=0.7 (repeatable; generation.*, "
+        "system_prompt, chat_template, seed).",
+    ),
+]
 
 
 def _fail(exc: Exception) -> None:
@@ -162,7 +170,7 @@ def generate(
     model: Annotated[
         str, typer.Option(help="Base model, run directory or adapter.")
     ] = "smollm2-135m-instruct",
-    set_: SetOpt = None,
+    set_: AnswerSetOpt = None,
 ) -> None:
     """Answer one prompt with a base model, a run's adapter or a merged model."""
     from tunewise.infer.chat import answer
@@ -178,7 +186,7 @@ def chat(
     model: Annotated[
         str, typer.Option(help="Base model, run directory or adapter.")
     ] = "smollm2-135m-instruct",
-    set_: SetOpt = None,
+    set_: AnswerSetOpt = None,
 ) -> None:
     """A simple interactive chat (empty line or Ctrl-D quits)."""
     from tunewise.infer.chat import load_for_chat, reply
