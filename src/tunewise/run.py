@@ -480,8 +480,7 @@ def train(
                 progress,
             )
         except TrainingOutOfMemory as error:
-            error.advice, sets = out_of_memory_advice(cfg, error.tokens, evaluation=error.in_evaluation)
-            error.resume_command = resume_command(config, [*overrides, *sets]) if sets else None
+            advise(error, cfg, config, overrides)
             raise
     train_seconds = time.perf_counter() - started
     summary = {
@@ -546,9 +545,16 @@ def final_evaluation(
     clear_device_cache(garbage_collection=True)
     where = f"the evaluation after training (step {step})"
     stopped = TrainingOutOfMemory(failure, where, 0, step, str(accelerator.device))
-    stopped.advice, sets = out_of_memory_advice(prep.config, 0, evaluation=True)
-    stopped.resume_command = resume_command(config, [*overrides, *sets]) if sets else None
+    advise(stopped, prep.config, config, overrides)
     raise stopped
+
+
+def advise(
+    error: TrainingOutOfMemory, cfg: TunewiseConfig, config: object, overrides: list[str] | tuple[str, ...]
+) -> None:
+    """Fill in the fixes for this config and the command that resumes with the first one a resume accepts."""
+    error.advice, sets = out_of_memory_advice(cfg, error.tokens, evaluation=error.in_evaluation)
+    error.resume_command = resume_command(config, [*overrides, *sets]) if sets else None
 
 
 def resume_command(config: object, overrides: list[str] | tuple[str, ...]) -> str:

@@ -189,19 +189,21 @@ def _improved(value: float, best: float | None, greater: bool, threshold: float)
     return value > best + threshold if greater else value < best - threshold
 
 
-def any_process(accelerator: Accelerator, *flags: bool) -> list[bool]:
-    """Each flag, true where it is true on any process (one collective for all of them)."""
+def global_counts(accelerator: Accelerator, *values: int) -> list[int]:
+    """Each value summed over the processes, in one collective for all of them."""
     if accelerator.num_processes == 1:
-        return list(flags)
-    counts = torch.tensor([int(f) for f in flags], device=accelerator.device, dtype=torch.long)
-    return [bool(c) for c in accelerator.reduce(counts, reduction="sum").tolist()]
+        return list(values)
+    t = torch.tensor(values, device=accelerator.device, dtype=torch.long)
+    return [int(v) for v in accelerator.reduce(t, reduction="sum").tolist()]
 
 
 def global_count(accelerator: Accelerator, value: int) -> int:
-    if accelerator.num_processes == 1:
-        return value
-    t = torch.tensor([value], device=accelerator.device, dtype=torch.long)
-    return int(accelerator.reduce(t, reduction="sum").item())
+    return global_counts(accelerator, value)[0]
+
+
+def any_process(accelerator: Accelerator, *flags: bool) -> list[bool]:
+    """Each flag, true where it is true on any process."""
+    return [count > 0 for count in global_counts(accelerator, *map(int, flags))]
 
 
 def train_step(
