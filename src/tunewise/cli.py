@@ -59,11 +59,12 @@ def _fail(exc: Exception) -> None:
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    from tunewise.config.load import ConfigError
+    from tunewise.config.problems import ConfigError
     from tunewise.data.load import DataError
     from tunewise.models.load import ModelLoadError
     from tunewise.training.checkpoint import CheckpointError
-    from tunewise.training.loop import NonFiniteError, TrainingOutOfMemory
+    from tunewise.training.loop import NonFiniteError
+    from tunewise.training.memory import TrainingOutOfMemory
     from tunewise.training.resume import ResumeError
 
     return (

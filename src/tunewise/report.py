@@ -47,7 +47,7 @@ def plan_lints(
     bytes, the device's, and the error if the largest micro-batch's forward ran out (`activation_memory`);
     `token_budget`: a max_tokens_per_micro_batch that fits (`fitting_token_budget`)."""
     from tunewise.config.lints import PlanFacts, lint
-    from tunewise.config.load import check_config
+    from tunewise.config.rules import check_config
 
     cfg, t, steps = prep.config, prep.config.training, prep.steps
     pretrained = getattr(getattr(prep.model, "config", None), "dtype", None)
@@ -185,8 +185,9 @@ def activation_memory(prep: Prepared, largest: LargestMicroBatch | None, static_
 
     from tunewise.models.activations import saved_for_backward
     from tunewise.run import loop_settings
-    from tunewise.training.loop import catch_out_of_memory, collate_micro_batch, make_collate
+    from tunewise.training.loop import collate_micro_batch, make_collate
     from tunewise.training.loss import CausalLMLoss
+    from tunewise.training.memory import catch_out_of_memory
 
     device, problem = next(prep.model.parameters()).device, None
     if largest is not None and prep.hardware.device_type == "cuda" and device.type == "cpu":

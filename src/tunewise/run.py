@@ -24,7 +24,8 @@ from rich.markup import escape
 from transformers import PreTrainedTokenizerBase, set_seed
 
 from tunewise.card import model_card
-from tunewise.config.load import LOWER_IS_BETTER, ConfigError, Problem, dump_config, load_config
+from tunewise.config.load import dump_config, load_config
+from tunewise.config.problems import ConfigError, Problem
 from tunewise.config.resolve import (
     Hardware,
     Resolution,
@@ -33,6 +34,7 @@ from tunewise.config.resolve import (
     resolve_static,
     resolve_steps,
 )
+from tunewise.config.rules import LOWER_IS_BETTER
 from tunewise.config.schema import TunewiseConfig
 from tunewise.data.build import DataBundle, build_data
 from tunewise.data.tokenize import TokenizeSettings, resolve_chat_template
@@ -55,26 +57,23 @@ from tunewise.models.fast import (
 from tunewise.models.kernels import bf16_kernel_runs, cpu_attention_ops, cpu_has_bf16_matmuls
 from tunewise.models.load import load_model, load_tokenizer, materialize, model_overrides, resolve_source
 from tunewise.training.host_memory import set_host_memory
-from tunewise.training.loop import (
-    Hooks,
-    LoopSettings,
-    LoopState,
-    NonFiniteError,
+from tunewise.training.loop import Hooks, LoopSettings, LoopState, fit
+from tunewise.training.loss import CausalLMLoss
+from tunewise.training.memory import (
     TrainingOutOfMemory,
     catch_out_of_memory,
-    fit,
+    out_of_memory_advice,
     peak_memory_bytes,
 )
-from tunewise.training.loss import CausalLMLoss
 from tunewise.training.optim import build_optimizer
 from tunewise.training.progress import EvalBars, TrainProgress
 from tunewise.training.resume import (
     GracefulStop,
     RunCheckpointer,
     find_resume_checkpoint,
-    load_model_tensors,
+    load_best,
     restore,
-    scale_learning_rate,
+    roll_back,
     set_aside_earlier_run,
 )
 from tunewise.training.schedule import build_scheduler
@@ -574,102 +573,6 @@ def print_resume_command(
         + escape(resume_command(config, overrides)),
         soft_wrap=True,
     )
-
-
-def out_of_memory_advice(
-    cfg: TunewiseConfig, tokens: int, evaluation: bool = False
-) -> tuple[list[str], list[str]]:
-    """What to change after running out of memory at a micro-batch of `tokens` tokens (or in an evaluation):
-    the advice, and as `--set` overrides the first change that a resume accepts (training/resume.py:
-    RESUMABLE_CHANGES)."""
-    t, d = cfg.training, cfg.data
-    advice: list[str] = []
-    sets: list[str] = []
-    if evaluation:
-        batch = t.per_device_eval_batch_size
-        if batch > 1:
-            advice.append(
-                f"training.per_device_eval_batch_size: {batch // 2} (now {batch}; evaluation only: the same "
-                "metrics, and a resume accepts it)"
-            )
-            sets.append(f"training.per_device_eval_batch_size={batch // 2}")
-        advice.append(
-            f"a lower generation.max_new_tokens (now {cfg.generation.max_new_tokens}): the task metric's "
-            "answers keep a key/value cache that grows with it"
-        )
-        return advice, sets
-    if d.packing:
-        # Half the failed micro-batch, on the pad multiple, never below the longest example.
-        multiple = d.pad_to_multiple_of or 1
-        budget = max(d.max_seq_length, tokens // 2 // multiple * multiple)
-        if budget < tokens:
-            advice.append(
-                f"training.max_tokens_per_micro_batch: {budget} (packed rows of at most that many tokens: the "
-                "same steps, gradients and loss; a resume accepts it)"
-            )
-            sets.append(f"training.max_tokens_per_micro_batch={budget}")
-    else:
-        advice.append(
-            "data.packing: true with training.max_tokens_per_micro_batch (no pads, and a bound on a "
-            "micro-batch's tokens whatever lengths are drawn; a new run)"
-        )
-    if not t.gradient_checkpointing:
-        advice.append(
-            "training.gradient_checkpointing: true (activations recomputed in the backward: the same gradients "
-            "for ~30% more compute; a resume accepts it)"
-        )
-        sets = sets or ["training.gradient_checkpointing=true"]
-    advice.append(
-        f"a smaller training.per_device_train_batch_size (now {t.per_device_train_batch_size}) and a larger "
-        "gradient_accumulation_steps for the same effective batch (other micro-batches: a new run)"
-    )
-    advice.append(f"a lower data.max_seq_length (now {d.max_seq_length}; longer examples are truncated)")
-    return advice, sets
-
-
-def load_best(model: torch.nn.Module, path: Path) -> None:
-    from tunewise.training.checkpoint import load_checkpoint
-
-    load_model_tensors(model, load_checkpoint(path).model_tensors)
-
-
-def roll_back(
-    state: LoopState,
-    checkpointer: RunCheckpointer,
-    accelerator: Accelerator,
-    config_yaml: str,
-    console: Console | None,
-) -> LoopState:
-    """nonfinite_policy: rollback: back to the newest checkpoint, with half the learning rate."""
-    from tunewise.training.checkpoint import find_latest_valid
-
-    latest = find_latest_valid(checkpointer.output_dir).path
-    if latest is None:
-        raise NonFiniteError(
-            f"{state.consecutive_nonfinite} consecutive non-finite steps and no checkpoint to roll back to yet; "
-            "set training.save_steps (or a shorter training.save_minutes) so one exists, or lower "
-            "training.learning_rate"
-        )
-    rollbacks = state.rollbacks + 1
-    restored, _ = restore(
-        latest,
-        model=checkpointer.model,
-        optimizer=checkpointer.optimizer,
-        scheduler=checkpointer.scheduler,
-        current_config_yaml=config_yaml,
-        scaler=accelerator.scaler,
-    )
-    factor = 0.5**rollbacks
-    # Fix (test_crash_safety.py): a checkpoint saved after an earlier rollback already holds its lower
-    # rate; scaling by the whole factor again gave x0.125 at the second rollback instead of x0.25.
-    scale_learning_rate(
-        checkpointer.optimizer, checkpointer.scheduler, 0.5 ** (rollbacks - restored.rollbacks)
-    )
-    restored.rollbacks = rollbacks
-    restored.skipped_steps = state.skipped_steps
-    if console:
-        console.print(f"[yellow]rolled back[/] to {latest.name}; learning rate x{factor}")
-    return restored
 
 
 def _public(metrics: dict) -> dict:

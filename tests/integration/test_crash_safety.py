@@ -43,7 +43,7 @@ from tunewise import run
 from tunewise.cli import app
 from tunewise.config import schema
 from tunewise.testing import tiny_chat_rows
-from tunewise.training import checkpoint, loop
+from tunewise.training import checkpoint, loop, memory
 from tunewise.training import resume as resume_module
 from tunewise.training.checkpoint import list_checkpoints, load_checkpoint, verify_checkpoint
 from tunewise.training.loop import LoopState, _note_overflow
@@ -826,19 +826,19 @@ def test_out_of_memory_advice_for_packed_rows() -> None:
     cfg = schema.TunewiseConfig.model_validate(
         {"data": {"packing": True, "max_seq_length": 512, "pad_to_multiple_of": 64}}
     )
-    advice, sets = run.out_of_memory_advice(cfg, 3000)
+    advice, sets = memory.out_of_memory_advice(cfg, 3000)
     assert sets == ["training.max_tokens_per_micro_batch=1472"]  # 1500 down to a multiple of 64
     assert advice[0].startswith("training.max_tokens_per_micro_batch: 1472")
     assert any("gradient_checkpointing: true" in line for line in advice)
-    assert run.out_of_memory_advice(cfg, 700)[1] == ["training.max_tokens_per_micro_batch=512"]
-    advice, sets = run.out_of_memory_advice(cfg, 512)
+    assert memory.out_of_memory_advice(cfg, 700)[1] == ["training.max_tokens_per_micro_batch=512"]
+    advice, sets = memory.out_of_memory_advice(cfg, 512)
     assert sets == ["training.gradient_checkpointing=true"]
     assert not any("max_tokens_per_micro_batch" in line for line in advice)
     # Nothing left that a resume accepts: no resume command, and the message says what instead.
     padded = schema.TunewiseConfig.model_validate({"training": {"gradient_checkpointing": True}})
-    advice, sets = run.out_of_memory_advice(padded, 4096)
+    advice, sets = memory.out_of_memory_advice(padded, 4096)
     assert sets == [] and advice[0].startswith("data.packing: true")
-    error = loop.TrainingOutOfMemory("CUDA out of memory.", "step 9", 4096, 8, "cuda:0")
+    error = memory.TrainingOutOfMemory("CUDA out of memory.", "step 9", 4096, 8, "cuda:0")
     error.advice = advice
     assert says(str(error), "Step 8 is saved in checkpoint-8")
     assert says(str(error), "`--resume --force-resume` continues approximately")
@@ -847,10 +847,10 @@ def test_out_of_memory_advice_for_packed_rows() -> None:
 def test_out_of_memory_is_recognised_by_type_or_by_the_cpu_allocators_message() -> None:
     with pytest.raises(RuntimeError) as failed:
         torch.empty(2**50, dtype=torch.uint8)  # a real failed CPU allocation: a plain RuntimeError
-    assert loop.is_out_of_memory(failed.value)
-    assert loop.is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory."))
-    assert not loop.is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
-    assert not loop.is_out_of_memory(ValueError("out of memory"))
+    assert memory.is_out_of_memory(failed.value)
+    assert memory.is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory."))
+    assert not memory.is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not memory.is_out_of_memory(ValueError("out of memory"))
 
 
 def test_truncating_metrics_survives_a_torn_last_line(tmp_path: Path) -> None:

@@ -75,8 +75,8 @@ def test_a_real_gpu_out_of_memory_saves_the_last_step_and_the_run_resumes(
     """Step 5's first micro-batch asks the caching allocator for 16 TiB: torch's own OutOfMemoryError. Step 4 is
     saved (CUDA random state included), the error names the fixes, and the resumed run finishes as the
     uninterrupted one (within bf16 and GPU kernel noise)."""
-    from tunewise.training.loop import TrainingOutOfMemory
     from tunewise.training.loss import CausalLMLoss
+    from tunewise.training.memory import TrainingOutOfMemory
 
     tiny_config["data"]["packing"] = True
     tiny_config["training"] |= {"max_steps": 8, "memory_check": False}

@@ -33,7 +33,7 @@ from transformers import EarlyStoppingCallback, Trainer, TrainerControl, Trainer
 from transformers.trainer_utils import SaveStrategy
 
 import tunewise.run
-from tunewise.config.load import ConfigError
+from tunewise.config.problems import ConfigError
 from tunewise.config.resolve import Hardware, choose_precision
 from tunewise.data.collate import collate_padded, iterate_batches
 from tunewise.data.tokenize import IGNORE

@@ -11,15 +11,11 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tunewise.config import load as load_module
-from tunewise.config.load import (
-    ConfigError,
-    Problem,
-    check_config,
-    dump_config,
-    load_config,
-    user_set_paths,
-)
+from tunewise.config import problems as problems_module
+from tunewise.config import rules as rules_module
+from tunewise.config.load import _Loader, dump_config, load_config, user_set_paths
+from tunewise.config.problems import ConfigError, Problem
+from tunewise.config.rules import check_config
 from tunewise.config.schema import SECTIONS, TunewiseConfig, all_keys
 
 
@@ -146,8 +142,8 @@ def test_non_string_keys(tmp_path: Path) -> None:
 
 def test_other_tools_names_point_to_real_keys_and_shadow_none() -> None:
     keys = all_keys()
-    assert {alias: target for alias, target in load_module.ALIASES.items() if target not in keys} == {}
-    assert [alias for alias in load_module.ALIASES if alias in keys or alias in SECTIONS] == []
+    assert {alias: target for alias, target in problems_module.ALIASES.items() if target not in keys} == {}
+    assert [alias for alias in problems_module.ALIASES if alias in keys or alias in SECTIONS] == []
 
 
 @pytest.mark.parametrize(
@@ -574,7 +570,7 @@ def test_metric_rules() -> None:
 def test_dora_on_quantised_base_needs_recent_peft(monkeypatch: pytest.MonkeyPatch) -> None:
     raw = {"adapter": {"method": "qlora", "use_dora": True}}
     assert checks(raw) == []  # the installed peft supports QDoRA
-    monkeypatch.setattr(load_module, "peft_version", lambda: (0, 9, 0))
+    monkeypatch.setattr(rules_module, "peft_version", lambda: (0, 9, 0))
     assert checks(raw) == [
         (
             "error",
@@ -662,7 +658,7 @@ _FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthC
 def test_property_mutated_dicts_load_or_report(raw: dict[Any, Any]) -> None:
     cfg = _assert_loads_or_reports(raw)
     if cfg is not None:  # whatever loads also survives a dump/load round trip
-        assert load_config(yaml.load(dump_config(cfg), Loader=load_module._Loader)) == cfg
+        assert load_config(yaml.load(dump_config(cfg), Loader=_Loader)) == cfg
 
 
 @_FAST

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig
 
-from tunewise.config.load import ConfigError, load_config
+from tunewise.config.load import load_config
+from tunewise.config.problems import ConfigError
 from tunewise.config.resolve import Hardware, resolve_static
 from tunewise.models.load import ModelLoadError, materialize, model_overrides, resolve_source
 

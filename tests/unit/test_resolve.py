@@ -136,7 +136,8 @@ def test_user_warmup_ratio_is_hf_ceil() -> None:
 
 
 def test_resolved_config_reloads_without_warnings_about_ignored_keys() -> None:
-    from tunewise.config.load import check_config, dump_config
+    from tunewise.config.load import dump_config
+    from tunewise.config.rules import check_config
 
     res = resolve_static(load_config({"training": {"metric_for_best_model": "eval_perplexity"}}), AMPERE)
     again = load_config(__import__("yaml").safe_load(dump_config(res.config)))

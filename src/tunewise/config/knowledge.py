@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.padding import Padding
 from rich.table import Table
 
-from tunewise.config.load import show, suggest
+from tunewise.config.problems import show, suggest
 from tunewise.config.schema import SECTIONS, all_keys, field_doc
 
 

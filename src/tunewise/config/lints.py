@@ -1,7 +1,7 @@
 """Lints on a resolved plan: settings that are legal but probably not what the user wants.
 
-Unlike ``check_config`` (rules on the config as written), lints see resolved numbers (total steps,
-the learning rate auto picked, the device), so they run after resolution and never stop a run.
+Unlike the rules of config/rules.py (on the config as written), lints see resolved numbers (total steps, the
+learning rate auto picked, the device), so they run after resolution and never stop a run.
 """
 
 from __future__ import annotations

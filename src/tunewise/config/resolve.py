@@ -15,7 +15,9 @@ from typing import Any
 
 import torch
 
-from tunewise.config.load import LOWER_IS_BETTER, ConfigError, Problem, user_set_paths
+from tunewise.config.load import user_set_paths
+from tunewise.config.problems import ConfigError, Problem
+from tunewise.config.rules import LOWER_IS_BETTER
 from tunewise.config.schema import DEFAULT_EFFECTIVE_BATCH_SIZE, TunewiseConfig
 from tunewise.models.kernels import cpu_has_bf16_matmuls
 from tunewise.training.schedule import StepPlan, compute_step_plan, resolve_interval, resolve_warmup_steps

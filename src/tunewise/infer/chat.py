@@ -53,7 +53,8 @@ ANSWER_KEYS = ("data.chat_template", "data.system_prompt", "training.seed")
 def load_for_chat(name_or_path: str, overrides: list[str]) -> Loaded:
     """The model with the run's generation settings, chat template and system prompt (a run directory's
     config.yaml, else the defaults), `--set` overrides on top. `--set seed=N` makes sampling reproducible."""
-    from tunewise.config.load import ConfigError, Problem, load_config, override_path
+    from tunewise.config.load import load_config, override_path
+    from tunewise.config.problems import ConfigError, Problem
 
     run_config = Path(name_or_path) / "config.yaml"
     cfg = load_config(run_config if run_config.is_file() else None, overrides)

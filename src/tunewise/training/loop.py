@@ -10,19 +10,17 @@ from __future__ import annotations
 
 import logging
 import math
-import resource
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import partial
-from typing import TypeVar
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
+from accelerate.utils.memory import clear_device_cache
 
-from tunewise.config.load import ConfigError, Problem
+from tunewise.config.problems import ConfigError, Problem
 from tunewise.data.collate import (
     batch_indices,
     batch_tensor_tokens,
@@ -35,10 +33,16 @@ from tunewise.data.collate import (
 )
 from tunewise.data.tokenize import IGNORE
 from tunewise.training.checkpoint import CheckpointError, capture_rng_state, restore_rng_state
+from tunewise.training.memory import (
+    TrainingOutOfMemory,
+    catch_out_of_memory,
+    first_line,
+    memory_check_line,
+    peak_memory_bytes,
+)
 from tunewise.training.progress import TrainProgress
 
 log = logging.getLogger("tunewise")
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -418,68 +422,8 @@ def fit(
                 accelerator, loss_module, optimizer, train_dataset, settings, lengths, state, hooks, ran
             )
             if progress:
-                progress.note(_memory_check_line(state.memory_check, accelerator.device))
+                progress.note(memory_check_line(state.memory_check, accelerator.device))
     return state
-
-
-class TrainingOutOfMemory(RuntimeError):
-    """A micro-batch did not fit in memory; says which, what was saved, and (`advice`) what to change."""
-
-    def __init__(self, detail: str, where: str, tokens: int, saved_step: int | None, device: str) -> None:
-        super().__init__(detail)
-        self.detail, self.where, self.tokens = detail, where, tokens
-        self.saved_step, self.device = saved_step, device
-        self.advice: list[str] = []  # filled by the caller, who knows the config
-        self.resume_command: str | None = None
-
-    @property
-    def in_evaluation(self) -> bool:
-        """An evaluation ran out (its batches are not counted: no tokens), not a training step."""
-        return not self.tokens
-
-    def __str__(self) -> str:
-        head = f"Out of memory on {self.device} in {self.where}"
-        if self.tokens:  # a training micro-batch (an evaluation's batches are not counted)
-            head += f", at a micro-batch of {self.tokens:,} tokens (padding included)"
-        lines = [f"{head}: {self.detail}"]
-        if self.saved_step:
-            lines.append(
-                f"Step {self.saved_step} is saved in checkpoint-{self.saved_step}: no finished step is lost."
-            )
-        if self.advice:
-            lines.append("To fit it:")
-            lines += [f"  - {line}" for line in self.advice]
-        if self.saved_step and self.resume_command:
-            lines.append(f"Then continue with:\n  {self.resume_command}")
-        elif self.saved_step:
-            lines.append(
-                "None of these keeps the run's micro-batches and gradients as they were, so `--resume` refuses "
-                "them: `--resume --force-resume` continues approximately (docs/checkpoints.md), or start afresh."
-            )
-        return "\n".join(lines)
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    """The allocator's out-of-memory on any device, torch's error or a failed CPU allocation (a plain RuntimeError),
-    as accelerate recognises it for `find_executable_batch_size`."""
-    return isinstance(error, torch.OutOfMemoryError) or (
-        isinstance(error, Exception) and should_reduce_batch_size(error)
-    )
-
-
-def catch_out_of_memory(work: Callable[[], T]) -> tuple[T | None, str | None]:
-    """(work(), None), or (None, the out-of-memory's first line); any other error goes on. A call of its own, so
-    the failed work's frames, and the tensors they hold, are freed by the time the caller handles it."""
-    try:
-        return work(), None
-    except Exception as error:
-        if not is_out_of_memory(error):
-            raise
-        return None, _first_line(error)
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _out_of_memory(
@@ -520,7 +464,7 @@ def _save_last_step(
     try:
         hooks.save(state)
     except (CheckpointError, OSError, RuntimeError) as error:  # the first error is the one to report
-        log.error("could not save step %d before stopping: %s", state.step, _first_line(error))
+        log.error("could not save step %d before stopping: %s", state.step, first_line(error))
         return None
     return state.step
 
@@ -570,18 +514,6 @@ def check_memory(
     }
 
 
-def _memory_check_line(check: dict, device: torch.device) -> str:
-    peak = f"{check['peak_memory_bytes'] / 2**30:.2f}"
-    if device.type == "cuda":
-        peak += f" of {torch.cuda.get_device_properties(device).total_memory / 2**30:.1f}"
-    tokens = f"{check['largest_micro_batch_tokens']:,} tokens"
-    if check["ran"]:
-        return f"memory check: the run's largest micro-batch ({tokens}, step {check['step']}) fits; peak {peak} GiB"
-    return (
-        f"memory check: step {check['step']} held the run's largest micro-batch ({tokens}); peak {peak} GiB"
-    )
-
-
 def _forward_backward(
     accelerator: Accelerator, loss_module: torch.nn.Module, batch: dict[str, torch.Tensor]
 ) -> None:
@@ -590,13 +522,6 @@ def _forward_backward(
         summed = loss_module(**{k: v.to(accelerator.device) for k, v in batch.items()})
         if summed.requires_grad:
             accelerator.backward(summed * 0.0)
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    """The process's peak so far: allocated on the GPU, resident on CPU."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def _refuse_silent_fp32(accelerator: Accelerator) -> None:
