@@ -212,6 +212,14 @@ def test_json_wrapper_object_and_json_lines_named_json() -> None:
     ]
 
 
+def test_a_json_file_holding_one_row_is_that_row_not_a_wrapper() -> None:
+    # {"messages": [...]} has one key holding a list, like the wrapper {"data": [...]}; its key is a format's
+    Path("one.json").write_text(json.dumps({"messages": [user("hi"), assistant("yo")]}))
+    ds, report = load("one.json")
+    assert ds.to_list() == [{"messages": [user("hi"), assistant("yo")], "source": "one.json:row 0"}]
+    assert report.format == "chat"
+
+
 def test_blank_lines_are_skipped_and_line_numbers_stay_true() -> None:
     write_lines("d.jsonl", ["", json.dumps({"text": "a"}), "   ", json.dumps({"text": "b"})])
     ds, _ = load("d.jsonl")
@@ -451,6 +459,58 @@ def test_bad_csv_cell_names_line_and_column() -> None:
         load("c.csv")
     assert "  c.csv:2: field 'messages' has no assistant turn" in str(error.value)
     assert "  c.csv:3: field 'messages' must hold a JSON array of turns (Expecting value" in str(error.value)
+
+
+def test_csv_row_with_more_cells_than_the_header_is_a_bad_row() -> None:
+    # an unquoted comma splits a text in two; the second half used to vanish without a word
+    Path("c.csv").write_text("prompt,completion\nWhat is 2+2?,It is 4, obviously.\nHi,Hello\n")
+    problem = (
+        "c.csv:2: has 1 more cell than the header (2 columns: prompt, completion); is there an unquoted "
+        "comma in a text? Put texts with commas in double quotes"
+    )
+    with pytest.raises(DataError) as error:
+        load("c.csv")
+    assert str(error.value).splitlines()[:2] == ["Bad rows: 1 of 2 (1 extra cells):", f"  {problem}"]
+    ds, report = load("c.csv", bad_rows="skip")
+    assert ds["source"] == ["c.csv:3"] and report.examples == [problem]
+    Path("q.csv").write_text('prompt,completion\nWhat is 2+2?,"It is 4, obviously."\n')
+    assert load("q.csv")[0]["messages"][0][1] == assistant("It is 4, obviously.")
+
+
+def test_csv_records_are_named_by_the_line_they_start_on() -> None:
+    Path("m.csv").write_text('prompt,completion\n"line one\nline two",\n\nq,a\n"open\nnever closed,x\n')
+    with pytest.raises(DataError) as error:
+        load("m.csv")
+    assert str(error.value).startswith(
+        "m.csv:6: cannot read CSV (unexpected end of data, in the record on lines 6-7)."
+    )
+    Path("m.csv").write_text('prompt,completion\n"line one\nline two",\n\nq,a\n')
+    _, report = load("m.csv", bad_rows="skip")
+    assert report.examples == ["m.csv:2: field 'completion' is empty"]
+
+
+@pytest.mark.parametrize("bad_rows", ["error", "skip"])
+def test_a_bad_first_row_is_a_bad_row_not_an_unknown_format(bad_rows: str) -> None:
+    write_jsonl("first.jsonl", [{"prompt": "q"}, {"prompt": "p", "completion": "c"}])
+    Path("first.csv").write_text("prompt,completion\nq\np,c\n")
+    for name, line in [("first.jsonl", 1), ("first.csv", 2)]:
+        problem = f"{name}:{line}: field 'completion' is missing"
+        if bad_rows == "error":
+            with pytest.raises(DataError, match=f"Bad rows: 1 of 2 \\(1 missing field\\):\n  {problem}"):
+                load(name)
+            continue
+        ds, report = load(name, bad_rows="skip")
+        assert (len(ds), report.format, report.examples) == (1, "prompt_completion", [problem])
+
+
+def test_a_file_where_no_row_has_a_formats_columns_shows_the_first_rows() -> None:
+    write_jsonl("qa.jsonl", [{"question": "q"}, {"question": "q", "answer": "a"}])
+    with pytest.raises(DataError) as error:
+        load("qa.jsonl", bad_rows="skip")
+    assert str(error.value).startswith(
+        "Cannot tell the format of qa.jsonl (no row has a format's columns; its first row's): its columns "
+        "['question'] match no known format."
+    )
 
 
 def test_bad_parquet_row_names_row() -> None:

@@ -9,7 +9,8 @@ The dataset has exactly one of two schemas, plus `source`:
   from 1, as in an editor); "file:row N" for JSON arrays, Parquet and save_to_disk folders and "row N" for
   in-memory lists (rows count from 0, like `ds[N]`).
 
-Input formats, detected from each file's columns (the first row's keys for JSON), or forced with `format=`:
+Input formats, detected from each file's columns (a CSV file's header; for other files the keys of the first row
+that has a format's columns, so a bad first row is a bad row like any other), or forced with `format=`:
 
     format             columns                          becomes
     text               text                             text
@@ -193,6 +194,8 @@ class _Input:
     rows: Callable[[], Rows]
     """Opens a fresh pass over the rows."""
     fingerprint: str
+    header: Callable[[], list[str]] | None = None
+    """The column names of a file that declares them (CSV); detection reads them rather than a row."""
 
 
 def _inputs(sources: str | Path | Sequence[str | Path] | Sequence[dict[str, Any]]) -> list[_Input]:
@@ -228,21 +231,44 @@ def _file_input(path: Path, name: str) -> _Input:
         raise DataError(f"{name} is empty (0 bytes); nothing to train on. Check the path or remove it.")
     readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
     reader = readers[suffix]
-    return _Input(name, lambda: reader(path, name), f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}")
+    fingerprint = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    header = (lambda: _csv_header(path)) if suffix == ".csv" else None
+    return _Input(name, lambda: reader(path, name), fingerprint, header)
 
 
 def _input_format(item: _Input, format: str) -> str:
-    """The forced format, or the one detected from the first row; also rejects inputs without any rows."""
+    """The forced format, or the one detected from the columns; also rejects inputs without any rows.
+
+    Detection reads a CSV file's header, else the first row that has the columns of some format: a first row
+    missing a column is then a bad row (an error or skipped, as bad_rows says), as it would be anywhere else.
+    """
+    first_keys: list[str] | None = None
     saw_rows = False
     with contextlib.closing(item.rows()) as rows:
         for _, row in rows:
-            if isinstance(row, dict):
-                keys = [key for key in row if isinstance(key, str)]
-                return detect_format(keys, where=item.name) if format == "auto" else format
             saw_rows = True
+            if item.header is not None:
+                return detect_format(item.header(), where=item.name) if format == "auto" else format
+            if not isinstance(row, dict):
+                continue
+            if format != "auto":
+                return format
+            keys = [key for key in row if isinstance(key, str)]
+            if _fits_a_format(keys):
+                return detect_format(keys, where=item.name)
+            first_keys = keys if first_keys is None else first_keys
+    if first_keys is not None:
+        return detect_format(
+            first_keys, where=f"{item.name} (no row has a format's columns; its first row's)"
+        )
     if saw_rows:
         raise DataError(f"{item.name}: no row is an object with named fields; is this the right file?")
     raise DataError(f"{item.name} has no rows; nothing to train on. Check the path or remove it.")
+
+
+def _fits_a_format(columns: Iterable[str]) -> bool:
+    present = set(columns)
+    return any(present.issuperset(required) for required in FORMATS.values())
 
 
 def _output_kind(plan: list[tuple[_Input, str]], system_prompt: str | None) -> str:
@@ -326,6 +352,8 @@ def _read_json(path: Path, name: str) -> Rows:
 def _unwrap_json(data: Any, name: str) -> list[Any]:
     if isinstance(data, list):
         return data
+    if isinstance(data, dict) and _fits_a_format(data):  # one row, e.g. {"messages": [...]}, not a wrapper
+        return [data]
     if isinstance(data, dict) and len(data) == 1 and isinstance(rows := next(iter(data.values())), list):
         return rows
     got = f"an object with keys {sorted(data)}" if isinstance(data, dict) else _type_name(data)
@@ -337,26 +365,47 @@ def _unwrap_json(data: Any, name: str) -> list[Any]:
 
 def _read_csv(path: Path, name: str) -> Rows:
     with path.open(encoding="utf-8-sig", newline="") as file:
-        reader = csv.DictReader(file, strict=True)  # a stray quote is an error, not silently merged text
+        reader = csv.reader(file, strict=True)  # a stray quote is an error, not silently merged text
+        header: list[str] | None = None
         while True:
+            start = reader.line_num + 1  # a quoted cell may span lines; a record is where it starts
             try:
-                row = next(reader)
+                cells = next(reader)
             except StopIteration:
                 return
             except (csv.Error, UnicodeDecodeError) as e:
                 # the csv module cannot resync after a broken record, so this ends the file
+                span = (
+                    f", in the record on lines {start}-{reader.line_num}" if reader.line_num > start else ""
+                )
                 raise DataError(
-                    f"{name}:{reader.line_num + 1}: cannot read CSV ({e}). Fix the file (UTF-8, quoted "
-                    "fields); texts over 128 KiB need JSONL or Parquet."
+                    f"{name}:{start}: cannot read CSV ({e}{span}). Fix the file (UTF-8, quoted fields); texts "
+                    "over 128 KiB need JSONL or Parquet."
                 ) from None
-            yield f"{name}:{reader.line_num}", _parse_csv_row(row)
+            if not cells:  # a blank line, skipped as csv.DictReader skips it
+                continue
+            if header is None:
+                header = cells
+                continue
+            yield f"{name}:{start}", _parse_csv_row(header, cells)
 
 
-def _parse_csv_row(row: dict[str | None, str | None]) -> dict[str, Any] | _BadRow:
-    """Drop absent cells; a conversation in a CSV cell is JSON text."""
-    parsed: dict[str, Any] = {
-        key: value for key, value in row.items() if key is not None and value is not None
-    }
+def _csv_header(path: Path) -> list[str]:
+    """The column names; only called once a pass over the rows has read them without error."""
+    with path.open(encoding="utf-8-sig", newline="") as file:
+        return next((cells for cells in csv.reader(file, strict=True) if cells), [])
+
+
+def _parse_csv_row(header: list[str], cells: list[str]) -> dict[str, Any] | _BadRow:
+    """A short row lacks its last columns; a conversation in a CSV cell is JSON text."""
+    if (extra := len(cells) - len(header)) > 0:
+        # csv.DictReader files these under the key None, where they were silently lost
+        return _BadRow(
+            "extra cells",
+            f"has {extra} more cell{'s' if extra > 1 else ''} than the header ({len(header)} columns: "
+            f"{', '.join(header)}); is there an unquoted comma in a text? Put texts with commas in double quotes",
+        )
+    parsed: dict[str, Any] = dict(zip(header, cells))
     for column in ("messages", "conversations"):
         if isinstance(parsed.get(column), str):
             try:
