@@ -1,7 +1,8 @@
 """Tiny models and data built in-process, for tests, examples and benchmarks (no download), and a numeric check.
 
 The tokenizer is byte-level BPE with no merges: every UTF-8 string encodes, so any test text works,
-and the ChatML special tokens are single tokens as in SmolLM2.
+and the ChatML special tokens are single tokens as in SmolLM2. `build_tiny_sentencepiece_tokenizer` is the
+other family: SentencePiece BPE as transformers builds Llama-2's, Mistral's and TinyLlama's.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer, PreTrainedTokenizerFast
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
@@ -36,6 +37,16 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
     )
     tokenizer.chat_template = CHATML
     return tokenizer
+
+
+def build_tiny_sentencepiece_tokenizer() -> LlamaTokenizer:
+    """Llama-2's kind of tokenizer: spaces become `▁`, a word start `▁` opens the text (Metaspace, prepend
+    scheme "first"), byte fallback for anything else; <s> and </s> are BOS and EOS. Printable ASCII
+    characters are tokens and there are no merges; no chat template (zephyr is TinyLlama-Chat's)."""
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "▁": 3}
+    vocab |= {f"<0x{byte:02X}>": 4 + byte for byte in range(256)}
+    vocab |= {chr(code): 260 + i for i, code in enumerate(range(33, 127))}
+    return LlamaTokenizer(vocab=vocab, merges=[])
 
 
 def build_tiny_model(vocab_size: int, seed: int = 0, **overrides: object) -> LlamaForCausalLM:

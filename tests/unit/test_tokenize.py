@@ -9,20 +9,27 @@ from typing import Any
 
 import datasets
 import pytest
-from transformers import PreTrainedTokenizerBase
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import ByT5Tokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 import tunewise.data.tokenize as tokenize_module
 from tunewise.data.collate import collate_padded
 from tunewise.data.load import DataError, load_records
 from tunewise.data.tokenize import (
     IGNORE,
+    NAMED_TEMPLATES,
     TemplateError,
     TokenizeSettings,
     chat_segments,
     encode_row,
     tokenize_dataset,
 )
-from tunewise.testing import build_tiny_tokenizer, tiny_chat_rows
+from tunewise.testing import (
+    SPECIAL,
+    build_tiny_sentencepiece_tokenizer,
+    build_tiny_tokenizer,
+    tiny_chat_rows,
+)
 
 SYSTEM_DEFAULT = (  # SmolLM2's template: a default system turn when the conversation has none
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -119,6 +126,15 @@ def test_default_system_prompt_and_an_opening_assistant_turn(tok: PreTrainedToke
     row = encode(tok, messages, chat_template=SYSTEM_DEFAULT)
     assert trained_runs(tok, row["input_ids"], row["labels"]) == ["Hi, ask me.<|im_end|>", "Blue.<|im_end|>"]
     assert tok.decode(row["input_ids"]).startswith("<|im_start|>system\nYou are helpful<|im_end|>")
+
+
+@pytest.mark.parametrize("content", ["end", "d", "im_"])
+def test_an_opening_answer_is_found_where_it_starts_not_inside_a_marker(
+    tok: PreTrainedTokenizerBase, content: str
+) -> None:
+    # "end" is also the text just before the end of "<|im_end|>"; a search for it from the right found that
+    row = encode(tok, [assistant(content), user("ok")])
+    assert trained_runs(tok, row["input_ids"], row["labels"]) == [content + "<|im_end|>"]
 
 
 def test_train_on_inputs_trains_every_token(tok: PreTrainedTokenizerBase) -> None:
@@ -223,6 +239,106 @@ def test_template_that_does_not_grow_by_prefixes_is_an_error_naming_the_row(
     rows = datasets.Dataset.from_list([{"messages": MULTI_TURN, "source": "chats.jsonl:3"}])
     with pytest.raises(TemplateError, match=r"chats.jsonl:3: .*assistant turn 2"):
         tokenize_dataset(rows, tok, TokenizeSettings(64, chat_template=counting))
+
+
+GEMMA_LIKE = (  # Gemma's template refuses a system turn, as Mistral's refuses turns that do not alternate
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for m in messages %}{% set r = 'model' if m['role'] == 'assistant' else m['role'] %}"
+    "{{ '<start_of_turn>' + r + '\n' + m['content'] + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+
+def test_a_row_the_template_refuses_is_an_error_naming_the_row_and_the_templates_words(
+    tok: PreTrainedTokenizerBase,
+) -> None:
+    rows = datasets.Dataset.from_list(
+        [
+            {"messages": MULTI_TURN[1:], "source": "chats.jsonl:1"},
+            {"messages": MULTI_TURN, "source": "chats.jsonl:2"},
+        ]
+    )
+    with pytest.raises(TemplateError) as error:  # a DataError: the CLI prints it, no traceback
+        tokenize_dataset(rows, tok, TokenizeSettings(256, chat_template=GEMMA_LIKE))
+    assert str(error.value).startswith(
+        "chats.jsonl:2: the chat template refuses this conversation: System role not supported. Many templates"
+    )
+    with pytest.raises(
+        TemplateError, match=r"chats.jsonl:1: the chat template is not valid Jinja \(its line 1"
+    ):
+        tokenize_dataset(rows, tok, TokenizeSettings(256, chat_template="{% for m in messages %}"))
+
+
+# --- tokens: the whole render, tokenised once -------------------------------------------------------------
+
+
+def render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], template: str, gen: bool = False) -> str:
+    return tokenizer.apply_chat_template(  # type: ignore[return-value]
+        messages, chat_template=template, tokenize=False, add_generation_prompt=gen
+    )
+
+
+def test_sentencepiece_rows_are_the_whole_render_and_train_exactly_the_answers() -> None:
+    # Tokenised alone, every answer began with a word start "▁" the whole render does not have there: the model
+    # learnt to open answers with a space, and later turns' prompts differed from what generation feeds it.
+    tok = build_tiny_sentencepiece_tokenizer()
+    zephyr = NAMED_TEMPLATES["zephyr"]  # TinyLlama-1.1B-Chat's
+    for messages in [[user("Hi"), assistant("Hello")], MULTI_TURN, MULTI_TURN[1:]]:
+        row = encode(tok, messages, chat_template="zephyr")
+        assert row["input_ids"] == tok(render(tok, messages, zephyr), add_special_tokens=False)["input_ids"]
+        assert trained_runs(tok, row["input_ids"], row["labels"]) == answers(messages, "</s>")
+        for i, message in enumerate(messages):
+            if message["role"] == "assistant":  # each answer follows exactly the prompt generation would feed
+                prompt = tok(render(tok, messages[:i], zephyr, gen=True), add_special_tokens=False)[
+                    "input_ids"
+                ]
+                assert row["input_ids"][: len(prompt)] == prompt
+                assert row["labels"][len(prompt) - 1] == IGNORE != row["labels"][len(prompt)]
+    tokens = tok.convert_ids_to_tokens(
+        encode(tok, [user("Hi"), assistant("Hello")], chat_template="zephyr")["input_ids"]
+    )
+    assert tokens.count("▁") == 1 and tokens[0] == "▁"  # a word start opens the text, and no answer
+
+
+def tokenizer_merging_newline_and_space() -> PreTrainedTokenizerFast:
+    """The tiny tokenizer plus SmolLM2's merge of a newline and a space into one token, `ĊĠ`."""
+    vocab = {token: i for i, token in enumerate(SPECIAL + sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    core = Tokenizer(models.BPE(vocab=vocab | {"ĊĠ": len(vocab)}, merges=[("Ċ", "Ġ")]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    tiny = build_tiny_tokenizer()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, chat_template=tiny.chat_template, **tiny.special_tokens_map
+    )
+
+
+def test_a_token_straddling_the_start_of_an_answer_is_trained() -> None:
+    tok = tokenizer_merging_newline_and_space()
+    messages = [user("Q"), assistant("  two")]
+    row = encode(tok, messages)
+    assert (
+        row["input_ids"]
+        == tok(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
+    )
+    # the header's newline and the answer's first space are one token: it carries answer text, so it is learnt
+    assert trained_runs(tok, row["input_ids"], row["labels"]) == ["\n  two<|im_end|>"]
+    assert trained_runs(tok, **_ids(encode(tok, [user("Q"), assistant("two")]))) == ["two<|im_end|>"]
+
+
+def test_a_python_tokenizer_is_tokenised_turn_by_turn_where_that_is_the_whole_render() -> None:
+    tok = ByT5Tokenizer()  # bytes, no character offsets; "</s>" swallows the whitespace around it
+    template = (
+        "{% for m in messages %}{{ '[' + m['role'] + '] ' + m['content'] + ' [end]\n\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '[assistant] ' }}{% endif %}"
+    )
+    row = encode(tok, MULTI_TURN, chat_template=template)
+    assert row["input_ids"] == tok(render(tok, MULTI_TURN, template), add_special_tokens=False)["input_ids"]
+    assert trained_runs(tok, row["input_ids"], row["labels"]) == answers(MULTI_TURN, " [end]")
+    rows = datasets.Dataset.from_list([{"messages": MULTI_TURN, "source": "chats.jsonl:7"}])
+    with pytest.raises(
+        TemplateError, match=r"chats.jsonl:7: .*ByT5Tokenizer.*no character offsets.*fast tokenizer"
+    ):
+        tokenize_dataset(rows, tok, TokenizeSettings(256, chat_template="zephyr"))
 
 
 # --- truncation and dropping -------------------------------------------------------------------------------
@@ -344,27 +460,32 @@ def test_smollm2_labels_are_exactly_the_assistant_turns(
 
 
 @pytest.mark.smollm
-def test_smollm2_segment_tokens_equal_the_full_render_except_after_leading_whitespace(
+def test_smollm2_tokens_are_the_whole_render_and_a_token_straddling_an_answer_is_trained(
     smollm: PreTrainedTokenizerBase, tmp_path: Path
 ) -> None:
-    def segmented_and_whole(messages: list[dict]) -> tuple[list[int], list[int]]:
+    def ours_and_whole(messages: list[dict]) -> tuple[dict, list[int]]:
         whole = smollm(smollm.apply_chat_template(messages, tokenize=False), add_special_tokens=False)
-        return encode(smollm, messages)["input_ids"], whole["input_ids"]
+        return encode(smollm, messages), whole["input_ids"]
 
-    conversations = smollm_conversations(tmp_path)
-    assert all(a == b for a, b in map(segmented_and_whole, conversations))
-    # An answer starting with whitespace is where they part: the whole render merges the header's
-    # newline into it. Ours keeps the prompt's tokens exactly as generation sees them.
-    differing = 0
+    for row, whole in map(ours_and_whole, smollm_conversations(tmp_path)):
+        assert row["input_ids"] == whole
+    # An answer starting with whitespace is where the whole render's tokens leave the generation prompt's:
+    # the header's newline merges with it (`Ċ` + `ĠĠtwo` -> `ĊĠ` + `Ġtwo`). That token carries answer
+    # text, so it is trained, newline and all.
+    straddling = []
     for answer in [" two", "  two spaces", "\t tab", "\n\nx", "plain"]:
         messages = [user("Q"), assistant(answer)]
-        ours, whole = segmented_and_whole(messages)
-        differing += ours != whole
+        row, whole = ours_and_whole(messages)
+        assert row["input_ids"] == whole
         prompt = smollm.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
         prompt_ids = smollm(prompt, add_special_tokens=False)["input_ids"]
-        assert ours[: len(prompt_ids)] == prompt_ids
-        assert smollm.decode(ours) == smollm.decode(whole)
-    assert differing == 3  # "  two spaces", "\t tab", "\n\nx"; " two" and "plain" tokenise the same
+        [trained] = trained_runs(smollm, row["input_ids"], row["labels"])
+        if row["input_ids"][: len(prompt_ids)] == prompt_ids:
+            assert trained == answer + "<|im_end|>"
+        else:
+            assert trained == "\n" + answer + "<|im_end|>"
+            straddling.append(answer)
+    assert straddling == ["  two spaces", "\t tab", "\n\nx"]
 
 
 @pytest.mark.smollm

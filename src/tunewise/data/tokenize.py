@@ -4,16 +4,18 @@ Labels. A conversation is rendered turn by turn: for every assistant turn, the t
 to the turns before it with the generation prompt, and to the turns up to and including it. The
 text between the two renders is the assistant's turn. Its text up to and including the first EOS
 (or, when the template ends turns with another marker, up to the last non-blank character, e.g.
-`<|eot_id|>`) is trained: label = token id. Everything else (system, user, the assistant header,
-the newline after the end-of-turn marker) gets `IGNORE`. With `train_on_inputs` every token is
-trained. Plain `text` rows are trained on every token, with EOS appended.
+`<|eot_id|>`) is trained. Everything else (system, user, the assistant header, the newline after
+the end-of-turn marker) is not. With `train_on_inputs` every token is trained. Plain `text` rows
+are trained on every token, with EOS appended.
 
-Seams. Segments are tokenised one by one and concatenated, so a label boundary never falls inside
-a token, and the tokens before each answer are exactly those `generate` feeds the model (the
-prompt rendered with the generation prompt, tokenised alone). On SmolLM2 this equals tokenising
-the whole render at once for every conversation except those whose answer starts with whitespace:
-there the whole render merges the header's newline with it (`Ċ` + `Ġx` -> `ĊĠ` + `x`), a prompt
-ending the model never sees at generation time. tests/unit/test_tokenize.py measures this.
+Tokens. The whole render is tokenised at once, as generation tokenises a conversation it continues
+and as TRL tokenises a training row; a token's label is its id when its characters overlap a
+trained span, else `IGNORE`. Tokenising each span alone would not give the same tokens: a
+SentencePiece tokenizer (Llama-2, Mistral, TinyLlama) starts every piece it tokenises with a word
+start `▁` that the whole render lacks there. A token straddling a span's start (SmolLM2 merges the
+header's newline with an answer's leading space, `ĊĠ`) carries answer text, so it is trained.
+Python ("slow") tokenizers give no character offsets: there the spans are tokenised one by one,
+and a row where that differs from the whole render is an error naming the row.
 
 Truncation cuts `max_seq_length` tokens from the right (keep the start) or the left (keep the
 end). An example left without a single target token is dropped and counted: it has nothing to
@@ -35,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import jinja2
 from transformers import PreTrainedTokenizerBase
 
 from tunewise.data.load import DataError
@@ -149,6 +152,10 @@ def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], template: 
     )
 
 
+# Stands in for an opening assistant turn's text to find where that text starts in the render.
+_SENTINEL = "TUNEWISEANSWER7f3a"
+
+
 def _prompt(
     tokenizer: PreTrainedTokenizerBase, messages: list[dict], i: int, template: str, full: str
 ) -> str:
@@ -156,11 +163,13 @@ def _prompt(
     if i > 0:
         return _render(tokenizer, messages[:i], template, gen=True)
     # An opening assistant turn has no earlier turns to render (transformers refuses an empty
-    # conversation): its answer starts where its own text does, at the end of the render.
-    start = full.rfind(messages[0]["content"].strip())
-    if start < 0:
+    # conversation). Its answer starts where a stand-in for its text does: searching for the text itself
+    # could match inside the template's own markers ("end" inside "<|im_end|>").
+    stand_in = _render(tokenizer, [{**messages[0], "content": _SENTINEL}], template, gen=False)
+    start = stand_in.find(_SENTINEL)
+    if start < 0 or not full.startswith(stand_in[:start]):
         raise TemplateError("the chat template changes the text of an opening assistant turn; cannot find it")
-    return full[:start]
+    return stand_in[:start]
 
 
 def chat_segments(
@@ -194,13 +203,59 @@ def chat_segments(
 def encode_chat(
     tokenizer: PreTrainedTokenizerBase, messages: list[dict], settings: TokenizeSettings
 ) -> tuple[list[int], list[int]]:
-    """Token ids and labels of one conversation (labels are `IGNORE` outside trained segments)."""
+    """Token ids of the whole render and their labels (`IGNORE` outside trained segments)."""
+    segments = chat_segments(tokenizer, messages, settings.chat_template)
+    text = "".join(piece for piece, _ in segments)
+    if settings.train_on_inputs:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ids, list(ids)
+    if not tokenizer.is_fast:  # a Python tokenizer ignores return_offsets_mapping without a word
+        return _encode_segments(tokenizer, segments, text)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = encoded["input_ids"]
+    return ids, _labels(ids, encoded["offset_mapping"], _trained_spans(segments))
+
+
+def _trained_spans(segments: list[tuple[str, bool]]) -> list[tuple[int, int]]:
+    """Character [start, end) of each trained segment in the render."""
+    spans, start = [], 0
+    for text, trained in segments:
+        if trained:
+            spans.append((start, start + len(text)))
+        start += len(text)
+    return spans
+
+
+def _labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+    """A token's id where its characters overlap a trained span, else IGNORE; offsets and spans ascend."""
+    labels = [IGNORE] * len(ids)
+    span = 0
+    for i, (start, end) in enumerate(offsets):
+        while span < len(spans) and spans[span][1] <= start:
+            span += 1
+        # a token of no characters (an added word start) counts as one at its position
+        if span < len(spans) and spans[span][0] < max(end, start + 1):
+            labels[i] = ids[i]
+    return labels
+
+
+def _encode_segments(
+    tokenizer: PreTrainedTokenizerBase, segments: list[tuple[str, bool]], text: str
+) -> tuple[list[int], list[int]]:
+    """Without character offsets: each segment tokenised alone, kept only where that is the whole render's."""
     ids: list[int] = []
     labels: list[int] = []
-    for text, trained in chat_segments(tokenizer, messages, settings.chat_template):
-        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+    for piece_text, trained in segments:
+        piece = tokenizer(piece_text, add_special_tokens=False)["input_ids"]
         ids += piece
-        labels += piece if (trained or settings.train_on_inputs) else [IGNORE] * len(piece)
+        labels += piece if trained else [IGNORE] * len(piece)
+    if ids != tokenizer(text, add_special_tokens=False)["input_ids"]:
+        raise TemplateError(
+            f"the tokenizer of {tokenizer.name_or_path or 'this model'} ({type(tokenizer).__name__}) is a Python "
+            "one, which gives no character offsets, and it tokenises this conversation differently as a whole "
+            "than turn by turn (a SentencePiece one, say, starts each piece with a word start), so its trained "
+            "tokens cannot be placed. Use the model's fast tokenizer (a tokenizer.json file)."
+        )
     return ids, labels
 
 
@@ -229,6 +284,8 @@ def encode_row(row: dict, tokenizer: PreTrainedTokenizerBase, settings: Tokenize
             ids, labels = encode_text(tokenizer, row["text"])
     except TemplateError as e:
         raise TemplateError(f"{row.get('source', 'a row')}: {e}") from None
+    except jinja2.TemplateError as e:
+        raise TemplateError(f"{row.get('source', 'a row')}: {_jinja_problem(e)}") from None
     full_length = len(ids)
     ids, labels = truncate(ids, labels, settings.max_seq_length, settings.truncation_side)
     return {
@@ -239,6 +296,21 @@ def encode_row(row: dict, tokenizer: PreTrainedTokenizerBase, settings: Tokenize
         # labels[0] is never a target: targets are labels shifted left by one (collate.shifted_targets)
         "num_targets": sum(label != IGNORE for label in labels[1:]),
     }
+
+
+def _jinja_problem(error: jinja2.TemplateError) -> str:
+    if isinstance(error, jinja2.TemplateSyntaxError):
+        return (
+            f"the chat template is not valid Jinja (its line {error.lineno}: {error.message}); "
+            "fix data.chat_template or leave it unset for the model's own."
+        )
+    # raise_exception(...) in the template, or a template that cannot render this row's data
+    return (
+        f"the chat template refuses this conversation: {error.message or type(error).__name__}. Many templates "
+        "(Gemma's, Mistral's) take no system turn or need user and assistant turns to alternate: fix or drop "
+        "the row, unset data.system_prompt if it added the system turn, or set data.chat_template to a "
+        "template that accepts it."
+    )
 
 
 # --- datasets -----------------------------------------------------------------------------------------------
