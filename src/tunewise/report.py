@@ -136,6 +136,10 @@ def plan_summary(prep: Prepared, measure: bool = True) -> dict:
         "validation_rows": 0 if data.validation is None else len(data.validation),
         "dropped_no_targets": data.train_report.dropped_no_targets,
         "truncated": data.train_report.truncated,
+        "validation_truncated": 0 if data.validation_report is None else data.validation_report.truncated,
+        "validation_dropped_no_targets": (
+            0 if data.validation_report is None else data.validation_report.dropped_no_targets
+        ),
         "skipped_rows": data.load_report.skipped,
         "train_tokens": tokens,
         "mean_tokens_per_example": round(tokens / max(len(lengths), 1), 1),
@@ -289,6 +293,11 @@ def print_plan(console: Console, prep: Prepared, measure: bool = True) -> None:
         f"data: {s['train_rows']} train / {s['validation_rows']} validation rows ({s['format']}), "
         f"{s['train_tokens']:,} train tokens, {s['mean_tokens_per_example']} per example; "
         f"{s['truncated']} truncated, {s['dropped_no_targets']} dropped (no targets), {s['skipped_rows']} bad rows skipped"
+        + (
+            f"; validation {s['validation_truncated']} truncated, {s['validation_dropped_no_targets']} dropped"
+            if s["validation_rows"]
+            else ""
+        )
     )
     console.print(
         f"steps: {steps_line(s)}, {s['warmup_steps']} warmup; effective batch {s['effective_batch_size']} "

@@ -1,4 +1,5 @@
-"""Evaluation under torch.distributed: each rank a share of the batches; the same results as one process."""
+"""Evaluation under torch.distributed: each rank a share of the batches; the same results as one process. And
+no loss over no target tokens."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import datasets
 import pytest
 import torch
 
-from tunewise.data.tokenize import TokenizeSettings, encode_row
+from tunewise.data.load import DataError
+from tunewise.data.tokenize import IGNORE, TokenizeSettings, encode_row
 from tunewise.eval import metrics
 from tunewise.infer.generate import SamplingSettings, prompt_messages
 from tunewise.testing import build_tiny_model, build_tiny_tokenizer, tiny_chat_rows
@@ -123,3 +125,16 @@ def test_progress_reports_follow_this_ranks_own_work(monkeypatch: pytest.MonkeyP
     with pytest.raises(KeyError):  # the stand-in gather hands back rank 1's share only
         metrics.generate_answers(model, tok, prompts, greedy, 2, None, lambda *r: reports.append(r))
     assert reports == [(0, 2), (2, 2)]
+
+
+@pytest.mark.parametrize("rows", [0, 3])
+def test_eval_loss_over_no_target_tokens_is_an_error_not_a_perfect_score(rows: int) -> None:
+    tok = build_tiny_tokenizer()
+    examples = [encode_row(r, tok, TokenizeSettings(128)) for r in tiny_chat_rows(rows, seed=4)]
+    masked = [{"input_ids": e["input_ids"], "labels": [IGNORE] * e["length"]} for e in examples]
+    dataset = datasets.Dataset.from_dict(
+        {"input_ids": [m["input_ids"] for m in masked], "labels": [m["labels"] for m in masked]}
+    )
+    loss = CausalLMLoss(build_tiny_model(len(tok), seed=0))
+    with pytest.raises(DataError, match=f"the {rows} evaluation examples hold no target token"):
+        metrics.eval_loss(loss, dataset, 2, tok.pad_token_id, torch.device("cpu"))  # was 0.0, perplexity 1.0

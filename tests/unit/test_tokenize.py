@@ -13,6 +13,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import ByT5Tokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 import tunewise.data.tokenize as tokenize_module
+from tunewise.data.build import build_data
 from tunewise.data.collate import collate_padded
 from tunewise.data.load import DataError, load_records
 from tunewise.data.tokenize import (
@@ -373,6 +374,33 @@ def test_examples_without_targets_are_dropped_and_counted(
     # Left truncation keeps the answer of the same row:
     kept, report = tokenize_dataset(ds, tok, TokenizeSettings(max_len, truncation_side="left"))
     assert (report.truncated, report.dropped_no_targets, len(kept)) == (1, 0, 6)
+
+
+def test_a_validation_set_that_truncation_empties_is_an_error_naming_it(
+    tok: PreTrainedTokenizerBase, tmp_path: Path
+) -> None:
+    # it went on as an empty set, whose loss over no tokens read as a perfect 0.0
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in tiny_chat_rows(4, seed=3, max_words=2)))
+    val = tmp_path / "val.jsonl"
+    val.write_text(json.dumps({"messages": [user("a long question " * 10), assistant("answer")]}) + "\n")
+    with pytest.raises(DataError) as error:
+        build_data(
+            dataset=str(train),
+            validation_file=str(val),
+            validation_split=None,
+            format="auto",
+            bad_rows="error",
+            system_prompt=None,
+            data_seed=0,
+            tokenizer=tok,
+            settings=TokenizeSettings(48),
+        )
+    assert str(error.value) == (
+        f"data: no validation example ({val}) has a target token left after truncation to max_seq_length=48 "
+        "(truncation_side right); raise data.max_seq_length, or set data.truncation_side: left (keeps each "
+        "example's end, where its answer is)"
+    )
 
 
 def test_bad_settings_are_errors() -> None:

@@ -79,12 +79,30 @@ def build_data(
     if val_rows is not None and max_eval_samples:
         val_rows = val_rows.select(range(min(max_eval_samples, len(val_rows))))
     train, train_report = tokenize_dataset(rows, tokenizer, settings)
-    if len(train) == 0:
-        raise DataError(
-            f"data: no training example has a target token left after truncation to "
-            f"max_seq_length={settings.max_seq_length}; raise data.max_seq_length"
-        )
+    _check_targets_left(train, "training", "", settings)
     validation, val_report = (
         (None, None) if val_rows is None else tokenize_dataset(val_rows, tokenizer, settings)
     )
+    if validation is not None:
+        where = (
+            ", ".join(map(str, validation_files))
+            or f"the data.validation_split rows of {', '.join(map(str, train_files))}"
+        )
+        _check_targets_left(validation, "validation", where, settings)
     return DataBundle(train, validation, val_rows, report.format, report, train_report, val_report)
+
+
+def _check_targets_left(tokens: datasets.Dataset, split: str, where: str, settings: TokenizeSettings) -> None:
+    """An empty validation set would score a perfect loss of 0 over no tokens; an empty train set, train nothing."""
+    if len(tokens) > 0:
+        return
+    also = (
+        ", or set data.truncation_side: left (keeps each example's end, where its answer is)"
+        if settings.truncation_side == "right"
+        else ""
+    )
+    raise DataError(
+        f"data: no {split} example{f' ({where})' if where else ''} has a target token left after truncation to "
+        f"max_seq_length={settings.max_seq_length} (truncation_side {settings.truncation_side}); "
+        f"raise data.max_seq_length{also}"
+    )

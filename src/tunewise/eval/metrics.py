@@ -10,6 +10,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tunewise.data.collate import collate_padded
+from tunewise.data.load import DataError
 from tunewise.data.tokenize import IGNORE
 from tunewise.infer.generate import SamplingSettings, generate
 from tunewise.training.progress import Report
@@ -93,7 +94,12 @@ def eval_loss(
     if world > 1:
         torch.distributed.all_reduce(sums)
     total, count = sums.tolist()
-    loss = total / max(count, 1.0)
+    if count == 0:  # a mean over no tokens is undefined; 0 / max(0, 1) reported a perfect loss
+        raise DataError(
+            f"eval_loss: the {n} evaluation examples hold no target token, so there is no loss to measure; "
+            "every validation example needs an answer token left after truncation (data.build_data checks this)"
+        )
+    loss = total / count
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
 
 
