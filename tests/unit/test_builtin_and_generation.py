@@ -74,6 +74,25 @@ def test_json_exact_match_ignores_whitespace_not_values() -> None:
     assert choose_task_metric("auto", ["plain words"]) == "exact_match"
 
 
+@pytest.mark.parametrize(
+    ("prediction", "reference", "match"),
+    [
+        ("1", "true", False),  # Python's True == 1 made these match
+        ('{"ok": 1}', '{"ok": true}', False),
+        ('{"ok": 0, "n": false}', '{"ok": false, "n": 0}', False),
+        ("[true, 0]", "[1, false]", False),
+        ('{"ok": true, "n": [false]}', '{"n": [false], "ok": true}', True),
+        ('{"n": 1.0}', '{"n": 1}', True),  # JSON has one number type
+        ('{"n": null}', '{"n": false}', False),
+        ('{"a": [1, 2]}', '{"a": [1, 2, 3]}', False),
+    ],
+)
+def test_json_exact_match_keeps_bools_apart_from_numbers(
+    prediction: str, reference: str, match: bool
+) -> None:
+    assert json_exact_match(prediction, reference) is match
+
+
 def test_prompt_messages_split_at_the_last_answer() -> None:
     chat = [
         {"role": "user", "content": "a"},

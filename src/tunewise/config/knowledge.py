@@ -900,7 +900,8 @@ _ENTRIES = [
         "task_metric",
         what="A metric computed by generating answers for the validation prompts: exact_match compares the "
         "generated text with the reference; json_exact_match parses both as JSON and compares the values, so "
-        "key order and spacing do not matter. auto uses the dataset's own metric when it has one.",
+        "key order and spacing do not matter (true matches only true, not 1; 1 and 1.0 are one number). auto "
+        "uses the dataset's own metric when it has one.",
         hf="tunewise",
         why="auto: built-in datasets carry their metric; none for plain files.",
         interactions="metric_for_best_model can name the task metric; max_new_tokens.",

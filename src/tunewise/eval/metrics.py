@@ -28,9 +28,25 @@ def exact_match(prediction: str, reference: str) -> bool:
 
 
 def json_exact_match(prediction: str, reference: str) -> bool:
-    """Same JSON value, whatever the whitespace; anything unparsable is a miss."""
+    """Same JSON value, whatever the whitespace and key order; anything unparsable is a miss.
+
+    A bool matches only a bool (Python's True == 1 would let `1` pass for `true`); JSON has one number
+    type, so 1 and 1.0 are the same number.
+    """
     expected = _as_json(reference)
-    return expected is not None and _as_json(prediction.strip()) == expected
+    return expected is not None and _same_json(_as_json(prediction.strip()), expected)
+
+
+def _same_json(a: object, b: object) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_json(a[key], b[key]) for key in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(map(_same_json, a, b))
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return a == b
+    return type(a) is type(b) and a == b  # strings and null
 
 
 TASK_METRICS: dict[str, Callable[[str, str], bool]] = {
