@@ -47,8 +47,8 @@ AnswerSetOpt = Annotated[
     list[str] | None,
     typer.Option(
         "--set",
-        help="Override a generation setting: KEY=VALUE, e.g. --set temperature=0.7 (repeatable; generation.*, "
-        "system_prompt, chat_template, seed).",
+        help="Override a generation setting: KEY=VALUE, e.g. --set do_sample=true --set temperature=0.7 "
+        "(repeatable; generation.*, system_prompt, chat_template, seed).",
     ),
 ]
 
@@ -56,6 +56,11 @@ AnswerSetOpt = Annotated[
 def _fail(exc: Exception) -> None:
     err.print(Text.assemble(("error", "bold red"), ": ", str(exc)))
     raise typer.Exit(2)
+
+
+def _warn(problems: list) -> None:
+    for problem in problems:
+        err.print(Text.assemble(("warning", "yellow"), ": ", str(problem)))
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -174,12 +179,16 @@ def generate(
     set_: AnswerSetOpt = None,
 ) -> None:
     """Answer one prompt with a base model, a run's adapter or a merged model."""
-    from tunewise.infer.chat import answer
+    from tunewise.infer.chat import load_for_chat, reply
 
     try:
-        console.print(answer(model, [{"role": "user", "content": prompt}], set_ or []))
+        loaded = load_for_chat(model, set_ or [])
+        _warn(loaded.warnings)
+        text = reply(loaded, [{"role": "user", "content": prompt}])
     except _user_errors() as exc:
         _fail(exc)
+    # Verbatim: a model's `arr[i]` or `[/code]` is no Rich markup, and unwrapped, so a pipe gets the answer whole.
+    console.print(Text(text), soft_wrap=True)
 
 
 @app.command()
@@ -196,6 +205,7 @@ def chat(
         loaded = load_for_chat(model, set_ or [])
     except _user_errors() as exc:
         _fail(exc)
+    _warn(loaded.warnings)
     history: list[dict] = []
     while True:
         try:
@@ -205,9 +215,12 @@ def chat(
         if not line:
             break
         history.append({"role": "user", "content": line})
-        text = reply(loaded, history)
+        try:
+            text = reply(loaded, history)
+        except _user_errors() as exc:
+            _fail(exc)
         history.append({"role": "assistant", "content": text})
-        console.print(f"[bold]model>[/] {text}")
+        console.print(Text.assemble(("model>", "bold"), " ", text))  # the answer verbatim, not as markup
 
 
 data_app = typer.Typer(help="Look at training data before training on it.", no_args_is_help=True)
@@ -258,8 +271,10 @@ def merge(
     except _user_errors() as exc:
         _fail(exc)
     for note in result.notes:
-        console.print(f"[yellow]note[/]: {note}")
-    console.print(f"[bold green]Merged model written to[/] {result.output_dir.resolve()}")
+        console.print(Text.assemble(("note", "yellow"), ": ", note))
+    console.print(
+        Text.assemble(("Merged model written to", "bold green"), " ", str(result.output_dir.resolve()))
+    )
 
 
 def main() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -285,7 +286,8 @@ def print_plan(console: Console, prep: Prepared, measure: bool = True) -> None:
     s = plan_summary(prep, measure)
     console.rule("[bold]plan")
     console.print(
-        f"model [bold]{s['model']}[/] ({s['total_parameters']:,} parameters) - method [bold]{s['method']}[/], "
+        f"model [bold]{escape(str(s['model']))}[/] ({s['total_parameters']:,} parameters) - "
+        f"method [bold]{s['method']}[/], "
         f"trainable [bold]{s['trainable_parameters']:,}[/] ({s['trainable_percent']}%) - device {s['device']}"
         f" x{s['world_size']}"
     )
@@ -316,18 +318,18 @@ def print_plan(console: Console, prep: Prepared, measure: bool = True) -> None:
             continue
         choice = prep.resolution.choices.get(key)
         if choice is not None:
-            table.add_row(key, str(choice.value), choice.source, choice.reason)
+            table.add_row(key, Text(str(choice.value)), choice.source, Text(choice.reason))
         else:
             section, name = key.split(".")
             source = "user" if key in prep.resolution.user else "default"
-            table.add_row(key, str(getattr(getattr(prep.config, section), name)), source, "")
+            table.add_row(key, Text(str(getattr(getattr(prep.config, section), name))), source, "")
     if prep.config_overrides:
         table.add_row("model config", str(prep.config_overrides), "user", "dropout overrides")
     console.print(table)
     print_memory(console, s["memory_by_method"], s["method"], prep.config.training.optim)
     print_activations(console, s["activations"], s["largest_micro_batch_tokens"])
     for note in s["notes"]:
-        console.print(f"[yellow]note[/]: {note}")
+        console.print(Text.assemble(("note", "yellow"), ": ", note))
     for item in s["lints"]:
         color = "yellow" if item["severity"] == "warning" else "cyan"
         fix = f" -> {item['fix']}" if item["fix"] else ""

@@ -416,7 +416,9 @@ def train(
         before = ck.trainer_state.get("eval_before", {})
         writer.truncate_metrics(after_step=state.step)
         if main:
-            console.print(f"[bold]resuming[/] from {path} (step {state.step}, epoch {state.epoch})")
+            console.print(
+                f"[bold]resuming[/] from {escape(str(path))} (step {state.step}, epoch {state.epoch})"
+            )
     writer.text("config.yaml", config_yaml)
     if main:
         print_plan(console, prep, measure=False)  # no extra forward in the run's own memory (plan_summary)
@@ -520,7 +522,7 @@ def train(
         writer.text("summary.json", json.dumps(summary, indent=2))
         print_eval(console, "after training", after)
         print_samples(console, samples)
-        console.print(f"\n[bold green]Run written to[/] {output_dir.resolve()}")
+        console.print(f"\n[bold green]Run written to[/] {escape(str(output_dir.resolve()))}")
     return summary
 
 

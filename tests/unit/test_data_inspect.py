@@ -290,3 +290,24 @@ def test_padded_rows_of_a_token_budget_cost_what_the_loop_cuts() -> None:
         lengths, 2, seed=1, accumulation=4, pad_to_multiple_of=64, max_tokens_per_micro_batch=1024
     )
     assert waste["packed"] == batch_cost(lengths, run_batches, packed=True, pad_to_multiple_of=64)
+
+
+def test_the_inspection_prints_paths_and_templates_as_text(
+    tok: PreTrainedTokenizerBase, tmp_path: Path
+) -> None:
+    """Rich markup ate `[v2]` in a path and raised on a pasted template's `[/INST]`."""
+    from rich.console import Console
+
+    from tunewise.data.inspect import print_inspection
+
+    ds, _ = load_records(tiny_chat_rows(8, seed=5), cache_dir=tmp_path)
+    result = inspect_rows(ds, tok, TokenizeSettings(64), Batching(batch_size=4))
+    template = "{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+    result |= {"source": "data/train[v2].jsonl", "model": "runs/[best]", "chat_template": template}
+    console = Console(record=True, width=300)
+    print_inspection(console, result)
+    first = console.export_text().splitlines()[0]
+    assert (
+        first
+        == f"8 rows from data/train[v2].jsonl (format ?); tokenizer of runs/[best], chat template: {template}"
+    )

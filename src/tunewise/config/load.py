@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
 
-from tunewise.config.problems import ConfigError, Problem, num, show, suggest
+from tunewise.config.problems import ConfigError, Problem, Severity, num, show, suggest
 from tunewise.config.rules import cross_field
 from tunewise.config.schema import SECTIONS, TunewiseConfig, _leaf_types, all_keys, field_doc
 
@@ -37,17 +37,31 @@ def load_config(
     Raises ``ConfigError`` listing every problem when any has severity "error"; warnings and infos
     are not raised: ``check_config`` returns them for the plan to show.
     """
+    return read_config(source, overrides)[0]
+
+
+def read_config(
+    source: str | Path | dict[str, Any] | TunewiseConfig | None,
+    overrides: Sequence[str] = (),
+    unknown_keys: Severity = "error",
+) -> tuple[TunewiseConfig, list[Problem]]:
+    """`load_config`, also returning the warnings and infos it did not raise.
+
+    `unknown_keys="warning"` reads a config another tunewise version wrote (a run's config.yaml): a key of the
+    source this version does not know is left out with a warning. An unknown key in `--set` stays an error:
+    that one is the user's typo.
+    """
     origin = str(source) if isinstance(source, str | Path) else ""
     raw, sources = _read_source(source, origin)
     problems = _apply_overrides(raw, overrides, sources)
-    cfg, schema_problems, invalid = _validate(raw, sources)
+    cfg, schema_problems, invalid = _validate(raw, sources, unknown_keys)
     problems += schema_problems
     if cfg is not None:
         problems += [_with_source(p, sources) for p in cross_field(cfg, skip=invalid)]
     if any(p.severity == "error" for p in problems):
         raise ConfigError(problems, origin)
     assert cfg is not None  # no error means the first validation succeeded
-    return cfg
+    return cfg, problems
 
 
 def _with_source(problem: Problem, sources: dict[Loc, str]) -> Problem:
@@ -198,20 +212,27 @@ def _set_path(raw: dict[Any, Any], loc: Loc, value: Any) -> list[Problem]:
 
 
 def _validate(
-    raw: dict[Any, Any], sources: dict[Loc, str]
+    raw: dict[Any, Any], sources: dict[Loc, str], unknown_keys: Severity = "error"
 ) -> tuple[TunewiseConfig | None, list[Problem], set[str]]:
     """The config (with invalid values replaced by defaults, for the cross-field rules), its problems,
-    and the leaf keys that were replaced."""
+    and the leaf keys that were replaced. An unknown key not from `--set` is a problem of `unknown_keys`
+    severity."""
     try:
         return TunewiseConfig.model_validate(raw), [], set()
     except ValidationError as exc:
         grouped: dict[Loc, list[ErrorDetails]] = {}
         for error in exc.errors():
             grouped.setdefault(_field_loc(error), []).append(error)
-    problems = [
-        Problem(_dotted(loc), _message(loc, errors), source=sources.get(loc) or sources.get(loc[:1], ""))
-        for loc, errors in grouped.items()
-    ]
+    problems = []
+    for loc, errors in grouped.items():
+        source = sources.get(loc) or sources.get(loc[:1], "")
+        message = _message(loc, errors)
+        from_set = any(at[: len(loc)] == loc and where == "--set" for at, where in sources.items())
+        tolerated = not from_set and {e["type"] for e in errors} == {"extra_forbidden"}
+        severity: Severity = unknown_keys if tolerated else "error"
+        if severity != "error":
+            message += "; ignored (written by another tunewise version?)"
+        problems.append(Problem(_dotted(loc), message, severity, source))
     invalid = {key for loc in grouped for key in _leaf_names(loc)}
     try:
         return TunewiseConfig.model_validate(_without(raw, grouped)), problems, invalid

@@ -354,10 +354,13 @@ def inspect_target(
 
 def print_inspection(console: Console, result: dict[str, Any]) -> None:
     skipped = f", {result['skipped_rows']} bad rows skipped" if result.get("skipped_rows") else ""
+    # Paths, the model's name and a pasted Jinja template (`[/INST]`) are text, not Rich markup.
     console.print(
-        f"[bold]{result['rows']} rows[/] from {result.get('source', 'rows')} "
-        f"(format {result.get('format', '?')}{skipped}); tokenizer of {result.get('model', '?')}, "
-        f"chat template: {result.get('chat_template', '?')}"
+        Text.assemble(
+            (f"{result['rows']} rows", "bold"),
+            f" from {result.get('source', 'rows')} (format {result.get('format', '?')}{skipped}); tokenizer "
+            f"of {result.get('model', '?')}, chat template: {result.get('chat_template', '?')}",
+        )
     )
     _print_lengths(console, result)
     _print_lengths_table(console, result)

@@ -65,6 +65,25 @@ def prompt_messages(messages: list[dict]) -> tuple[list[dict], str]:
     return messages[:last], messages[last]["content"]
 
 
+def render_prompt(tokenizer: PreTrainedTokenizerBase, conversation: list[dict], chat_template: str) -> str:
+    """The conversation as the model reads it, up to the header of the answer; a template that cannot render it
+    (a Jinja error, or its own `raise_exception`, e.g. for a role it does not support) is a TemplateError."""
+    import jinja2
+
+    from tunewise.data.tokenize import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(
+            conversation, chat_template=chat_template, tokenize=False, add_generation_prompt=True
+        )  # type: ignore[return-value]
+    except jinja2.TemplateError as exc:
+        roles = ", ".join(m["role"] for m in conversation)
+        raise TemplateError(
+            f"the chat template cannot render a conversation of {roles} ({exc}); fix the template, or set "
+            "data.chat_template (`--set chat_template=NAME` for generate and chat) to one that can"
+        ) from exc
+
+
 @torch.no_grad()
 def generate(
     model: PreTrainedModel,
@@ -88,10 +107,7 @@ def generate(
     try:
         for start in range(0, len(conversations), batch_size):
             texts = [
-                tokenizer.apply_chat_template(
-                    c, chat_template=chat_template, tokenize=False, add_generation_prompt=True
-                )
-                for c in conversations[start : start + batch_size]
+                render_prompt(tokenizer, c, chat_template) for c in conversations[start : start + batch_size]
             ]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(
                 model.device
