@@ -117,8 +117,13 @@ def _usage(prep: Prepared, output_dir: Path) -> list[str]:
         "`apply_chat_template` (and servers that call it) format prompts as training did."
     )
     if d.system_prompt:
+        merged = (
+            ""
+            if prep.config.adapter.method == "full"
+            else ", and `tunewise merge` builds it into the merged chat template"
+        )
         lines.append(
             f"\nEvery training conversation began with the system prompt {json.dumps(d.system_prompt)}: send it "
-            "first when serving elsewhere (`tunewise generate` and `chat` do)."
+            f"first when serving elsewhere (`tunewise generate` and `chat` do{merged})."
         )
     return lines

@@ -163,7 +163,7 @@ def test_a_runs_system_prompt_opens_its_conversations(
     prompted = tmp_path / "run"
     shutil.copytree(run_dir, prompted, ignore=shutil.ignore_patterns("checkpoint-*"))
     config = yaml.safe_load((prompted / "config.yaml").read_text())
-    config["data"]["system_prompt"] = "Answer in French."
+    config["data"] |= {"system_prompt": "Answer in French.", "max_seq_length": 128}
     (prompted / "config.yaml").write_text(yaml.safe_dump(config))
     seen: list[list[dict]] = []
 
@@ -253,3 +253,118 @@ def test_a_base_model_trained_on_chatml_stops_at_its_end_of_turn_merged_or_fully
     config["training"] |= {"output_dir": str(tmp_path / "full"), "learning_rate": 1e-5}
     full = Path(train(config)["output_dir"])
     assert GenerationConfig.from_pretrained(full).eos_token_id == [tokenizer.eos_token_id, end]
+
+
+def test_a_merge_renders_prompts_as_its_run_trained_from_the_run_or_a_checkpoint(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """data.system_prompt and data.chat_template: zephyr. The merged tokenizer's chat template renders a
+    conversation without a system message as training rendered its row (the system prompt first, zephyr), so
+    vLLM or any apply_chat_template prompt the merge as `tunewise generate` prompts the run. A checkpoint-N
+    directory (no tokenizer of its own) merged with the base's ChatML template before."""
+    from transformers import AutoTokenizer
+
+    from tunewise.data.load import load_records
+    from tunewise.data.tokenize import NAMED_TEMPLATES
+
+    config = one_step_run(tiny_model_dir, "zephyr", tmp_path)
+    config["data"] |= {"system_prompt": "Answer in French.", "max_seq_length": 128}
+    run = Path(train(config)["output_dir"])
+    checkpoint = next(run.glob("checkpoint-*"))
+    assert not (checkpoint / "tokenizer_config.json").exists()
+    trained_rows, _ = load_records(
+        config["data"]["dataset"], system_prompt="Answer in French.", cache_dir=tmp_path / "rows"
+    )
+    trained = trained_rows[0]["messages"]
+    assert trained[0] == {"role": "system", "content": "Answer in French."}
+    user = [{"role": "user", "content": "reverse: red blue"}]
+    own = [{"role": "system", "content": "Be brief."}, *user]
+    zephyr = AutoTokenizer.from_pretrained(run)
+    for source in (checkpoint, run):
+        result = merge_adapter(source, tmp_path / f"merged-{source.name}")
+        merged = AutoTokenizer.from_pretrained(result.output_dir)
+        assert merged.apply_chat_template(trained[1:], tokenize=False) == zephyr.apply_chat_template(
+            trained, chat_template=NAMED_TEMPLATES["zephyr"], tokenize=False
+        )
+        prompt = merged.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        assert prompt == zephyr.apply_chat_template(
+            [trained[0], *user], tokenize=False, add_generation_prompt=True
+        )  # what `tunewise generate --model RUN` renders
+        assert prompt.startswith("<|system|>\nAnswer in French.")
+        assert merged.apply_chat_template(own, tokenize=False) == zephyr.apply_chat_template(
+            own, tokenize=False
+        )
+        assert any("data.system_prompt 'Answer in French.'" in note for note in result.notes)
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "Answer in French.",
+        'say "hi" \\ then\nnewline\ttab',
+        "{{ not jinja }} {% if %} %} '",
+        "Réponds 😀 \x00",
+    ],
+)
+@pytest.mark.parametrize("template", ["chatml", "llama3", "zephyr"])
+def test_the_system_prompt_block_inserts_any_prompt_verbatim(prompt: str, template: str) -> None:
+    from tunewise.data.tokenize import NAMED_TEMPLATES
+    from tunewise.models.merge import default_system_block
+    from tunewise.testing import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    jinja = NAMED_TEMPLATES[template]
+    user = [{"role": "user", "content": "hi"}]
+
+    def render(messages: list[dict], chat_template: str) -> str:
+        return tokenizer.apply_chat_template(
+            messages, chat_template=chat_template, tokenize=False, add_generation_prompt=True
+        )
+
+    with_block = default_system_block(prompt) + jinja
+    assert render(user, with_block) == render([{"role": "system", "content": prompt}, *user], jinja)
+    own = [{"role": "system", "content": "Be brief."}, *user]
+    assert render(own, with_block) == render(own, jinja)
+
+
+def test_an_interrupted_merge_leaves_nothing_behind(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Interrupted after the weights, the output held a model without a tokenizer, and a second try refused the
+    folder as not empty. A file as --output crashed with NotADirectoryError."""
+    from rich.console import Console
+
+    from tunewise import cli
+    from tunewise.models import merge
+
+    adapter = save_adapter(tiny_model_dir, tmp_path / "adapter")
+    out = tmp_path / "out" / "merged[v2]"
+    real = merge.load_tokenizer
+
+    def interrupted_on_save(*args: object, **kwargs: object) -> object:
+        tokenizer = real(*args, **kwargs)  # type: ignore[arg-type]
+
+        def save_pretrained(*args: object, **kwargs: object) -> None:
+            raise KeyboardInterrupt
+
+        tokenizer.save_pretrained = save_pretrained
+        return tokenizer
+
+    monkeypatch.setattr(merge, "load_tokenizer", interrupted_on_save)
+    with pytest.raises(KeyboardInterrupt):
+        merge_adapter(adapter, out)
+    assert list(out.parent.iterdir()) == []
+    monkeypatch.setattr(merge, "load_tokenizer", real)
+    out.mkdir()  # an empty directory given as --output is filled
+    monkeypatch.setattr(cli, "console", Console(width=400))  # one line: the path whole, its `[v2]` kept
+    result = CliRunner().invoke(app, ["merge", str(adapter), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert f"Merged model written to {out.resolve()}\n" in result.stdout
+    assert {"model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    assert [p.name for p in out.parent.iterdir()] == ["merged[v2]"]
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    result = CliRunner().invoke(app, ["merge", str(adapter), "-o", str(a_file)])
+    assert result.exit_code == 2
+    assert f"--output {a_file} is a file; give a new directory" in " ".join(result.output.split())

@@ -16,11 +16,19 @@ from typing import Any
 import torch
 import yaml
 from peft import PeftModel
-from transformers import BitsAndBytesConfig
+from transformers import BitsAndBytesConfig, PreTrainedTokenizerBase
 
+from tunewise.data.tokenize import resolve_chat_template
 from tunewise.infer.generate import stop_at_end_of_turn
 from tunewise.models.adapters import quantization_config
-from tunewise.models.load import ModelLoadError, load_model, load_tokenizer, materialize, resolve_source
+from tunewise.models.load import (
+    ModelLoadError,
+    load_model,
+    load_tokenizer,
+    materialize,
+    resolve_source,
+    writing_directory,
+)
 
 
 @dataclass(frozen=True)
@@ -105,7 +113,11 @@ def merge_adapter(
     adapter_dir: Path, output_dir: Path, base: str | None = None, dtype: str = "float32"
 ) -> MergeResult:
     """Write base + adapter as one model (safetensors, tokenizer, generation config): merged in float32, saved
-    in `dtype` (half the size in bfloat16 or float16, rounded once after the merge)."""
+    in `dtype` (half the size in bfloat16 or float16, rounded once after the merge).
+
+    The output directory appears whole or not at all: it is written beside it under a temporary name and renamed
+    at the end, so an interrupted merge leaves nothing that could pass for a model, nor blocks a second try.
+    """
     adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
     if dtype not in MERGED_DTYPES:
         raise ModelLoadError(f"--dtype {dtype}: choose one of {', '.join(MERGED_DTYPES)}")
@@ -115,6 +127,8 @@ def merge_adapter(
         raise ModelLoadError(
             f"{adapter_dir} has no adapter_config.json: give a run directory or a PEFT adapter"
         )
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ModelLoadError(f"--output {output_dir} is a file; give a new directory")
     if output_dir.exists() and any(output_dir.iterdir()):
         raise ModelLoadError(f"--output {output_dir} is not empty; give a new directory")
     found = find_adapter_base(adapter_dir, base)
@@ -126,9 +140,68 @@ def merge_adapter(
         )
     model = load_model(found.model_dir, dtype="float32", trust_remote_code=found.trust_remote_code)
     merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
-    tokenizer_dir = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else found.model_dir
-    tokenizer = load_tokenizer(tokenizer_dir, found.trust_remote_code)
-    stop_at_end_of_turn(merged, tokenizer)
-    merged.to(getattr(torch, dtype)).save_pretrained(output_dir)  # config (its dtype too), safetensors
-    tokenizer.save_pretrained(output_dir)
+    data = _run_config(adapter_dir).get("data") or {}
+    tokenizer = _run_tokenizer(adapter_dir, found, data.get("chat_template"), notes)
+    stop_at_end_of_turn(
+        merged, tokenizer
+    )  # before the system prompt joins the template: its text is no marker
+    if data.get("system_prompt"):
+        notes.append(_open_with_system_prompt(tokenizer, data["system_prompt"]))
+    try:
+        with writing_directory(output_dir) as tmp:
+            merged.to(getattr(torch, dtype)).save_pretrained(tmp)  # config (its dtype too), safetensors
+            tokenizer.save_pretrained(tmp)
+    except OSError as exc:  # disk full, no permission, a parent that is a file
+        raise ModelLoadError(f"--output {output_dir}: cannot write the merged model there ({exc})") from exc
     return MergeResult(output_dir, found, notes)
+
+
+def _run_tokenizer(
+    adapter_dir: Path, found: AdapterBase, chat_template: str | None, notes: list[str]
+) -> PreTrainedTokenizerBase:
+    """The tokenizer the adapter trained with: the run's own (it carries the run's chat template), else the base's
+    with the run's `data.chat_template` set as the run set it (run.py `prepare`). A checkpoint-N directory holds
+    config.yaml but no tokenizer, and the base's own template is not the one the run trained on."""
+    if (adapter_dir / "tokenizer_config.json").is_file():
+        return load_tokenizer(adapter_dir, found.trust_remote_code)
+    tokenizer = load_tokenizer(found.model_dir, found.trust_remote_code)
+    if chat_template:
+        tokenizer.chat_template = resolve_chat_template(tokenizer, chat_template)
+        notes.append(
+            f"chat template: data.chat_template {_clip(chat_template)} from {adapter_dir / 'config.yaml'}"
+        )
+    return tokenizer
+
+
+def _clip(text: str) -> str:
+    return repr(text) if len(text) <= 40 else repr(text[:37] + "...")
+
+
+def _open_with_system_prompt(tokenizer: PreTrainedTokenizerBase, system_prompt: str) -> str:
+    """Make the tokenizer's chat template open a conversation that has no system message with the run's
+    `data.system_prompt`, as the training rows were opened (data/load.py), so vLLM or any `apply_chat_template`
+    prompt the merged model as `tunewise generate` prompts the run. Returns the note that says so."""
+    template = tokenizer.chat_template
+    if not isinstance(template, str):  # none, or several named ones
+        return (
+            f"the run's data.system_prompt {_clip(system_prompt)} is not in the merged tokenizer (it has no single "
+            "chat template): send it as the first, system message when serving"
+        )
+    tokenizer.chat_template = default_system_block(system_prompt) + template
+    return (
+        f"the merged tokenizer's chat template opens conversations without a system message with the run's "
+        f"data.system_prompt {_clip(system_prompt)}, as training did"
+    )
+
+
+def default_system_block(system_prompt: str) -> str:
+    """Jinja that puts `system_prompt` first in `messages` unless a system message is there; prepended to a chat
+    template. The prompt is a Jinja string literal: JSON's escapes (quote, backslash, control characters) are
+    Jinja's too, and a `%}` or `{{` inside a literal is text, not syntax."""
+    # Non-ASCII as it is: Jinja would read an emoji's JSON escape (\ud83d\ude00) as two lone surrogates.
+    literal = json.dumps(system_prompt, ensure_ascii=False)
+    return (
+        "{%- if not messages or messages[0]['role'] != 'system' %}"
+        f"{{%- set messages = [{{'role': 'system', 'content': {literal}}}] + messages %}}"
+        "{%- endif %}"
+    )
