@@ -142,9 +142,8 @@ def merge_adapter(
     merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     data = _run_config(adapter_dir).get("data") or {}
     tokenizer = _run_tokenizer(adapter_dir, found, data.get("chat_template"), notes)
-    stop_at_end_of_turn(
-        merged, tokenizer
-    )  # before the system prompt joins the template: its text is no marker
+    # Before the system prompt joins the template: its text holds no end-of-turn marker.
+    stop_at_end_of_turn(merged, tokenizer)
     if data.get("system_prompt"):
         notes.append(_open_with_system_prompt(tokenizer, data["system_prompt"]))
     try:
