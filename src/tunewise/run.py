@@ -70,7 +70,9 @@ from tunewise.training.progress import EvalBars, TrainProgress
 from tunewise.training.resume import (
     GracefulStop,
     RunCheckpointer,
+    best_checkpoint,
     find_resume_checkpoint,
+    forget_missing_best,
     load_best,
     restore,
     roll_back,
@@ -306,7 +308,7 @@ def loop_settings(prep: Prepared) -> LoopSettings:
         per_device_batch_size=int(t.per_device_train_batch_size),
         gradient_accumulation_steps=int(t.gradient_accumulation_steps),
         total_steps=s.plan.total_steps,
-        steps_per_epoch=s.plan.steps_per_epoch,
+        batches_per_epoch=s.plan.batches_per_epoch,
         max_steps_overrides=s.plan.max_steps_overrides,
         logging_steps=s.logging_steps,
         eval_steps=s.eval_steps,
@@ -414,6 +416,7 @@ def train(
             scaler=accelerator.scaler,
         )
         before = ck.trainer_state.get("eval_before", {})
+        forget_missing_best(state, output_dir)
         writer.truncate_metrics(after_step=state.step)
         if main:
             console.print(
@@ -493,6 +496,7 @@ def train(
         "tokens": state.tokens,
         "best_step": state.best_step,
         "best_metric": state.best_metric,
+        "best_checkpoint": best_checkpoint(state, loaded=False),
         "stop_reason": state.stop_reason,
         "skipped_steps": state.skipped_steps,
         "memory_check": state.memory_check,
@@ -503,13 +507,13 @@ def train(
             print_resume_command(console, state.step, config, overrides)
         return summary
     after = evals.get(state.step)
-    if t.load_best_model_at_end and state.best_step is not None:
-        load_best(prep.model, output_dir / f"checkpoint-{state.best_step}")
-        after = None
+    if t.load_best_model_at_end:
+        done = load_best(prep.model, output_dir, state, t.metric_for_best_model)
+        if state.best_checkpoint is not None:
+            after = None  # evaluated afresh: the weights are the checkpoint's
+            summary["best_checkpoint"] = best_checkpoint(state, loaded=True)
         if main:
-            console.print(
-                f"loaded the best checkpoint (step {state.best_step}, {t.metric_for_best_model} {state.best_metric:.4f})"
-            )
+            console.print(done)
     if after is None or "_answers" not in after:
         bars = EvalBars(console) if main else None
         after = final_evaluation(prep, loss_module, accelerator, state.step, config, overrides, bars)

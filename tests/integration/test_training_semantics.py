@@ -14,6 +14,7 @@ import io
 import itertools
 import json
 import math
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,14 @@ from accelerate.state import AcceleratorState
 from peft import get_peft_model_state_dict
 from rich.console import Console
 from safetensors.torch import load_file
-from transformers import EarlyStoppingCallback, Trainer, TrainerControl, TrainerState, get_scheduler
+from transformers import (
+    EarlyStoppingCallback,
+    Trainer,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+    get_scheduler,
+)
 from transformers.trainer_utils import SaveStrategy
 
 import tunewise.run
@@ -83,6 +91,7 @@ class Run:
     summary: dict
     rows: list[dict]
     out: Path
+    printed: str = ""  # what the run printed
 
     @property
     def train_rows(self) -> list[dict]:
@@ -99,12 +108,14 @@ class Run:
         return sorted(int(p.name.split("-")[1]) for p in self.out.glob("checkpoint-*"))
 
 
-def train(config: dict) -> Run:
+def train(config: dict, **kwargs: Any) -> Run:
+    """tunewise.run.train (`kwargs`: resume=...) and what it wrote."""
     AcceleratorState._reset_state(reset_partial_state=True)  # see fresh_accelerator
-    summary = tunewise.run.train(config, console=Console(file=io.StringIO()))
+    printed = io.StringIO()
+    summary = tunewise.run.train(config, console=Console(file=printed, width=200), **kwargs)
     out = Path(config["training"]["output_dir"])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return Run(summary, rows, out)
+    return Run(summary, rows, out, printed.getvalue())
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +236,7 @@ def fit_tiny_model(total_steps: int, hooks: Hooks, **settings: Any) -> LoopState
         "per_device_batch_size": 4,
         "gradient_accumulation_steps": 1,
         "total_steps": total_steps,
-        "steps_per_epoch": 4,
+        "batches_per_epoch": 4,
         "max_steps_overrides": True,
         "logging_steps": 1,
         "eval_steps": None,
@@ -693,6 +704,43 @@ def test_logged_loss_is_the_mean_since_the_last_log() -> None:
     assert len({r["loss"] for r in every}) == 7, "the loss moves from step to step"
 
 
+def test_a_run_that_stops_early_logs_its_last_step_once() -> None:
+    """docs/training.md (Cadence): a row at the last step however the run stops, its loss the mean of the steps
+    since the previous row; never two rows for one step."""
+    every: list[dict] = []
+    fit_tiny_model(7, Hooks(log=every.append))
+
+    def mean_loss(steps: range) -> float:
+        return sum(every[s - 1]["loss"] for s in steps) / len(steps)
+
+    def rising(step: int) -> dict:  # with patience 2, training stops at step 3
+        return {"eval_loss": 3.0 + step}
+
+    for logging_steps, rows, last in ((2, [2, 3], range(3, 4)), (3, [3], range(1, 4)), (4, [3], range(1, 4))):
+        logged: list[dict] = []
+        hooks = Hooks(evaluate=rising, log=logged.append)
+        state = fit_tiny_model(7, hooks, eval_steps=1, early_stopping_patience=2, logging_steps=logging_steps)
+        assert state.stop_reason == "early_stopping" and [r["step"] for r in logged] == rows
+        assert logged[-1]["loss"] == pytest.approx(mean_loss(last), abs=1e-12)
+
+    calls = itertools.count(1)
+    logged = []
+    state = fit_tiny_model(7, Hooks(log=logged.append, should_stop=lambda: next(calls) >= 5), logging_steps=4)
+    assert state.stop_reason == "interrupted" and [r["step"] for r in logged] == [4, 5]
+    assert logged[-1]["loss"] == pytest.approx(every[4]["loss"], abs=1e-12)
+
+    def fail_at_6(step: int) -> dict:
+        if step == 6:
+            raise RuntimeError("a failing evaluation")
+        return {}
+
+    logged = []
+    with pytest.raises(RuntimeError, match="a failing evaluation"):
+        fit_tiny_model(7, Hooks(log=logged.append, evaluate=fail_at_6), eval_steps=1, logging_steps=4)
+    assert [r["step"] for r in logged] == [4, 6]
+    assert logged[-1]["loss"] == pytest.approx(mean_loss(range(5, 7)), abs=1e-12)
+
+
 # ------------------------------------------------------------------------------------------ early stopping
 
 
@@ -778,6 +826,83 @@ def test_early_stopping_and_load_best_model_end_to_end(make_config: ConfigMaker)
     assert best.keys() <= final.keys()
     assert all(torch.equal(final[name], tensor) for name, tensor in best.items())
     assert run.summary["eval_after"]["eval_loss"] == pytest.approx(min(during), abs=1e-6)
+
+
+def hf_best_checkpoint(evals: dict[int, float], saves: list[int]) -> tuple[int | None, int | None]:
+    """(best_global_step, the step of best_model_checkpoint) by HF's own _determine_best_metric after each
+    evaluation, and _save_checkpoint's rule (trainer.py) at each save: best_global_step's checkpoint, if saved."""
+    args = SimpleNamespace(
+        greater_is_better=False, metric_for_best_model="eval_loss", save_strategy=SaveStrategy.STEPS
+    )
+    state = TrainerState()
+    trainer = SimpleNamespace(args=args, state=state)
+    saved: set[int] = set()
+    best_checkpoint = None
+    for step in sorted({*evals, *saves}):
+        state.global_step = step
+        if step in evals:  # evaluation comes before the save of the same step (_maybe_log_save_evaluate)
+            Trainer._determine_best_metric(trainer, {"eval_loss": evals[step]}, None)  # type: ignore[arg-type]
+        if step in saves:
+            saved.add(step)
+            if state.best_global_step in saved:
+                best_checkpoint = state.best_global_step
+    return state.best_global_step, best_checkpoint
+
+
+def weights_equal(a: Path, b: Path) -> bool:
+    first, second = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    return first.keys() <= second.keys() and all(torch.equal(second[k], t) for k, t in first.items())
+
+
+@pytest.mark.parametrize("learning_rate", [0.5, 1.0])
+def test_load_best_model_at_end_loads_the_best_saved_checkpoint(
+    make_config: ConfigMaker, learning_rate: float
+) -> None:
+    """eval_steps 2 with save_steps 4, HF's usual pair: the best evaluation can fall between checkpoints. As HF, the
+    weights loaded are best_model_checkpoint's, the newest checkpoint whose evaluation was the best so far (0.5:
+    the best is step 10's, so checkpoint-8), or none (1.0: the best is step 2's); rotation keeps that one."""
+    config = make_config(
+        validation=True,
+        adapter={"method": "full"},
+        training={
+            "max_steps": 12,
+            "learning_rate": learning_rate,
+            "lr_scheduler_type": "constant",
+            "eval_steps": 2,
+            "save_steps": 4,
+            "save_total_limit": 1,
+            "load_best_model_at_end": True,
+        },
+    )
+    run = train(config)  # checkpoint-<best_step> does not exist: this raised "checkpoint damaged"
+    evals = {r["step"]: r["eval_loss"] for r in run.eval_rows[1:-1]}  # not "before" nor the final one
+    best_step, best_saved = hf_best_checkpoint(evals, [4, 8, 12])
+    assert best_step is not None and best_step % 4, f"the best evaluation fell on a checkpoint: {evals}"
+    assert (run.summary["best_step"], run.summary["best_metric"]) == (best_step, evals[best_step])
+    if best_saved is None:
+        assert run.summary["best_checkpoint"] is None
+        assert run.checkpoints() == [12] and weights_equal(run.out / "checkpoint-12", run.out)
+        assert "the final weights stay: no checkpoint had the best evaluation so far" in run.printed
+        return
+    assert run.summary["best_checkpoint"] == {"step": best_saved, "metric": evals[best_saved], "loaded": True}
+    assert (
+        f"loaded the best checkpoint, checkpoint-{best_saved} (eval_loss {evals[best_saved]:.4f}); the "
+        f"best evaluation, eval_loss {evals[best_step]:.4f} at step {best_step}, fell between" in run.printed
+    )
+    assert run.checkpoints() == [best_saved, 12]
+    assert weights_equal(run.out / f"checkpoint-{best_saved}", run.out)
+    assert run.summary["eval_after"]["eval_loss"] == pytest.approx(evals[best_saved], abs=1e-6)
+
+    # A resume (here after the last step, as after an out-of-memory final evaluation) keeps the best checkpoint
+    # from checkpoint-12's state (best_step there is 10); once that checkpoint is gone it is forgotten, as in HF.
+    resumed = train(config, resume=True)
+    assert resumed.summary["best_checkpoint"] == run.summary["best_checkpoint"]
+    assert resumed.summary["stop_reason"] == "max_steps"  # not null: the run ended at max_steps
+    assert weights_equal(run.out / f"checkpoint-{best_saved}", run.out)
+    shutil.rmtree(run.out / f"checkpoint-{best_saved}")
+    resumed = train(config, resume=True)
+    assert resumed.summary["best_checkpoint"] is None and resumed.summary["best_step"] == best_step
+    assert weights_equal(run.out / "checkpoint-12", run.out)
 
 
 def test_task_metric_can_pick_the_best_model(make_config: ConfigMaker) -> None:
@@ -870,6 +995,29 @@ def test_metrics_rows_and_summary(seeded_runs: dict[str, Run], make_config: Conf
     assert on_disk["stop_reason"] == "epochs"
     assert on_disk["best_step"] is None and on_disk["best_metric"] is None  # no validation set
     assert on_disk["total_steps"] == STEPS_PER_EPOCH
+
+
+def test_logged_epoch_counts_micro_batches_as_hf(make_config: ConfigMaker, tmp_path: Path) -> None:
+    """8 micro-batches per epoch with accumulation 3 make steps of 3, 3 and 2: HF's Trainer logs the micro-batches
+    drawn over those per epoch (3/8, 6/8, 1), not steps over steps per epoch (1/3, 2/3, 1)."""
+    run = train(make_config(training={"max_steps": 4, "gradient_accumulation_steps": 3}))
+    examples = [{"input_ids": [3, 4, 5, 6], "labels": [3, 4, 5, 6]}] * 64  # 64 rows / batch 8, as the run's
+    args = TrainingArguments(
+        str(tmp_path),
+        max_steps=4,
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+    )
+    trainer = Trainer(
+        model=build_tiny_model(VOCAB), args=args, train_dataset=datasets.Dataset.from_list(examples)
+    )
+    trainer.train()
+    hf = [row["epoch"] for row in trainer.state.log_history if "loss" in row]
+    assert [r["epoch"] for r in run.train_rows] == pytest.approx(hf, abs=1e-4) == [0.375, 0.75, 1.0, 1.375]
 
 
 def test_max_steps_stop_reason_and_eval_rows(make_config: ConfigMaker) -> None:

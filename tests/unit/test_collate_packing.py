@@ -228,7 +228,7 @@ def test_each_steps_micro_batches_run_largest_first_with_the_same_examples() -> 
     assert largest_first([[1], [2], [0]], [5, 5, 5]) == [[1], [2], [0]]  # ties keep the drawn order
     rng = random.Random(4)
     lengths = [rng.randint(10, 500) for _ in range(300)]
-    once = {"total_steps": 1, "steps_per_epoch": 1, "max_steps_overrides": False, "logging_steps": 1}
+    once = {"total_steps": 1, "batches_per_epoch": 1, "max_steps_overrides": False, "logging_steps": 1}
     never = {"eval_steps": None, "save_steps": None, "max_grad_norm": None}
     common = {"gradient_accumulation_steps": 4, "data_seed": 1, "pad_token_id": 0, **once, **never}
     drawn = batch_indices(lengths, 2, shuffle=True, seed=1, group_by_length=False)

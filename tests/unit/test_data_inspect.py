@@ -124,7 +124,7 @@ def test_padding_waste_counts_the_regrouping_within_each_step_as_the_loop_does()
     alone, in_steps = padding_waste(lengths, 2, seed=1), padding_waste(lengths, 2, seed=1, accumulation=4)
     assert in_steps["random"]["padding"] < alone["random"]["padding"] / 2.5  # 11,089 against 32,279
     assert in_steps["packed"] == alone["packed"]
-    once = {"total_steps": 1, "steps_per_epoch": 1, "max_steps_overrides": False, "logging_steps": 1}
+    once = {"total_steps": 1, "batches_per_epoch": 1, "max_steps_overrides": False, "logging_steps": 1}
     never = {"eval_steps": None, "save_steps": None, "max_grad_norm": None}
     settings = LoopSettings(
         per_device_batch_size=2, gradient_accumulation_steps=4, data_seed=1, pad_token_id=0, **once, **never
@@ -273,7 +273,7 @@ def test_padded_rows_of_a_token_budget_cost_what_the_loop_cuts() -> None:
     assert cut == {"tokens": 384, "padding": 104, "waste_percent": 27.08}  # two rows of 140 -> 192
     rng = random.Random(0)
     lengths = [rng.randint(10, 500) for _ in range(400)]
-    once = {"total_steps": 1, "steps_per_epoch": 1, "max_steps_overrides": False, "logging_steps": 1}
+    once = {"total_steps": 1, "batches_per_epoch": 1, "max_steps_overrides": False, "logging_steps": 1}
     never = {"eval_steps": None, "save_steps": None, "max_grad_norm": None}
     budget = {"packing": True, "max_tokens_per_micro_batch": 1024, "pad_to_multiple_of": 64}
     settings = LoopSettings(

@@ -781,17 +781,19 @@ _ENTRIES = [
     ),
     _k(
         "save_total_limit",
-        what="Keep at most this many checkpoints, deleting the oldest; with load_best_model_at_end the best "
-        "checkpoint is never deleted.",
+        what="Keep at most this many checkpoints, deleting the oldest; the best checkpoint (the one "
+        "load_best_model_at_end loads) is never deleted.",
         hf=_TA + "save_total_limit",
         why="2: the latest to resume from and one before it, without filling the disk.",
         mistakes="null on a long full fine-tune: each checkpoint holds the model and optimizer state.",
     ),
     _k(
         "load_best_model_at_end",
-        what="At the end, restore the checkpoint with the best metric_for_best_model instead of keeping the "
-        "last weights. As in HF, save_steps must be a multiple of eval_steps so every checkpoint was "
-        "evaluated.",
+        what="At the end, restore the best checkpoint instead of keeping the last weights. As in HF "
+        "(best_model_checkpoint), that is the newest checkpoint whose own step's evaluation was the best so far "
+        "when it was saved: when the best evaluation falls between checkpoints (eval_steps 2, save_steps 4), an "
+        "earlier one, or none, and then the last weights stay; a line says which. As in HF, save_steps must be "
+        "a multiple of eval_steps so every checkpoint was evaluated.",
         hf=_TA + "load_best_model_at_end",
         why="false: the final weights are the default result.",
         interactions="eval_steps, save_steps, metric_for_best_model, greater_is_better.",

@@ -230,7 +230,7 @@ class TrainingConfig(_Section):
     save_total_limit: int | None = Field(default=2, ge=1)
     """Keep at most this many checkpoints (the best one is never deleted)."""
     load_best_model_at_end: bool = False
-    """Restore the checkpoint with the best metric_for_best_model when training ends."""
+    """Restore the best checkpoint (the newest whose evaluation was the best so far, as HF) when training ends."""
     metric_for_best_model: str = "eval_loss"
     """Metric that decides 'best' for early stopping and load_best_model_at_end."""
     greater_is_better: bool | None = None

@@ -50,7 +50,9 @@ class LoopSettings:
     per_device_batch_size: int
     gradient_accumulation_steps: int
     total_steps: int
-    steps_per_epoch: int
+    # Micro-batches each process draws in one pass over the data (StepPlan.batches_per_epoch): the
+    # denominator of the logged epoch, as HF's steps_in_epoch.
+    batches_per_epoch: int
     max_steps_overrides: bool
     logging_steps: int
     eval_steps: int | None
@@ -84,8 +86,13 @@ class LoopState:
     window: int = 0  # next accumulation window within `epoch`
     tokens: int = 0  # non-padding input tokens seen
     target_tokens: int = 0
-    best_metric: float | None = None
+    best_metric: float | None = None  # the best evaluation and its step (HF's best_metric, best_global_step)
     best_step: int | None = None
+    # The newest checkpoint whose evaluation was the best so far when it was saved, and that value: what
+    # load_best_model_at_end loads and rotation keeps (HF's best_model_checkpoint). Not best_step's own
+    # checkpoint, which does not exist when that evaluation fell between saves.
+    best_checkpoint: int | None = None
+    best_checkpoint_metric: float | None = None
     evals_without_improvement: int = 0
     consecutive_nonfinite: int = 0
     skipped_steps: list[int] = field(default_factory=list)
@@ -185,6 +192,29 @@ def make_collate(settings: LoopSettings) -> Callable[[list[dict]], dict[str, tor
         pad_to_length=settings.max_seq_length if settings.padding == "max_length" else None,
         pad_to_multiple_of=settings.pad_to_multiple_of,
     )
+
+
+def logged_epoch(settings: LoopSettings, epoch: int, window: int) -> float:
+    """The `epoch` of a row after accumulation window `window` (from 0) of `epoch`, as HF's
+    `epoch + (step + 1) / steps_in_epoch`: micro-batches drawn so far over micro-batches per pass, both
+    on one process, the last window of a pass short when the accumulation does not divide it.
+
+    Fix (test_training_semantics.py): it counted windows over steps per epoch, 1/3 after the first of 3
+    steps over 8 micro-batches with accumulation 3, where HF logs 3/8."""
+    drawn = min((window + 1) * settings.gradient_accumulation_steps, settings.batches_per_epoch)
+    return round(epoch + drawn / settings.batches_per_epoch, 4)
+
+
+def _save(state: LoopState, hooks: Hooks) -> None:
+    """Checkpoint this step, first noting whether it is the best checkpoint, as HF's `_save_checkpoint`
+    (trainer.py) does: a checkpoint is the best one when the best evaluation so far is its own step's.
+
+    Fix (test_training_semantics.py): load_best_model_at_end loaded checkpoint-<best_step>, which does not
+    exist when that evaluation fell between saves (eval_steps 2, save_steps 4)."""
+    assert hooks.save is not None
+    if state.best_step is not None and state.best_step == state.step:
+        state.best_checkpoint, state.best_checkpoint_metric = state.step, state.best_metric
+    hooks.save(state)
 
 
 def _improved(value: float, best: float | None, greater: bool, threshold: float) -> bool:
@@ -296,6 +326,21 @@ def collate_micro_batch(
     }
 
 
+@dataclass
+class PendingLog:
+    """The losses of the steps since the last `metrics.jsonl` row, and the row of the last finished step."""
+
+    losses: list[float] = field(default_factory=list)
+    row: dict | None = None
+
+    def write(self, hooks: Hooks) -> None:
+        """Log the last finished step's row, its loss the mean since the previous row (as HF); a no-op when
+        every finished step is in a row already."""
+        if hooks.log and self.losses and self.row is not None:
+            hooks.log({**self.row, "loss": sum(self.losses) / len(self.losses)})
+        self.losses.clear()
+
+
 def fit(
     accelerator: Accelerator,
     loss_module: torch.nn.Module,
@@ -308,12 +353,49 @@ def fit(
     progress: TrainProgress | None = None,
 ) -> LoopState:
     _refuse_silent_fp32(accelerator)
+    # Fix (test_training_semantics.py): rows came only at multiples of logging_steps and at total_steps, so a
+    # run that stopped before (early stopping, Ctrl-C, an error) never logged its last steps' losses. However
+    # it stops, the steps since the last row get one, at the last finished step.
+    pending = PendingLog()
+    try:
+        state = _train_steps(
+            accelerator,
+            loss_module,
+            optimizer,
+            scheduler,
+            train_dataset,
+            settings,
+            state,
+            hooks,
+            progress,
+            pending,
+        )
+    except BaseException:
+        try:
+            pending.write(hooks)
+        except OSError as error:  # a full disk, say: the error that stopped the run is the one to report
+            log.error("could not log the steps since the last metrics row: %s", first_line(error))
+        raise
+    pending.write(hooks)
+    return state
+
+
+def _train_steps(
+    accelerator: Accelerator,
+    loss_module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    train_dataset: object,
+    settings: LoopSettings,
+    state: LoopState,
+    hooks: Hooks,
+    progress: TrainProgress | None,
+    pending: PendingLog,
+) -> LoopState:
     lengths = list(train_dataset["length"])  # type: ignore[index]
     loss_module.train()
     started = time.perf_counter()
     tokens_at_start = state.tokens
-    # Fix (test_training_semantics.py): as HF, a logged "loss" is the mean over the steps since the last log.
-    losses_since_log: list[float] = []
     windows = windows_from(
         settings, train_dataset, lengths, state, accelerator.process_index, accelerator.num_processes
     )
@@ -351,7 +433,7 @@ def fit(
         if not math.isfinite(loss) or (not math.isfinite(grad_norm) and not scaled):
             if _skip_nonfinite(optimizer, state, example_ids, loss, grad_norm, settings, hooks):
                 state = _give_up_or_roll_back(state, hooks)
-                losses_since_log.clear()
+                pending.losses.clear()
                 windows = windows_from(
                     settings,
                     train_dataset,
@@ -376,22 +458,23 @@ def fit(
         seen = sum(lengths[i] for ids in example_ids for i in ids)
         state.tokens += global_count(accelerator, seen)
         state.target_tokens += targets
-        losses_since_log.append(loss)
         elapsed = time.perf_counter() - started
         row = {
             "step": state.step,
-            "epoch": round(epoch + (w + 1) / settings.steps_per_epoch, 4),
+            "epoch": logged_epoch(settings, epoch, w),
             "loss": loss,
             "learning_rate": learning_rate,
             "grad_norm": grad_norm,
             "tokens": state.tokens,
             "tokens_per_second": (state.tokens - tokens_at_start) / max(elapsed, 1e-9),
         }
+        pending.losses.append(loss)
+        pending.row = row
         if progress:
             progress.update(state.step, row)
-        if hooks.log and (state.step % settings.logging_steps == 0 or state.step == settings.total_steps):
-            hooks.log({**row, "loss": sum(losses_since_log) / len(losses_since_log)})
-            losses_since_log.clear()
+        # Fix (test_training_semantics.py): as HF, a logged "loss" is the mean over the steps since the last log.
+        if state.step % settings.logging_steps == 0 or state.step == settings.total_steps:
+            pending.write(hooks)
         if settings.eval_steps and state.step % settings.eval_steps == 0 and hooks.evaluate:
             after_step = capture_rng_state() if accelerator.num_processes == 1 else None
             if (failure := catch_out_of_memory(partial(_evaluate, state, settings, hooks))[1]) is not None:
@@ -413,7 +496,7 @@ def fit(
             or (settings.save_steps and state.step % settings.save_steps == 0)
             or save_time_due
         ):
-            hooks.save(state)
+            _save(state, hooks)
             last_saved = hooks.clock()
         if not memory_checked and state.stop_reason is None:  # after step 1 is logged and saved as usual
             memory_checked = True
@@ -423,6 +506,8 @@ def fit(
             )
             if progress:
                 progress.note(memory_check_line(state.memory_check, accelerator.device))
+    if state.stop_reason is None:  # resumed at its last step: nothing was left to train
+        state.stop_reason = "max_steps" if settings.max_steps_overrides else "epochs"
     return state
 
 
@@ -462,7 +547,7 @@ def _save_last_step(
     restore_rng_state(rng)
     state.stop_reason = reason
     try:
-        hooks.save(state)
+        _save(state, hooks)
     except (CheckpointError, OSError, RuntimeError) as error:  # the first error is the one to report
         log.error("could not save step %d before stopping: %s", state.step, first_line(error))
         return None

@@ -147,7 +147,11 @@ class RunCheckpointer:
         if not _all_finite(tensors):  # skipped updates should make this impossible; never persist it
             raise CheckpointError(f"refusing to save step {state.step}: the weights hold NaN or inf")
         weights_name, extra = _adapter_files(self.model)
-        keep = {self.output_dir / f"checkpoint-{state.best_step}"} if state.best_step else None
+        # Fix (test_training_semantics.py): this kept checkpoint-<best_step>, which does not exist when that
+        # evaluation fell between saves, while the best saved one went; HF's rotate_checkpoints keeps
+        # best_model_checkpoint.
+        best = state.best_checkpoint
+        keep = {self.output_dir / f"checkpoint-{best}"} if best is not None else None
         return save_checkpoint(
             self.output_dir,
             state.step,
@@ -239,6 +243,8 @@ def restore(
     restore_rng_state(ck.rng_state)  # last: nothing above may consume randomness after it
     fields = LoopState.__dataclass_fields__
     state = LoopState(**{k: v for k, v in ck.trainer_state.items() if k in fields})
+    if "best_checkpoint" not in ck.trainer_state:  # saved before tunewise recorded it: best_step's, if saved
+        state.best_checkpoint, state.best_checkpoint_metric = state.best_step, state.best_metric
     # Fix (test_crash_safety.py): the final and the interrupted checkpoint hold why that process stopped;
     # kept, it ended the resumed loop before its first step (a resumed Ctrl-C run never trained again).
     state.stop_reason = None
@@ -309,9 +315,45 @@ class GracefulStop:
             signal.signal(sig, handler)
 
 
-def load_best(model: torch.nn.Module, path: Path) -> None:
-    """load_best_model_at_end: the weights of the checkpoint at `path` into the live model."""
+def forget_missing_best(state: LoopState, output_dir: Path) -> None:
+    """After a resume: a best checkpoint the state names but `output_dir` no longer holds is forgotten, with
+    a warning, as HF's train() does with best_model_checkpoint; later evaluations may name another."""
+    if state.best_checkpoint is None or (output_dir / f"checkpoint-{state.best_checkpoint}").is_dir():
+        return
+    log.warning(
+        "the best checkpoint of the resumed run, checkpoint-%d, is not in %s: load_best_model_at_end can only "
+        "load a checkpoint saved from now on",
+        state.best_checkpoint,
+        output_dir,
+    )
+    state.best_checkpoint = state.best_checkpoint_metric = None
+
+
+def load_best(model: torch.nn.Module, output_dir: Path, state: LoopState, metric: str) -> str:
+    """load_best_model_at_end: the best checkpoint's weights into the live model, as HF's `_load_best_model`
+    loads best_model_checkpoint; returns what it did, for the console."""
+    if state.best_step is None:
+        return "load_best_model_at_end: nothing was evaluated during training; the final weights stay"
+    best = f"{metric} {state.best_metric:.4f} at step {state.best_step}"
+    if state.best_checkpoint is None:
+        return (
+            "load_best_model_at_end: the final weights stay: no checkpoint had the best evaluation so far when "
+            f"it was saved (the best: {best})"
+        )
+    path = output_dir / f"checkpoint-{state.best_checkpoint}"
     load_model_tensors(model, load_checkpoint(path).model_tensors)
+    done = f"loaded the best checkpoint, {path.name} ({metric} {state.best_checkpoint_metric:.4f})"
+    if state.best_checkpoint == state.best_step:
+        return done
+    return f"{done}; the best evaluation, {best}, fell between checkpoints"
+
+
+def best_checkpoint(state: LoopState, loaded: bool) -> dict | None:
+    """summary.json's `best_checkpoint`: the step and metric of the checkpoint load_best_model_at_end loads,
+    and whether it was loaded; None when no checkpoint's own evaluation was the best so far."""
+    if state.best_checkpoint is None:
+        return None
+    return {"step": state.best_checkpoint, "metric": state.best_checkpoint_metric, "loaded": loaded}
 
 
 def roll_back(
