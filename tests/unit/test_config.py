@@ -58,6 +58,17 @@ def write(tmp_path: Path, text: str, name: str = "train.yaml") -> Path:
         ("training", "per_device_train_batch_size", 0, "must be >= 1 (got 0)"),
         ("training", "gradient_accumulation_steps", -2, "must be >= 1 (got -2)"),
         ("training", "max_steps", -2, "must be >= -1 (got -2)"),
+        (
+            "training",
+            "max_steps",
+            0,
+            (
+                "must be -1 (train for num_train_epochs) or a step count >= 1; 0 would be one update at "
+                "learning rate 0 in transformers (got 0)"
+            ),
+        ),
+        ("training", "warmup_steps", -0.1, "must be >= 0 (got -0.1)"),
+        ("training", "warmup_steps", 2.5, "must be a whole number of steps, or a fraction below 1 (got 2.5)"),
         ("training", "seed", -1, "must be in [0, 4294967295] (got -1)"),
         ("training", "eval_steps", 0, "must be > 0 (got 0)"),
         ("training", "warmup_ratio", 1.5, "must be in [0, 1] (got 1.5)"),
@@ -108,13 +119,22 @@ def test_field_domain_messages(section: str, key: str, value: Any, message: str)
 def test_accepted_edge_values() -> None:
     cfg = load_config(
         {
-            "training": {"learning_rate": 1e-4, "max_steps": 0, "eval_steps": 0.25, "save_steps": 30.0},
+            "training": {
+                "learning_rate": 1e-4,
+                "max_steps": 1,
+                "eval_steps": 0.25,
+                "save_steps": 30.0,
+                "warmup_steps": 0.05,
+            },
             "adapter": {"init_lora_weights": "pissa_niter_4", "lora_dropout": 0.0},
             "data": {"validation_split": 100},
             "generation": {"top_p": 1.0, "temperature": 0},
         }
     )
     assert cfg.training.save_steps == 30 and isinstance(cfg.training.save_steps, int)
+    assert cfg.training.warmup_steps == 0.05  # transformers 5's spelling of a 5% warmup
+    whole = load_config({"training": {"warmup_steps": 10.0}}).training.warmup_steps
+    assert whole == 10 and isinstance(whole, int)
     assert cfg.data.validation_split == 100
 
 
@@ -380,6 +400,16 @@ def test_warmup_given_twice() -> None:
             "warning",
             "training.warmup_steps",
             "ignored: 0 means `warmup_ratio` (0.1) applies, as in HF; remove one of them",
+        )
+    ]
+    assert checks({"training": {"warmup_steps": 0.05, "warmup_ratio": 0.1}}) == [
+        (
+            "warning",
+            "training.warmup_ratio",
+            (
+                "ignored: `warmup_steps` (0.05) (a fraction of the run, as in transformers 5) is also set and "
+                "wins, as in HF; remove one of them"
+            ),
         )
     ]
 

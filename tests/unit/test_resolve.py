@@ -135,6 +135,13 @@ def test_user_warmup_ratio_is_hf_ceil() -> None:
     assert resolve_steps(res, 100, 1).warmup_steps == 3  # ceil(2.5)
 
 
+def test_a_warmup_steps_below_1_is_a_fraction_of_the_run_as_in_transformers_5() -> None:
+    res = resolve_static(load_config({"training": {"warmup_steps": 0.05, "max_steps": 50}}), CPU)
+    assert resolve_steps(res, 100, 1).warmup_steps == 3  # TrainingArguments.get_warmup_steps: ceil(0.05 x 50)
+    choice = res.choices["training.warmup_steps"]
+    assert (choice.value, choice.source) == (3, "user") and "is a ratio" in choice.reason
+
+
 def test_resolved_config_reloads_without_warnings_about_ignored_keys() -> None:
     from tunewise.config.load import dump_config
     from tunewise.config.rules import check_config

@@ -467,7 +467,8 @@ _ENTRIES = [
     _k(
         "max_steps",
         what="The total number of optimizer updates. max_steps > 0 overrides num_train_epochs, as in HF; "
-        "-1 (or 0) trains for num_train_epochs.",
+        "-1 trains for num_train_epochs. 0 is refused: transformers would record 0 steps yet run one update "
+        "(at learning rate 0 under the linear schedule) before stopping.",
         hf=_TA + "max_steps",
         why="-1: length comes from epochs, which scales with the dataset.",
         interactions="num_train_epochs (ignored when > 0); warmup_ratio and fractional steps are fractions "
@@ -602,7 +603,7 @@ _ENTRIES = [
         "then stays flat.",
         hf=_TA + "lr_scheduler_type",
         why="linear, HF's default; cosine is an equally good common choice.",
-        interactions="lr_scheduler_kwargs; warmup (not applied by constant).",
+        interactions="lr_scheduler_kwargs; warmup (refused with constant, which has none).",
         mistakes="constant with warmup: transformers silently skips the warmup (tunewise refuses it); use "
         "constant_with_warmup.",
     ),
@@ -628,12 +629,16 @@ _ENTRIES = [
     ),
     _k(
         "warmup_steps",
-        what="Warmup length in optimizer steps; wins over warmup_ratio when both are set, as in HF.",
-        hf=_TA + "warmup_steps",
+        what="Warmup length in optimizer steps, during which the rate rises linearly from 0 to learning_rate. "
+        "A value below 1 is a fraction of the total steps, as in transformers 5 (which dropped warmup_ratio): "
+        "0.05 means ceil(5% of the steps). From 1 up it must be a whole number (transformers would truncate "
+        "2.5 to 2). Wins over warmup_ratio when both are set, as in HF.",
+        hf=_TA + "warmup_steps (a float in transformers 5)",
         why="unset: warmup comes from warmup_ratio (or the 3% default).",
         full="a few % of total steps",
         lora="a few % of total steps",
-        interactions="warmup_ratio (overridden); lr_scheduler_type constant ignores it.",
+        interactions="warmup_ratio (overridden); lr_scheduler_type constant has no warmup, so tunewise refuses "
+        "any warmup with it (transformers would skip it silently): use constant_with_warmup.",
         mistakes="A fixed step count copied from a longer run: it can exceed the whole run.",
     ),
     _k(

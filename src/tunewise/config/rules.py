@@ -55,7 +55,9 @@ def _warmup_twice(cfg: TunewiseConfig) -> list[Problem]:
     if t.warmup_steps == 0:  # HF reads warmup_steps 0 as "use warmup_ratio"
         message = f"ignored: 0 means `warmup_ratio` ({t.warmup_ratio}) applies, as in HF; remove one of them"
         return [Problem("training.warmup_steps", message, "warning")]
-    message = f"ignored: `warmup_steps` ({t.warmup_steps}) is also set and wins, as in HF; remove one of them"
+    # Below 1 warmup_steps is transformers 5's spelling of the ratio, and wins as a step count does.
+    spelled = " (a fraction of the run, as in transformers 5)" if t.warmup_steps < 1 else ""
+    message = f"ignored: `warmup_steps` ({t.warmup_steps}){spelled} is also set and wins, as in HF; remove one of them"
     return [Problem("training.warmup_ratio", message, "warning")]
 
 

@@ -170,7 +170,7 @@ class TrainingConfig(_Section):
     num_train_epochs: float = Field(default=3.0, gt=0)
     """Passes over the training data (fractional allowed); ignored when max_steps > 0."""
     max_steps: int = Field(default=-1, ge=-1)
-    """Total optimizer updates; > 0 overrides num_train_epochs, as in HF."""
+    """Total optimizer updates; > 0 overrides num_train_epochs, as in HF; -1 trains for num_train_epochs."""
     per_device_train_batch_size: PositiveInt | Auto = 8
     """Sequences per micro-batch per device; auto derives it from effective_batch_size."""
     per_device_eval_batch_size: int = Field(default=16, ge=1)
@@ -195,8 +195,8 @@ class TrainingConfig(_Section):
     """Extra scheduler arguments (num_cycles, min_lr_rate, power, lr_end)."""
     warmup_ratio: float | None = Field(default=None, ge=0.0, le=1.0)
     """Fraction of total steps spent warming up linearly from 0."""
-    warmup_steps: int | None = Field(default=None, ge=0)
-    """Warmup length in optimizer steps; wins over warmup_ratio."""
+    warmup_steps: int | float | None = Field(default=None, ge=0)
+    """Warmup length in optimizer steps, or below 1 a fraction of total steps (as HF 5); wins over warmup_ratio."""
     weight_decay: float = Field(default=0.0, ge=0.0)
     """Decoupled (AdamW) weight decay on weight matrices, not on biases and norms."""
     optim: OptimizerName = "adamw_torch"
@@ -244,16 +244,33 @@ class TrainingConfig(_Section):
     nonfinite_policy: Literal["stop", "rollback"] = "stop"
     """On repeated non-finite steps: stop, or roll back to the last checkpoint with half the learning rate."""
 
-    @field_validator("logging_steps", "eval_steps", "save_steps")
+    # Fix (test_config.py): warmup_steps took integers only, so 0.05, transformers 5's spelling of a 5%
+    # warmup (TrainingArguments.warmup_steps: float, get_warmup_steps), was refused.
+    @field_validator("logging_steps", "eval_steps", "save_steps", "warmup_steps")
     @classmethod
     def _steps_or_fraction(cls, value: float | None) -> float | None:
-        # As HF TrainingArguments: below 1 is a fraction of the run, from 1 up a whole number of steps.
+        # As HF TrainingArguments: below 1 is a fraction of the run, from 1 up a whole number of steps (where
+        # HF's get_warmup_steps would silently truncate 2.5 warmup steps to 2, this asks).
         if isinstance(value, float) and value >= 1:
             if not value.is_integer():
                 raise PydanticCustomError(
                     "tunewise", "must be a whole number of steps, or a fraction below 1"
                 )
             return int(value)
+        return value
+
+    @field_validator("max_steps")
+    @classmethod
+    def _no_zero_steps(cls, value: int) -> int:
+        # Fix (test_config.py): 0 passed the schema and failed only once the data was built. transformers 5
+        # takes max_steps 0 as 0 steps (not epochs) yet runs one update before its stop check, at learning rate
+        # 0 under the default linear schedule: nothing a user would ask for.
+        if value == 0:
+            raise PydanticCustomError(
+                "tunewise",
+                "must be -1 (train for num_train_epochs) or a step count >= 1; 0 would be one update at "
+                "learning rate 0 in transformers",
+            )
         return value
 
 
