@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tunewise.config.load import load_config
+from tunewise.config.problems import ConfigError
 from tunewise.config.resolve import (
     Hardware,
     choose_batch,
@@ -102,6 +103,83 @@ def test_auto_micro_batches_are_capped_at_4_on_cpu_and_16_on_a_gpu() -> None:
         t = res.config.training
         got[name] = (t.per_device_train_batch_size, t.gradient_accumulation_steps)
     assert got == {"cpu": (4, 8), "gpu": (16, 2)}
+
+
+BATCH_KEYS = ("per_device_train_batch_size", "gradient_accumulation_steps")
+
+
+def batch_choices(training: dict, hw: Hardware = CPU) -> dict[str, tuple[int, str]]:
+    res = resolve_static(load_config({"training": training}), hw)
+    for key in BATCH_KEYS:
+        assert getattr(res.config.training, key) == res.choices[f"training.{key}"].value
+    return {
+        key: (res.choices[f"training.{key}"].value, res.choices[f"training.{key}"].source)
+        for key in BATCH_KEYS
+    }
+
+
+def test_a_batch_key_given_as_a_number_is_kept_and_only_the_auto_one_derived() -> None:
+    """STYLE rule 4: the auto key is the effective batch over the given one (and the devices), whatever the cap."""
+    per_device_auto = {"per_device_train_batch_size": "auto", "effective_batch_size": 16}
+    assert batch_choices({**per_device_auto, "gradient_accumulation_steps": 1}) == {
+        "per_device_train_batch_size": (16, "auto"),  # above the CPU cap of 4: accumulation 1 was asked for
+        "gradient_accumulation_steps": (1, "user"),
+    }
+    assert batch_choices(
+        {**per_device_auto, "gradient_accumulation_steps": 2}, Hardware("cpu", False, 2)
+    ) == {
+        "per_device_train_batch_size": (4, "auto"),  # 16 = 4 x 2 x 2 devices
+        "gradient_accumulation_steps": (2, "user"),
+    }
+    accumulation_auto = {"per_device_train_batch_size": 8, "gradient_accumulation_steps": "auto"}
+    assert batch_choices({**accumulation_auto, "effective_batch_size": 32}) == {
+        "per_device_train_batch_size": (8, "user"),
+        "gradient_accumulation_steps": (4, "auto"),
+    }
+    # A key left at its default is no choice of the user's: picked with the auto one (the CPU cap, target 16).
+    assert batch_choices({"gradient_accumulation_steps": "auto"}) == {
+        "per_device_train_batch_size": (4, "auto"),
+        "gradient_accumulation_steps": (4, "auto"),
+    }
+    res = resolve_static(load_config({"training": {**accumulation_auto, "effective_batch_size": 32}}), CPU)
+    assert res.choices["training.gradient_accumulation_steps"].reason == (
+        "32 = 8 per device x 4 accumulation x 1 devices, per_device_train_batch_size yours"
+    )
+
+
+@pytest.mark.parametrize(
+    ("training", "message"),
+    [
+        (
+            {
+                "per_device_train_batch_size": 8,
+                "gradient_accumulation_steps": "auto",
+                "effective_batch_size": 12,
+            },
+            (
+                "12 sequences per step is not a multiple of per_device_train_batch_size 8 x 1 device(s) (yours, so it "
+                "is kept); set effective_batch_size to 8 or 16, or per_device_train_batch_size: auto too"
+            ),
+        ),
+        (
+            {
+                "per_device_train_batch_size": "auto",
+                "gradient_accumulation_steps": 3,
+                "effective_batch_size": 16,
+            },
+            (
+                "16 sequences per step is not a multiple of gradient_accumulation_steps 3 x 1 device(s) (yours, so it "
+                "is kept); set effective_batch_size to 15 or 18, or gradient_accumulation_steps: auto too"
+            ),
+        ),
+    ],
+)
+def test_an_effective_batch_the_given_key_does_not_divide_is_an_error(training: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        resolve_static(load_config({"training": training}), CPU)
+    assert [(p.path, p.message) for p in caught.value.problems] == [
+        ("training.effective_batch_size", message)
+    ]
 
 
 def test_auto_learning_rate_and_4bit_for_qlora() -> None:

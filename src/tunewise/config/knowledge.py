@@ -531,7 +531,8 @@ _ENTRIES = [
         what="The number of sequences per optimizer update you want (per-device x accumulation x devices); "
         "when a batch key is auto, tunewise picks the largest per-device batch (up to 4 on CPU, where 4 "
         "trained as fast as 8 with 60-70% of the memory, and 16 on a GPU) that divides it and accumulates "
-        "the rest.",
+        "the rest. When you set the other batch key to a number, that number is kept and the auto one is "
+        "this over it (and the devices); a value it does not divide is an error.",
         hf="tunewise",
         why="null: an auto batch then targets 16 sequences per update, a middle-of-the-road value for "
         "fine-tuning; set it to choose another.",

@@ -102,16 +102,40 @@ def choose_learning_rate(method: str) -> tuple[float, str]:
 
 
 def choose_batch(effective: int, world_size: int, cap: int) -> tuple[int, int, str]:
-    """Largest per-device batch <= cap that divides the per-device share of `effective`."""
+    """Both batch keys `auto`: the largest per-device batch <= cap that divides the per-device share of
+    `effective`, and the accumulation that makes up the rest."""
     if effective % world_size:
-        raise ValueError(
-            f"training.effective_batch_size: {effective} is not divisible by the {world_size} devices"
-        )
+        raise ValueError(f"{effective} is not divisible by the {world_size} devices")
     share = effective // world_size
     per_device = max(d for d in range(1, min(cap, share) + 1) if share % d == 0)
     accumulation = share // per_device
     reason = f"{effective} = {per_device} per device x {accumulation} accumulation x {world_size} devices"
     return per_device, accumulation, reason
+
+
+def choose_batch_key(effective: int, world_size: int, given_key: str, given: int) -> tuple[int, str]:
+    """One batch key `auto`, the other (`given_key`) a number the user set: the auto one is `effective` /
+    (given x devices). The number is kept as it is, so an effective batch it does not divide is an error, not a
+    rounding of either."""
+    per_given = given * world_size
+    if effective % per_given:
+        nearest = sorted(
+            {n for n in (effective // per_given * per_given, -(-effective // per_given) * per_given) if n}
+        )
+        raise ValueError(
+            f"{effective} sequences per step is not a multiple of {given_key} {given} x {world_size} device(s) "
+            f"(yours, so it is kept); set effective_batch_size to {' or '.join(map(str, nearest))}, or "
+            f"{given_key}: auto too"
+        )
+    derived = effective // per_given
+    per_device, accumulation = (
+        (given, derived) if given_key == "per_device_train_batch_size" else (derived, given)
+    )
+    reason = (
+        f"{effective} = {per_device} per device x {accumulation} accumulation x {world_size} devices, "
+        f"{given_key} yours"
+    )
+    return derived, reason
 
 
 def choose_warmup_ratio() -> tuple[float, str]:
@@ -166,18 +190,33 @@ def resolve_static(cfg: TunewiseConfig, hw: Hardware, config_file: Path | None =
     else:
         keep("training.learning_rate", t.learning_rate)
 
-    if t.per_device_train_batch_size == "auto" or t.gradient_accumulation_steps == "auto":
+    batch_keys = ("per_device_train_batch_size", "gradient_accumulation_steps")
+    autos = [k for k in batch_keys if getattr(t, k) == "auto"]
+    if autos:
         effective = t.effective_batch_size or DEFAULT_EFFECTIVE_BATCH_SIZE
         # CPU: micro-batches of 4 packed examples trained as fast as one of 8 at 60-70% of its peak RSS
         # (SmolLM2 LoRA: bf16 on an AMX Xeon 520 vs 517 tokens/s, 2.8 vs 4.6 GiB; fp32 on an older Xeon
         # 353 vs 354, 3.3 vs 4.7 GiB), and smaller padded batches pad less (docs/performance.md).
         cap = CPU_MICRO_BATCH_CAP if hw.device_type == "cpu" else 16
-        if t.per_device_train_batch_size != "auto":
-            cap = t.per_device_train_batch_size
-        per_device, accumulation, why = choose_batch(effective, hw.world_size, cap)
-        t.per_device_train_batch_size, t.gradient_accumulation_steps = per_device, accumulation
-        res.record("training.per_device_train_batch_size", per_device, "auto", why)
-        res.record("training.gradient_accumulation_steps", accumulation, "auto", why)
+        # Fix (test_resolve.py): with one key auto, a number the user set for the other was chosen afresh too
+        # (accumulation 1 became 4, a per-device batch 8 became 6), recorded as auto; now it stays. One left at
+        # its default is no choice of theirs: the rule picks it with the auto one.
+        given = [k for k in batch_keys if k not in autos and f"training.{k}" in user]
+        try:
+            if given:
+                value, why = choose_batch_key(effective, hw.world_size, given[0], getattr(t, given[0]))
+                chosen = {other: value for other in batch_keys if other != given[0]}
+            else:
+                per_device, accumulation, why = choose_batch(effective, hw.world_size, cap)
+                chosen = dict(zip(batch_keys, (per_device, accumulation), strict=True))
+        except ValueError as error:
+            raise ConfigError([Problem("training.effective_batch_size", str(error))]) from None
+        for key in batch_keys:
+            if key in chosen:
+                setattr(t, key, chosen[key])
+                res.record(f"training.{key}", chosen[key], "auto", why)
+            else:
+                res.record(f"training.{key}", getattr(t, key), "user")
         t.effective_batch_size = None  # now spelled out by the two keys above, as config.yaml records
     else:
         keep("training.per_device_train_batch_size", t.per_device_train_batch_size)
