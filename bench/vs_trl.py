@@ -153,7 +153,9 @@ def tunewise_windows(
     windows: list[list[int]] = []
     epoch = 0
     while len(windows) < steps:
-        batches = batch_indices(lengths, micro, shuffle=True, seed=SEED + epoch, group_by_length=grouped)
+        batches = batch_indices(
+            lengths, micro, shuffle=True, seed=SEED + epoch, group_by_length=grouped, group_size=micro * accumulation
+        )
         for i in range(0, len(batches), accumulation):
             windows.append([j for b in batches[i : i + accumulation] for j in b])
         epoch += 1

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 from transformers import PreTrainedTokenizerBase
+from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from tunewise.data.collate import (
     batch_indices,
@@ -16,6 +17,7 @@ from tunewise.data.collate import (
     group_window_by_length,
     iterate_batches,
     largest_first,
+    length_grouped,
     pack_within,
     round_up,
     shifted_targets,
@@ -192,16 +194,51 @@ def test_every_index_appears_exactly_once_per_epoch(shuffle: bool, group_by_leng
     assert batches == batch_indices(lengths, 8, shuffle=shuffle, seed=3, group_by_length=group_by_length)
 
 
-def test_length_grouping_cuts_padding_keeps_order_random_and_puts_the_longest_first() -> None:
+def test_length_grouping_cuts_padding_and_puts_the_longest_first() -> None:
     rng = random.Random(0)
     lengths = [rng.randint(10, 1000) for _ in range(2000)]
     plain = batch_indices(lengths, 8, shuffle=True, seed=5, group_by_length=False)
     grouped = batch_indices(lengths, 8, shuffle=True, seed=5, group_by_length=True)
     assert padding_tokens(lengths, grouped) < padding_tokens(lengths, plain) / 5
     assert max(lengths[i] for i in grouped[0]) == max(lengths)
-    firsts = [max(lengths[i] for i in b) for b in grouped[1:50]]
-    assert firsts != sorted(firsts) and firsts != sorted(firsts, reverse=True)  # batches still shuffled
     assert grouped != batch_indices(lengths, 8, shuffle=True, seed=6, group_by_length=True)
+
+
+@pytest.mark.parametrize(("n", "group_size"), [(64, 8), (2000, 8), (1003, 24), (700, 3), (5, 8)])
+def test_length_grouping_is_hfs_length_grouped_sampler(n: int, group_size: int) -> None:
+    """HF's get_length_grouped_indices itself, given the same shuffled order: mega-batches of min(n // (4 x
+    group_size), 50) groups (64 examples in groups of 8: 2, not 50), each longest first, kept in order."""
+    rng = random.Random(n)
+    lengths = [rng.randint(10, 1000) for _ in range(n)]
+    hf = get_length_grouped_indices(lengths, group_size, generator=torch.Generator().manual_seed(n))
+    shuffled = torch.randperm(n, generator=torch.Generator().manual_seed(n)).tolist()  # HF's own draw
+    assert length_grouped(shuffled, lengths, group_size) == hf
+
+
+def test_the_loop_groups_lengths_by_the_examples_of_a_step_as_hf() -> None:
+    """HF's LengthGroupedSampler groups per_device x accumulation examples: one optimizer step's (all ranks' here)."""
+    rng = random.Random(2)
+    lengths = [rng.randint(10, 500) for _ in range(200)]
+    settings = LoopSettings(
+        per_device_batch_size=2,
+        gradient_accumulation_steps=4,
+        total_steps=1,
+        batches_per_epoch=1,
+        max_steps_overrides=False,
+        logging_steps=1,
+        eval_steps=None,
+        save_steps=None,
+        max_grad_norm=None,
+        data_seed=3,
+        pad_token_id=0,
+        group_by_length=True,
+    )
+    shuffled = list(range(200))
+    random.Random(3).shuffle(shuffled)
+    order = length_grouped(shuffled, lengths, 2 * 4)
+    steps = [sorted(order[i : i + 8]) for i in range(0, 200, 8)]
+    windows = epoch_windows(settings, lengths, epoch=0, rank=0, world=1)
+    assert [sorted(i for b in w for i in b) for w in windows] == steps
 
 
 def test_a_window_grouped_by_length_keeps_its_examples_and_sizes_and_cuts_padding() -> None:

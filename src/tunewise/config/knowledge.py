@@ -265,9 +265,11 @@ _ENTRIES = [
     ),
     _k(
         "group_by_length",
-        what="Draws batches of examples with similar lengths (still shuffled in large groups), so less of "
-        "each batch is padding.",
-        hf=_TA + "group_by_length",
+        what="Draws batches of examples with similar lengths, so less of each batch is padding, as HF's "
+        "LengthGroupedSampler: the shuffled examples are cut into mega-batches of up to 50 optimizer steps' "
+        "worth (fewer on small data, to keep about four), each sorted longest first, with the longest example "
+        "moved to the first step so an out-of-memory error shows at once.",
+        hf=_TA + 'train_sampling_strategy: "group_by_length" (transformers 5; group_by_length before)',
         why="false: random batches give a smoother loss curve; turn it on when lengths vary a lot.",
         interactions="padding: longest (no effect with max_length or packing).",
         mistakes="Reading a saw-toothed loss curve as instability: it comes from length-sorted batches.",

@@ -109,32 +109,46 @@ def collate_packed(
 
 
 def batch_indices(
-    lengths: Sequence[int], batch_size: int, *, shuffle: bool, seed: int, group_by_length: bool
+    lengths: Sequence[int],
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int,
+    group_by_length: bool,
+    group_size: int | None = None,
 ) -> list[list[int]]:
-    """Index lists, one per micro-batch, for one epoch.
+    """Index lists, one per micro-batch, for one epoch: the (shuffled) order cut into batches of `batch_size`.
 
-    With `group_by_length`, indices are shuffled, cut into mega-batches of 50 batches, each sorted by
-    length and re-cut into batches, and the batches shuffled: similar lengths share a batch while the
-    order stays random (the same scheme as HF's LengthGroupedSampler). As there, the batch holding the
-    longest example goes first, so a batch too large for memory fails at step 1, not hours in.
+    With `group_by_length` the order is HF's LengthGroupedSampler's (`length_grouped`), in groups of
+    `group_size` examples (default `batch_size`), which HF makes one optimizer step's examples.
     """
     order = list(range(len(lengths)))
-    rng = random.Random(seed)
     if shuffle:
-        rng.shuffle(order)
+        random.Random(seed).shuffle(order)
     if group_by_length:
-        mega = batch_size * 50
-        grouped: list[int] = []
-        for start in range(0, len(order), mega):
-            grouped += sorted(order[start : start + mega], key=lambda i: -lengths[i])
-        order = grouped
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    if group_by_length and shuffle:
-        rng.shuffle(batches)
-    if group_by_length and batches:
-        longest = max(range(len(batches)), key=lambda b: max(lengths[i] for i in batches[b]))
-        batches.insert(0, batches.pop(longest))
-    return batches
+        order = length_grouped(order, lengths, group_size or batch_size)
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def length_grouped(order: list[int], lengths: Sequence[int], group_size: int) -> list[int]:
+    """HF's `get_length_grouped_indices` (trainer_pt_utils.py) on an already shuffled `order`.
+
+    The order is cut into mega-batches of min(N // (4 x group_size), 50) groups (at least 1, so even a small
+    dataset keeps about four mega-batches of randomness), each sorted longest first and kept in place; then
+    the longest example is swapped to the very front, so a batch too large for memory fails at step 1.
+
+    Fix (test_collate_packing.py): this was documented as HF's scheme but always used 50 groups and then
+    shuffled the batches, which grouped a small dataset much more tightly than HF does.
+    """
+    per_mega = max(min(len(order) // (group_size * 4), 50), 1) * group_size
+    megas = [
+        sorted(order[i : i + per_mega], key=lambda i: lengths[i], reverse=True)
+        for i in range(0, len(order), per_mega)
+    ]
+    if megas:
+        top = max(range(len(megas)), key=lambda m: lengths[megas[m][0]])  # the first, as torch.argmax
+        megas[0][0], megas[top][0] = megas[top][0], megas[0][0]
+    return [i for mega in megas for i in mega]
 
 
 def group_window_by_length(batches: list[list[int]], lengths: Sequence[int]) -> list[list[int]]:

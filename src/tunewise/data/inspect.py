@@ -152,7 +152,14 @@ def padding_waste(
     as the loop does (`group_window_by_length`); with a token budget, packed ones are re-cut within each
     step into rows of at most that many tokens (`pack_within`), each rounded up to `pad_to_multiple_of`."""
     randomly = batch_indices(lengths, batch_size, shuffle=True, seed=seed, group_by_length=False)
-    grouped = batch_indices(lengths, batch_size, shuffle=True, seed=seed, group_by_length=True)
+    grouped = batch_indices(
+        lengths,
+        batch_size,
+        shuffle=True,
+        seed=seed,
+        group_by_length=True,
+        group_size=batch_size * accumulation,
+    )
     rows = randomly
     if max_tokens_per_micro_batch:
         steps = [randomly[i : i + accumulation] for i in range(0, len(randomly), accumulation)]

@@ -121,15 +121,19 @@ def epoch_windows(
     settings: LoopSettings, lengths: list[int], epoch: int, rank: int, world: int
 ) -> list[list[list[int]]]:
     """This rank's micro-batch indices for `epoch`, grouped into accumulation windows."""
+    k = settings.gradient_accumulation_steps
+    global_batch = settings.per_device_batch_size * world
     batches = batch_indices(
         lengths,
-        settings.per_device_batch_size * world,
+        global_batch,
         shuffle=True,
         seed=settings.data_seed + epoch,
         group_by_length=settings.group_by_length,
+        # HF groups by one optimizer step's examples (train_batch_size x accumulation); here all ranks' share,
+        # so the same examples form each step whatever the number of processes.
+        group_size=global_batch * k,
     )
     mine = [b[rank::world] for b in batches]
-    k = settings.gradient_accumulation_steps
     windows = [mine[i : i + k] for i in range(0, len(mine), k)]
     if settings.packing:  # packed rows hold no pads: only their order within the step is chosen
         if settings.max_tokens_per_micro_batch:
