@@ -8,12 +8,15 @@ import time
 from pathlib import Path
 
 import pytest
-from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig
+from transformers import BioGptConfig, GPT2Config, GPTNeoXConfig, LlamaConfig, OPTConfig
 
+from tunewise.config.knowledge import KNOWLEDGE
 from tunewise.config.load import load_config
 from tunewise.config.problems import ConfigError
 from tunewise.config.resolve import Hardware, resolve_static
+from tunewise.config.schema import field_doc
 from tunewise.models.load import (
+    HIDDEN_DROPOUT_NAMES,
     ModelLoadError,
     load_model,
     load_tokenizer,
@@ -32,6 +35,19 @@ def test_dropout_overrides_use_each_models_own_names() -> None:
     }
     assert model_overrides(GPTNeoXConfig(), 0.1, 0.2) == {"hidden_dropout": 0.1, "attention_dropout": 0.2}
     assert model_overrides(LlamaConfig(), None, None) == {}
+
+
+def test_model_dropout_is_the_hidden_dropout_its_docs_name_and_no_other() -> None:
+    """The field doc said "every `*dropout` key", yet BioGPT's activation_dropout (inside the MLP) and GPT-NeoX's
+    classifier_dropout are, rightly, left alone: the field doc and `explain` now name what it sets."""
+    biogpt = BioGptConfig()
+    assert biogpt.activation_dropout is not None and biogpt.attention_probs_dropout_prob is not None
+    assert model_overrides(biogpt, 0.3, None) == {"hidden_dropout_prob": 0.3}
+    assert model_overrides(GPTNeoXConfig(), 0.3, None) == {"hidden_dropout": 0.3}
+    assert model_overrides(OPTConfig(), 0.3, None) == {"dropout": 0.3}
+    for text in (field_doc("model", "dropout"), KNOWLEDGE["dropout"].what):
+        assert "every" not in text and "activation" in text and "classifier" in text
+    assert all(name in KNOWLEDGE["dropout"].what for name in HIDDEN_DROPOUT_NAMES)
 
 
 def test_dropout_override_the_model_lacks_is_an_error_not_a_no_op() -> None:

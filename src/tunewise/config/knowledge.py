@@ -106,10 +106,13 @@ _ENTRIES = [
     ),
     _k(
         "dropout",
-        what="Overrides the model config's dropout probabilities (hidden, residual, embedding; the names "
-        "vary by architecture), except attention dropout. Dropout zeroes a random fraction p of activations "
-        "in training and scales the rest by 1/(1-p), so eval sees the same expected values.",
-        hf="tunewise (sets the model config's *dropout fields)",
+        what="Overrides the model config's hidden dropout: on the residual stream and the embeddings, under "
+        "whichever of these names the config has: dropout, hidden_dropout, hidden_dropout_prob, resid_pdrop, "
+        "embd_pdrop, resid_dropout. Attention dropout has its own key, attention_dropout; dropout inside the MLP "
+        "(activation_dropout, e.g. BioGPT's) and a classifier head's stay as the model has them. Dropout zeroes "
+        "a random fraction p of activations in training and scales the rest by 1/(1-p), so eval sees the same "
+        "expected values.",
+        hf="tunewise (sets those model config fields)",
         why="null keeps the model's own value; most modern LLMs (Llama, Qwen, SmolLM) are pretrained with 0.",
         full="0 to 0.1",
         interactions="With LoRA, lora_dropout is the usual regulariser instead.",

@@ -75,7 +75,7 @@ class ModelConfig(_Section):
     trust_remote_code: bool = False
     """Run Python code shipped inside a model repository. Off unless you trust its author."""
     dropout: float | None = Field(default=None, ge=0.0, lt=1.0)
-    """Override of the model's hidden dropout (every `*dropout` key of its config but attention)."""
+    """Override of the model config's hidden (residual, embedding) dropout; not attention, activation or classifier."""
     attention_dropout: float | None = Field(default=None, ge=0.0, lt=1.0)
     """Override of the model config's attention dropout."""
 
