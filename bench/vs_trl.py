@@ -154,7 +154,12 @@ def tunewise_windows(
     epoch = 0
     while len(windows) < steps:
         batches = batch_indices(
-            lengths, micro, shuffle=True, seed=SEED + epoch, group_by_length=grouped, group_size=micro * accumulation
+            lengths,
+            micro,
+            shuffle=True,
+            seed=SEED + epoch,
+            group_by_length=grouped,
+            group_size=micro * accumulation,
         )
         for i in range(0, len(batches), accumulation):
             windows.append([j for b in batches[i : i + accumulation] for j in b])
