@@ -254,10 +254,18 @@ def fitting_token_budget(prep: Prepared, static_bytes: int, activations: dict) -
 
 def memory_by_method(prep: Prepared) -> dict[str, dict[str, int]]:
     """Per method: trainable parameters and bytes of weights, gradients, optimizer state (no activations)."""
+    from tunewise.config.resolve import choose_torch_dtype
     from tunewise.models.adapters import LoraSettings
     from tunewise.models.adapters import memory_by_method as estimate
 
     cfg, q = prep.config, prep.config.quantization
+    # Fix (test_run_contract.py): each other method in the dtype `torch_dtype: auto` would give it (a full
+    # fine-tune keeps fp32 weights), not in this run's: a bf16 LoRA run showed full at half its bytes.
+    other_dtypes = (
+        {m: choose_torch_dtype(cfg.training.precision, m) for m in ("full", "lora", "qlora")}
+        if prep.user_config.model.torch_dtype == "auto"
+        else None
+    )
     estimates = estimate(
         prep.model_dir,
         LoraSettings(**{k: getattr(cfg.adapter, k) for k in LoraSettings.__dataclass_fields__}),
@@ -267,6 +275,7 @@ def memory_by_method(prep: Prepared) -> dict[str, dict[str, int]]:
         bits=4 if q.load_in_4bit is True else 8 if q.load_in_8bit else None,
         double_quant=q.bnb_4bit_use_double_quant,
         trust_remote_code=cfg.model.trust_remote_code,
+        other_dtypes=other_dtypes,
     )
     return {method: e.as_dict() for method, e in estimates.items()}
 

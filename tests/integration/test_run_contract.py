@@ -170,6 +170,26 @@ def test_cli_plan_json(tiny_config: dict, tmp_path: Path) -> None:
     assert a["device_memory_bytes"] > a["run_bytes"] and a["out_of_memory"] is None and a["measured"]
 
 
+@pytest.mark.parametrize("torch_dtype", ["auto", "bfloat16"])
+def test_plan_counts_each_method_in_the_dtype_it_would_load(
+    tiny_config: dict, tmp_path: Path, torch_dtype: str
+) -> None:
+    """A bf16 LoRA run loads its frozen base in bf16; a full fine-tune would keep fp32 weights (torch_dtype auto),
+    so the plan's full row counts 4 bytes a weight, not the run's 2. A torch_dtype the user set holds for all."""
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(tiny_config))
+    sets = ["--set", "precision=bf16", "--set", f"torch_dtype={torch_dtype}"]
+    result = CliRunner().invoke(app, ["plan", str(path), "--json", *sets])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    full, lora = plan["memory_by_method"]["full"], plan["memory_by_method"]["lora"]
+    weight_bytes = 4 if torch_dtype == "auto" else 2
+    assert full["weights_bytes"] == weight_bytes * full["trainable_parameters"]
+    # LoRA's frozen base in bf16 either way, its adapters in fp32 (PEFT's autocast_adapter_dtype).
+    frozen = plan["total_parameters"] - lora["trainable_parameters"]
+    assert lora["weights_bytes"] == 2 * frozen + 4 * lora["trainable_parameters"]
+
+
 def test_cli_plan_warns_when_the_largest_micro_batch_will_not_fit(
     tiny_config: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -533,6 +533,24 @@ def test_packing_compile_and_checkpointing_follow_the_plain_loss_curve(make_conf
     assert len(set(plain.curve())) == 3, "the weights moved between steps"
 
 
+def test_full_fine_tuning_in_bf16_trains_packed_rows_as_padded_ones(make_config: ConfigMaker) -> None:
+    """fp32 weights under bf16 autocast hand the packed attention fp32 queries and bf16 values (rotary embeddings
+    run in fp32): the run trains, on the padded run's curve within bf16's rounding."""
+    runs = [
+        train(
+            make_config(
+                adapter={"method": "full"},
+                data={"packing": packing},
+                training={"max_steps": 3, "precision": "bf16", "learning_rate": 1e-3},
+            )
+        )
+        for packing in (False, True)
+    ]
+    padded, packed = runs
+    assert packed.curve() == pytest.approx(padded.curve(), abs=3e-2)
+    assert len(set(packed.curve())) == 3, "the weights moved between steps"
+
+
 def test_rounding_packed_rows_changes_neither_the_math_nor_the_token_count(make_config: ConfigMaker) -> None:
     """pad_to_multiple_of (bf16 on CPU sets 64) adds a filler example: no targets, attends to nothing else."""
     runs = [

@@ -173,6 +173,26 @@ def test_varlen_sdpa_attends_within_each_example_and_ignores_the_block_mask(
 
 
 @pytest.mark.parametrize("kernel", ["tunewise", "torch flash"])
+def test_varlen_sdpa_under_autocast_takes_fp32_queries_with_bf16_values(
+    kernel: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fp32 weights under bf16 autocast (full fine-tuning): rotary embeddings hand q and k over in fp32, v in bf16."""
+    if kernel == "torch flash":
+        monkeypatch.setattr(fast, "cpu_kernel_for", lambda query, bounds: None)
+    torch.manual_seed(9)
+    module = nn.Module()
+    module.num_key_value_groups, module.is_causal = 2, True
+    q, k, v = heads_view(30, 4), heads_view(30, 2), heads_view(30, 2).bfloat16()
+    bounds = [0, 7, 19, 30]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = fast.varlen_sdpa(module, q, k, v, None, scaling=0.5, cu_seq_lens_q=torch.tensor(bounds))
+    assert out.dtype == torch.bfloat16
+    lowp = [t.bfloat16().float() for t in (q, k, v)]  # what autocast rounds each input to
+    for (a, b), ref in zip(itertools.pairwise(bounds), per_example_reference(*lowp, bounds), strict=True):
+        assert torch.allclose(out[:, a:b].float(), ref, atol=2e-2)
+
+
+@pytest.mark.parametrize("kernel", ["tunewise", "torch flash"])
 def test_cpu_varlen_ops_pass_torch_library_opcheck(kernel: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # Fake (meta) kernels, autograd registration and schema agree with the real kernels: what
     # torch.compile relies on to keep a layer in one graph around them.

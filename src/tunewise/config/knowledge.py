@@ -303,7 +303,7 @@ _ENTRIES = [
         hf="tunewise (full: no PEFT; lora/qlora: peft.get_peft_model)",
         why="lora: most of full fine-tuning's quality for a fraction of the memory, and it trains on a CPU.",
         interactions="learning_rate (auto picks a different default per method); quantization keys.",
-        mistakes="Full fine-tuning with a LoRA learning rate; qlora on a CPU (bitsandbytes 4-bit wants CUDA).",
+        mistakes="Full fine-tuning with a LoRA learning rate; expecting qlora to be faster than lora: it saves memory, and dequantising the base each step costs time (on a CPU too, where bitsandbytes 4-bit runs).",
     ),
     _k(
         "r",
@@ -332,7 +332,7 @@ _ENTRIES = [
     _k(
         "lora_dropout",
         what="Dropout applied to the input of each LoRA branch (before A) during training; the frozen path "
-        "is untouched. On CPU tunewise draws the masks 4x cheaper than nn.Dropout (16-bit uniforms), so the "
+        "is untouched. On CPU tunewise draws the masks about 5x cheaper than nn.Dropout (16-bit uniforms), so the "
         "probability used is this one rounded to 1/65536 (0.05 -> 0.0500031), with exact rescaling. At 0 "
         "(and fp32) each adapted linear trains as one matmul with W + s B A instead of the frozen matmul "
         "plus two thin adapter matmuls: 14-23% more tokens/s on CPU (docs/performance.md).",
@@ -347,8 +347,9 @@ _ENTRIES = [
         "target_modules",
         what="Which layers get adapters. all-linear adds them to every linear layer except the output "
         "head; a list of names matches modules whose name ends with one of them (q_proj matches "
-        "model.layers.0.self_attn.q_proj); any other string is a regular expression matched against the "
-        "full module name.",
+        "model.layers.0.self_attn.q_proj), and so does a single plain name (q_proj: PEFT alone would read it "
+        "as a regular expression and match nothing); a string with regex characters must match the whole "
+        "module name (.*\\.(q|v)_proj). A target that matches nothing is an error listing the linear layers.",
         hf=_LC + "target_modules",
         why="all-linear: the QLoRA paper found adapters on every linear layer were needed to match full "
         "fine-tuning; attention-only adapters (q_proj, v_proj, the original LoRA paper's choice) learn less.",
@@ -397,8 +398,10 @@ _ENTRIES = [
     _k(
         "init_lora_weights",
         what="How LoRA matrices start. true: A random (Kaiming-uniform), B zero, so the adapter is a no-op "
-        "at step 0; gaussian: A Gaussian, B zero; pissa / olora / corda / eva / loftq: start from the base "
-        "weights or data (pissa_niter_N for fast SVD); false: both random (debugging only).",
+        "at step 0; gaussian: A Gaussian, B zero; pissa / olora / orthogonal / mica: start from the base "
+        "weights; false: both random (debugging only). Refused before loading: eva and corda (a data pass "
+        "PEFT leaves to the caller), loftq (needs a LoftQConfig), pissa_niter_N (PEFT redoes its randomised "
+        "SVD on load, so the saved adapter would not be the trained model; docs/adapters.md).",
         hf=_LC + "init_lora_weights",
         why="true: PEFT's default; training starts exactly at the base model.",
         mistakes="false in a real run: the model changes before any training.",

@@ -138,6 +138,12 @@ def choose_batch_key(effective: int, world_size: int, given_key: str, given: int
     return derived, reason
 
 
+def choose_torch_dtype(precision: str, method: str) -> str:
+    """The dtype the base loads in: adapters keep fp32 master weights, so a frozen base can live in bf16 to
+    halve its memory; a full fine-tune trains its weights, which stay fp32 under autocast."""
+    return "bfloat16" if precision == "bf16" and method != "full" else "float32"
+
+
 def choose_warmup_ratio() -> tuple[float, str]:
     # 3% warmup is the Alpaca / QLoRA recipes' value: enough to tame Adam's first noisy steps.
     return 0.03, "3% of total steps (Alpaca/QLoRA recipes)"
@@ -237,8 +243,7 @@ def resolve_static(cfg: TunewiseConfig, hw: Hardware, config_file: Path | None =
         q.bnb_4bit_compute_dtype = compute  # type: ignore[assignment]
         res.record("quantization.bnb_4bit_compute_dtype", compute, "auto", f"follows precision {precision}")
     if cfg.model.torch_dtype == "auto":
-        # Adapters keep fp32 master weights; a frozen base can live in bf16 to halve its memory.
-        dtype = "bfloat16" if precision == "bf16" and a.method != "full" else "float32"
+        dtype = choose_torch_dtype(precision, a.method)
         cfg.model.torch_dtype = dtype  # type: ignore[assignment]
         res.record("model.torch_dtype", dtype, "auto", f"{precision} training, method {a.method}")
     if t.memory_check == "auto":

@@ -359,29 +359,35 @@ def parameter_specs_by_method(
     bits: int | None,
     double_quant: bool = True,
     trust_remote_code: bool = False,
+    other_dtypes: dict[str, str] | None = None,
 ) -> dict[str, list[ParamSpec]]:
     """The parameters of full, lora and qlora on this model, for `memory.estimate_memory`.
 
-    Built on the meta device (no weights read). The run's own method gets its quantisation (`bits`);
-    the others: full and lora an unquantised base, qlora a 4-bit one. Quantised are the linear layers
-    other than the output head, as transformers does; a quantised run's other weights are fp32, as
-    `prepare_model_for_kbit_training` leaves them.
+    Built on the meta device (no weights read). The run's own method gets its quantisation (`bits`) and
+    `torch_dtype`; the others: full and lora an unquantised base, qlora a 4-bit one, each in its
+    `other_dtypes` entry (the dtype `torch_dtype: auto` would give it), else `torch_dtype`. Quantised are the
+    linear layers other than the output head, as transformers does; a quantised run's other weights are fp32,
+    as `prepare_model_for_kbit_training` leaves them.
     """
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(
-            config, dtype=_DTYPES[torch_dtype], trust_remote_code=trust_remote_code
-        )
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    head = model.get_output_embeddings()
-    quantisable = {id(m.weight) for m in model.modules() if _is_linear(m) and m is not head}
+    dtypes = {**(other_dtypes or {}), method: torch_dtype}
     run_bits = {"full": None, "lora": None, "qlora": 4, method: bits}
-    by_method = {"full": [_spec(p, embeddings, trainable=True) for p in model.parameters()]}
     init = LoraSettings(**{**lora.__dict__, "init_lora_weights": True})  # no SVD of meta tensors
-    adapted = get_peft_model(model, lora_config(init), low_cpu_mem_usage=True)
-    for name in ("lora", "qlora"):
+    by_method: dict[str, list[ParamSpec]] = {}
+    for name in ("full", "lora", "qlora"):
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(
+                config, dtype=_DTYPES[dtypes.get(name, torch_dtype)], trust_remote_code=trust_remote_code
+            )
+        embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+        if name == "full":
+            by_method[name] = [_spec(p, embeddings, trainable=True) for p in model.parameters()]
+            continue
+        head = model.get_output_embeddings()
+        quantisable = {id(m.weight) for m in model.modules() if _is_linear(m) and m is not head}
         quantised = _quantised_storage(run_bits[name], double_quant)
         fp32 = "float32" if quantised else None
+        adapted = get_peft_model(model, lora_config(init), low_cpu_mem_usage=True)
         by_method[name] = [
             _spec(p, embeddings, trainable=True, storage=fp32)
             if p.requires_grad
@@ -401,6 +407,7 @@ def memory_by_method(
     bits: int | None,
     double_quant: bool = True,
     trust_remote_code: bool = False,
+    other_dtypes: dict[str, str] | None = None,
 ) -> dict[str, MemoryEstimate]:
     """Trainable parameters and bytes of weights, gradients and optimizer state of each method."""
     specs = parameter_specs_by_method(
@@ -411,6 +418,7 @@ def memory_by_method(
         bits=bits,
         double_quant=double_quant,
         trust_remote_code=trust_remote_code,
+        other_dtypes=other_dtypes,
     )
     return {name: estimate_memory(params, optimizer) for name, params in specs.items()}
 
