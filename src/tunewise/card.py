@@ -118,7 +118,7 @@ def _usage(prep: Prepared, output_dir: Path) -> list[str]:
     )
     if d.system_prompt:
         merged = (
-            ""
+            ", and this directory's chat template opens a conversation without a system message with it"
             if prep.config.adapter.method == "full"
             else ", and `tunewise merge` builds it into the merged chat template"
         )

@@ -6,6 +6,7 @@ there) and `tunewise train`.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shlex
@@ -56,6 +57,7 @@ from tunewise.models.fast import (
 )
 from tunewise.models.kernels import bf16_kernel_runs, cpu_attention_ops, cpu_has_bf16_matmuls
 from tunewise.models.load import load_model, load_tokenizer, materialize, model_overrides, resolve_source
+from tunewise.models.merge import open_with_system_prompt
 from tunewise.training.host_memory import set_host_memory
 from tunewise.training.loop import Hooks, LoopSettings, LoopState, fit
 from tunewise.training.loss import CausalLMLoss
@@ -334,12 +336,19 @@ def loop_settings(prep: Prepared) -> LoopSettings:
 
 
 def save_final(prep: Prepared, output_dir: Path) -> None:
-    """The final adapter in PEFT format (or the full model, its generation config stopping at the chat
-    template's end of turn, as a merge's does), with the tokenizer."""
+    """The final adapter in PEFT format, with the tokenizer; or the full model, a model as a merge writes it: its
+    generation config stopping at the chat template's end of turn, its chat template opening a conversation
+    without a system message with the run's data.system_prompt, as training did."""
+    tokenizer = prep.tokenizer
     if prep.config.adapter.method == "full":
-        stop_at_end_of_turn(prep.model, prep.tokenizer)
+        stop_at_end_of_turn(prep.model, tokenizer)
+        if system_prompt := prep.config.data.system_prompt:
+            # Fix (test_run_contract.py): a full fine-tune's directory is the model vLLM or apply_chat_template
+            # serve, and they prompted it without the system prompt every training row began with.
+            tokenizer = copy.deepcopy(tokenizer)  # the run's own renders rows as before
+            open_with_system_prompt(tokenizer, system_prompt)  # the model card says so
     prep.model.save_pretrained(output_dir)
-    prep.tokenizer.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
 
 
 def build_optimization(prep: Prepared) -> tuple[torch.optim.Optimizer, Any]:

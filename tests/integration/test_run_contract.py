@@ -102,6 +102,20 @@ def test_a_full_fine_tunes_card_names_its_system_prompt(tiny_config: dict) -> No
     assert yaml.safe_load(card.split("---")[1])["library_name"] == "transformers"
     assert "full fine-tuning (" in card and "tunewise merge" not in card  # nothing to merge
     assert 'began with the system prompt "Say \\"ok\\".": send it first' in card
+    assert "this directory's chat template opens a conversation without a system message with it" in card
+    # The directory is the model servers load: its chat template opens with the system prompt, as training did,
+    # and a conversation with its own system message keeps it.
+    from transformers import AutoTokenizer
+
+    saved = AutoTokenizer.from_pretrained(summary["output_dir"])
+    user = [{"role": "user", "content": "hi"}]
+    with_prompt = [{"role": "system", "content": 'Say "ok".'}, *user]
+    assert saved.apply_chat_template(user, tokenize=False) == saved.apply_chat_template(
+        with_prompt, tokenize=False
+    )
+    assert 'Say "ok".' in saved.apply_chat_template(user, tokenize=False)
+    own = [{"role": "system", "content": "Be brief."}, *user]
+    assert 'Say "ok".' not in saved.apply_chat_template(own, tokenize=False)
 
 
 def test_loss_falls_and_only_adapter_weights_change(trained: tuple[dict, dict], tiny_model_dir: Path) -> None:

@@ -145,7 +145,7 @@ def merge_adapter(
     # Before the system prompt joins the template: its text holds no end-of-turn marker.
     stop_at_end_of_turn(merged, tokenizer)
     if data.get("system_prompt"):
-        notes.append(_open_with_system_prompt(tokenizer, data["system_prompt"]))
+        notes.append(open_with_system_prompt(tokenizer, data["system_prompt"]))
     try:
         with writing_directory(output_dir) as tmp:
             merged.to(getattr(torch, dtype)).save_pretrained(tmp)  # config (its dtype too), safetensors
@@ -176,19 +176,20 @@ def _clip(text: str) -> str:
     return repr(text) if len(text) <= 40 else repr(text[:37] + "...")
 
 
-def _open_with_system_prompt(tokenizer: PreTrainedTokenizerBase, system_prompt: str) -> str:
+def open_with_system_prompt(tokenizer: PreTrainedTokenizerBase, system_prompt: str) -> str:
     """Make the tokenizer's chat template open a conversation that has no system message with the run's
     `data.system_prompt`, as the training rows were opened (data/load.py), so vLLM or any `apply_chat_template`
-    prompt the merged model as `tunewise generate` prompts the run. Returns the note that says so."""
+    prompt the merged model (or a full fine-tune's run directory) as `tunewise generate` prompts the run. Returns
+    the note that says so."""
     template = tokenizer.chat_template
     if not isinstance(template, str):  # none, or several named ones
         return (
-            f"the run's data.system_prompt {_clip(system_prompt)} is not in the merged tokenizer (it has no single "
+            f"the run's data.system_prompt {_clip(system_prompt)} is not in the saved tokenizer (it has no single "
             "chat template): send it as the first, system message when serving"
         )
     tokenizer.chat_template = default_system_block(system_prompt) + template
     return (
-        f"the merged tokenizer's chat template opens conversations without a system message with the run's "
+        f"the saved tokenizer's chat template opens conversations without a system message with the run's "
         f"data.system_prompt {_clip(system_prompt)}, as training did"
     )
 
