@@ -109,6 +109,9 @@ def train(
 
     if checkpoint is not None and not resume:
         _fail(ValueError(f"{checkpoint}: a checkpoint argument needs --resume"))
+    if force_resume and not resume:
+        # Fix (test_crash_safety.py): it started afresh, moving the run it was meant to continue aside.
+        _fail(ValueError("--force-resume continues a run despite a changed config: it needs --resume"))
     try:
         run_train(
             config,

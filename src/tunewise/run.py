@@ -195,6 +195,8 @@ def prepare(
     cfg = load_config(config, list(overrides))
     hardware = probe_hardware(world_size)
     res = resolve_static(cfg, hardware, Path(config) if isinstance(config, str | Path) else None)
+    if problem := output_dir_problem(Path(res.config.training.output_dir)):
+        raise ConfigError([Problem("training.output_dir", problem)])
     model, tokenizer, model_dir, config_overrides = prepare_model(res.config)
     data = prepare_data(res.config, tokenizer)
     if res.config.data.chat_template is not None and data.format != "text":
@@ -218,6 +220,23 @@ def prepare(
         cfg,
         pretrained,
     )
+
+
+def output_dir_problem(path: Path) -> str | None:
+    """Why a run could not write its directory, found without creating anything, so it shows before the model
+    and data load (and in `plan`).
+
+    Fix (test_run_contract.py): a file there, or a parent that is one, failed at the first write, after loading."""
+    for at in (path, *path.parents):
+        if not at.exists():
+            continue
+        if not at.is_dir():
+            where = "is a file" if at == path else f"is under {at}, a file"
+            return f"{path} {where}: give a directory (it is created if missing)"
+        if not os.access(at, os.W_OK | os.X_OK):
+            return f"{at} is not writable, so {path} cannot be written: give a directory you can write"
+        return None
+    return None
 
 
 # ---------------------------------------------------------------------------------------- training
@@ -404,7 +423,10 @@ def train(
     if main and not resume and (earlier := set_aside_earlier_run(output_dir)):
         prep.notes.append(f"{output_dir} held an earlier run: its files were moved to {earlier}")
     accelerator.wait_for_everyone()
-    writer = RunWriter(output_dir, main)
+    try:
+        writer = RunWriter(output_dir, main)
+    except OSError as error:  # what output_dir_problem cannot foresee: a read-only or special file system
+        raise ConfigError([Problem("training.output_dir", f"cannot create {output_dir}: {error}")]) from None
     config_yaml = dump_config(cfg)
 
     optimizer, scheduler = build_optimization(prep)

@@ -412,6 +412,24 @@ def test_cli_resume_takes_an_optional_path(
         assert str(call["resume"]) == resume
 
 
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (["--force-resume"], "--force-resume continues a run despite a changed config: it needs --resume"),
+        (["ckpt-dir"], "ckpt-dir: a checkpoint argument needs --resume"),
+    ],
+)
+def test_cli_resume_options_without_resume_are_errors(
+    args: list[str], error: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--force-resume alone started afresh, moving aside the run it was meant to continue."""
+    calls: list[dict] = []
+    monkeypatch.setattr(run, "train", lambda *a, **kw: calls.append(kw))
+    result = CliRunner().invoke(app, ["train", str(tmp_path / "cfg.yaml"), *args])
+    assert result.exit_code == 2 and calls == []
+    assert " ".join(result.output.split()) == f"error: {error}"
+
+
 def rows_lr(output_dir: Path, step: int) -> float:
     return float(step_rows(output_dir)[step]["learning_rate"])
 

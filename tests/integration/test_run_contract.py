@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 import tunewise
 from tunewise.cli import app
+from tunewise.config.problems import ConfigError
 from tunewise.run import train
 
 QUIET = Console(file=io.StringIO(), width=120)
@@ -116,6 +117,26 @@ def test_a_full_fine_tunes_card_names_its_system_prompt(tiny_config: dict) -> No
     assert 'Say "ok".' in saved.apply_chat_template(user, tokenize=False)
     own = [{"role": "system", "content": "Be brief."}, *user]
     assert 'Say "ok".' not in saved.apply_chat_template(own, tokenize=False)
+
+
+def test_an_output_dir_that_cannot_be_written_is_a_config_error_before_loading(
+    tiny_config: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file as output_dir, or under one, failed at the first write, after the model and data had loaded."""
+    import tunewise.run
+
+    loaded: list[str] = []
+    monkeypatch.setattr(tunewise.run, "prepare_model", lambda cfg: loaded.append("model"))
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    for output_dir, says in ((a_file, "is a file"), (a_file / "run", f"is under {a_file}, a file")):
+        tiny_config["training"]["output_dir"] = str(output_dir)
+        with pytest.raises(ConfigError) as info:
+            train(tiny_config, console=QUIET)
+        (problem,) = info.value.problems
+        assert problem.path == "training.output_dir"
+        assert problem.message == f"{output_dir} {says}: give a directory (it is created if missing)"
+    assert loaded == [] and a_file.read_text() == "mine"
 
 
 def test_loss_falls_and_only_adapter_weights_change(trained: tuple[dict, dict], tiny_model_dir: Path) -> None:

@@ -293,6 +293,7 @@ def test_set_dotted_and_bare_keys_and_yaml_values(tmp_path: Path) -> None:
             "target_modules=[q_proj,v_proj]",
             "max_grad_norm=null",
             "bf16=true",
+            "lr_scheduler_type=cosine",
             "lr_scheduler_kwargs.num_cycles=2",
             "system_prompt=a=b",
         ],
@@ -351,7 +352,11 @@ def test_user_set_paths(tmp_path: Path) -> None:
 def test_dump_has_every_key_with_its_doc_and_round_trips(tmp_path: Path) -> None:
     cfg = load_config(
         {
-            "training": {"learning_rate": 1e-4, "lr_scheduler_kwargs": {"num_cycles": 2}},
+            "training": {
+                "learning_rate": 1e-4,
+                "lr_scheduler_type": "cosine",
+                "lr_scheduler_kwargs": {"num_cycles": 2},
+            },
             "adapter": {"target_modules": ["q_proj", "v_proj"]},
             "data": {"chat_template": "{% for m in messages %}\n{{ m['content'] }}\n{% endfor %}"},
             "model": {"model_name_or_path": "1e-4"},
@@ -715,3 +720,26 @@ def test_property_arbitrary_yaml_text_loads_or_reports(
     path = tmp_path_factory.mktemp("cfg") / "c.yaml"
     path.write_text(text, encoding="utf-8")
     _assert_loads_or_reports(path)
+
+
+def test_schedules_the_scheduler_would_refuse_are_config_errors() -> None:
+    """`plan` printed them as fine and `train` stopped with a traceback once the model and data had loaded."""
+    constant = "`constant` ignores warmup in transformers ({}); use constant_with_warmup, or set warmup_steps and warmup_ratio to 0"
+    assert checks({"training": {"lr_scheduler_type": "constant", "warmup_steps": 3}}) == [
+        ("error", "training.lr_scheduler_type", constant.format("warmup_steps: 3"))
+    ]
+    assert checks({"training": {"lr_scheduler_type": "constant", "warmup_ratio": 0.1}}) == [
+        ("error", "training.lr_scheduler_type", constant.format("warmup_ratio: 0.1"))
+    ]
+    assert checks({"training": {"lr_scheduler_type": "constant"}}) == []  # no warmup asked for
+    assert checks({"training": {"lr_scheduler_type": "constant_with_warmup", "warmup_steps": 3}}) == []
+    assert checks({"training": {"lr_scheduler_kwargs": {"num_cycles": 2}}}) == [
+        (
+            "error",
+            "training.lr_scheduler_kwargs",
+            "lr_scheduler_kwargs ['num_cycles'] do not apply: 'linear' takes no lr_scheduler_kwargs",
+        )
+    ]
+    assert (
+        checks({"training": {"lr_scheduler_type": "cosine", "lr_scheduler_kwargs": {"num_cycles": 2}}}) == []
+    )

@@ -239,6 +239,24 @@ def test_warmup_of_one_step_in_a_tiny_run_is_not_flagged() -> None:
     ]
 
 
+def test_warmup_as_long_as_the_run_is_flagged_even_in_a_tiny_run() -> None:
+    """Update k of a w-step warmup runs at k/w of the rate: a 1-step run with 1 warmup step trains nothing."""
+
+    def warmup_lints(total_steps: int, warmup_steps: int) -> list[str]:
+        found = lints_for(total_steps=total_steps, warmup_steps=warmup_steps)
+        return [x.message for x in found if x.key == "training.warmup_steps"]
+
+    assert warmup_lints(1, 1) == [
+        "warmup (1 steps) lasts the whole 1-step run: the first update runs at learning rate 0 and none at the "
+        "full rate, and the only one runs at 0: nothing trains"
+    ]
+    assert warmup_lints(3, 3) == [
+        "warmup (3 steps) lasts the whole 3-step run: the first update runs at learning rate 0 and none at the "
+        "full rate"
+    ]
+    assert warmup_lints(3, 1) == []
+
+
 def test_heavy_padding_suggests_packing_and_packing_or_light_padding_silences_it() -> None:
     assert lints_for(padding_waste_percent=40.0) == [
         Lint(

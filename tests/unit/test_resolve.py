@@ -213,6 +213,15 @@ def test_user_warmup_ratio_is_hf_ceil() -> None:
     assert resolve_steps(res, 100, 1).warmup_steps == 3  # ceil(2.5)
 
 
+def test_auto_warmup_stays_shorter_than_the_run() -> None:
+    """ceil(3% x 1) = 1 warmup step made a 1-step run's only update run at learning rate 0."""
+    res = resolve_static(load_config({"training": {"max_steps": 1}}), CPU)
+    assert resolve_steps(res, 100, 1).warmup_steps == 0
+    assert res.choices["training.warmup_steps"].reason.endswith("less than the 1-step run")
+    res = resolve_static(load_config({"training": {"max_steps": 2}}), CPU)
+    assert resolve_steps(res, 100, 1).warmup_steps == 1  # ceil(0.06)
+
+
 def test_a_warmup_steps_below_1_is_a_fraction_of_the_run_as_in_transformers_5() -> None:
     res = resolve_static(load_config({"training": {"warmup_steps": 0.05, "max_steps": 50}}), CPU)
     assert resolve_steps(res, 100, 1).warmup_steps == 3  # TrainingArguments.get_warmup_steps: ceil(0.05 x 50)

@@ -630,7 +630,8 @@ _ENTRIES = [
         what="Warmup as a fraction of total optimizer steps: warmup steps = ceil(ratio x total steps), "
         "during which the rate rises linearly from 0 to learning_rate, taming Adam's noisy first updates.",
         hf=_TA + "warmup_ratio (transformers < 5; in 5.x a float warmup_steps below 1)",
-        why="unset (with warmup_steps unset): 3% of total steps, the Alpaca/QLoRA recipes' value.",
+        why="unset (with warmup_steps unset): 3% of total steps (rounded up, as HF; always fewer than the run's, so a "
+        "1-step run does not spend its one update at rate 0), the Alpaca/QLoRA recipes' value.",
         full="0.03 to 0.1",
         lora="0.03 to 0.1",
         interactions="warmup_steps wins when both are set (as in HF); max_steps / epochs set the total.",

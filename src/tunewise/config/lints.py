@@ -114,6 +114,16 @@ def _learning_rate(f: PlanFacts) -> list[Lint]:
 def _warmup(f: PlanFacts) -> list[Lint]:
     if f.total_steps <= 0 or f.warmup_steps <= MAX_WARMUP_FRACTION * f.total_steps:
         return []
+    if f.warmup_steps >= f.total_steps:
+        # Update k of a warmup of w steps runs at k/w of the rate, from 0: a 1-step run with 1 warmup step
+        # changes nothing.
+        nothing = ", and the only one runs at 0: nothing trains" if f.total_steps == 1 else ""
+        message = (
+            f"warmup ({f.warmup_steps} steps) lasts the whole {f.total_steps}-step run: the first update runs at "
+            f"learning rate 0 and none at the full rate{nothing}"
+        )
+        fix = f"set warmup_steps to fewer than {f.total_steps} (0 for none)"
+        return [Lint("warning", "training.warmup_steps", message, fix)]
     share = f.warmup_steps / f.total_steps
     suggested = max(1, round(0.05 * f.total_steps))
     if f.warmup_steps <= suggested:

@@ -294,7 +294,11 @@ def resolve_steps(res: Resolution, num_train_examples: int, world_size: int) -> 
     elif t.warmup_steps is None and t.warmup_ratio is None:
         ratio, why = choose_warmup_ratio()
         warmup = math.ceil(ratio * plan.total_steps)
-        res.record("training.warmup_steps", warmup, "auto", f"{why}: ceil({ratio} x {plan.total_steps})")
+        why = f"{why}: ceil({ratio} x {plan.total_steps})"
+        if warmup >= plan.total_steps:
+            # Fix (test_resolve.py): ceil gave a 1-step run 1 warmup step, so its one update ran at rate 0.
+            warmup, why = plan.total_steps - 1, f"{why}, less than the {plan.total_steps}-step run"
+        res.record("training.warmup_steps", warmup, "auto", why)
     else:
         warmup, why = resolve_warmup_steps(plan.total_steps, t.warmup_steps, t.warmup_ratio)
         res.record("training.warmup_steps", warmup, "user", why)

@@ -14,6 +14,7 @@ from importlib import metadata
 
 from tunewise.config.problems import Problem, num, show, suggest
 from tunewise.config.schema import DEFAULT_EFFECTIVE_BATCH_SIZE, SECTIONS, TunewiseConfig
+from tunewise.training.schedule import scheduler_argument_problems
 
 METRICS = ("eval_loss", "eval_perplexity", "exact_match", "json_exact_match")
 """What `metric_for_best_model` can name: the two loss metrics and the task metrics."""
@@ -59,6 +60,27 @@ def _warmup_twice(cfg: TunewiseConfig) -> list[Problem]:
     spelled = " (a fraction of the run, as in transformers 5)" if t.warmup_steps < 1 else ""
     message = f"ignored: `warmup_steps` ({t.warmup_steps}){spelled} is also set and wins, as in HF; remove one of them"
     return [Problem("training.warmup_ratio", message, "warning")]
+
+
+def _schedule(cfg: TunewiseConfig) -> list[Problem]:
+    """What `build_scheduler` refuses, known from the config alone, so `plan` and `train` refuse it before loading.
+
+    Fix (test_config.py): only the scheduler's own check caught these, after the model and data had loaded:
+    `plan` printed such a schedule as fine and `train` stopped with a traceback."""
+    t = cfg.training
+    problems = [
+        Problem("training.lr_scheduler_kwargs", message)
+        for message in scheduler_argument_problems(t.lr_scheduler_type, 0, 1, t.lr_scheduler_kwargs)
+    ]
+    # Warmup of at least one step: warmup_steps wins when set and not 0 (as in HF), else warmup_ratio.
+    key, warmup = ("warmup_steps", t.warmup_steps) if t.warmup_steps else ("warmup_ratio", t.warmup_ratio)
+    if t.lr_scheduler_type == "constant" and warmup:
+        message = (
+            f"`constant` ignores warmup in transformers ({key}: {warmup}); use constant_with_warmup, or set "
+            "warmup_steps and warmup_ratio to 0"
+        )
+        problems.append(Problem("training.lr_scheduler_type", message))
+    return problems
 
 
 def _loads_in_4bit(cfg: TunewiseConfig) -> bool:
@@ -268,6 +290,7 @@ _RULES: tuple[tuple[tuple[str, ...], Callable[[TunewiseConfig], list[Problem]]],
     # (the keys a rule reads, the rule)
     (("precision", "bf16", "fp16"), _precision_flags),
     (("warmup_steps", "warmup_ratio"), _warmup_twice),
+    (("lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "warmup_ratio"), _schedule),
     (("method", *_QUANT_KEYS), _quantization),
     (("load_best_model_at_end", "eval_steps", "save_steps"), _load_best),
     (("early_stopping_patience", "eval_steps"), _early_stopping),
