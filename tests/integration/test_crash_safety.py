@@ -307,6 +307,7 @@ def test_a_fresh_run_sets_an_earlier_runs_files_aside_instead_of_mixing_with_the
     out = Path(config["training"]["output_dir"])
     short = {**config, "training": {**config["training"], "max_steps": 4}}
     run.train(config, console=quiet())  # 8 steps: checkpoints 2, 4, 6, 8
+    written = {p.name for p in out.iterdir()}
     (out / "notes.txt").write_text("the user's own file")
     # As a save that crashed while replacing checkpoint-8 leaves it (our own pid counts as gone).
     (out / "checkpoint-8").rename(out / f".tmp-replaced-8-{os.getpid()}")
@@ -330,6 +331,44 @@ def test_a_fresh_run_sets_an_earlier_runs_files_aside_instead_of_mixing_with_the
     assert json.loads((out / "summary.json").read_text())["total_steps"] == 4
     assert (out / "notes.txt").read_text() == "the user's own file"  # not a run file: stays
     assert run.find_resume_checkpoint(out, True).name == "checkpoint-4"  # not the earlier run's checkpoint-8
+    # Everything the first run wrote went aside, its model card too (the second run overwrote it).
+    assert written - {"checkpoint-8"} <= {p.name for p in earlier[0].iterdir()}
+    assert {"README.md", "adapter_model.safetensors", "tokenizer.json"} <= written
+    assert "8 optimizer steps" in (earlier[0] / "README.md").read_text()
+    assert "4 optimizer steps" in (out / "README.md").read_text()
+
+
+def test_an_earlier_full_fine_tune_moves_aside_whole_and_still_loads(config: dict, tmp_path: Path) -> None:
+    """A full fine-tune, then a LoRA run in the same output_dir: the earlier model keeps its config.json,
+    generation config and tokenizer (it loaded nowhere without them), and none stays beside the new adapter."""
+    out = Path(config["training"]["output_dir"])
+    full = {**config, "adapter": {"method": "full"}, "training": {**config["training"], "max_steps": 2}}
+    run.train(full, console=quiet())
+    written = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer_config.json"} <= set(
+        written
+    )
+    run.train({**config, "training": {**config["training"], "max_steps": 2}}, console=quiet())
+    (earlier,) = (out / "earlier-runs").iterdir()
+    assert {p.name: p.read_bytes() for p in earlier.iterdir() if p.is_file()} == written
+    assert [p.name for p in earlier.glob("checkpoint-*")] == ["checkpoint-2"]
+    model = AutoModelForCausalLM.from_pretrained(earlier)
+    torch.testing.assert_close(
+        model.state_dict()["lm_head.weight"], load_file(earlier / "model.safetensors")["lm_head.weight"]
+    )
+    answered = CliRunner().invoke(
+        app, ["generate", "reverse: red cat", "--model", str(earlier), "--set", "max_new_tokens=4"]
+    )
+    assert answered.exit_code == 0, answered.output
+    left = {p.name for p in out.iterdir()}
+    assert not left & {"config.json", "generation_config.json", "model.safetensors"}, left
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "README.md"} <= left
+    assert isinstance(load_run_adapter(out), PeftModel)
+
+
+def load_run_adapter(output_dir: Path) -> PeftModel:
+    base = yaml.safe_load((output_dir / "config.yaml").read_text())["model"]["model_name_or_path"]
+    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), output_dir)
 
 
 # ------------------------------------------------------------------------------- resume rules (CLI)
@@ -428,6 +467,47 @@ def test_cli_resume_options_without_resume_are_errors(
     result = CliRunner().invoke(app, ["train", str(tmp_path / "cfg.yaml"), *args])
     assert result.exit_code == 2 and calls == []
     assert " ".join(result.output.split()) == f"error: {error}"
+
+
+def test_resume_given_a_run_directory_or_a_checkpoint_as_the_config_says_what_to_give(
+    config: dict, tmp_path: Path
+) -> None:
+    """`--resume RUN_DIR` was called a damaged checkpoint, with the advice to delete it (the whole run), and
+    `train --resume CHECKPOINT` without a config read the checkpoint as the config ("Is a directory")."""
+    runner = CliRunner()
+    out = Path(config["training"]["output_dir"])
+    config["training"]["max_steps"] = 4
+    path = write_yaml(tmp_path / "run.yaml", config)
+    assert runner.invoke(app, ["train", str(path)]).exit_code == 0
+    before = (out / "metrics.jsonl").read_text()
+
+    run_dir = runner.invoke(app, ["train", str(path), "--resume", str(out)])
+    assert run_dir.exit_code == 2
+    assert says(run_dir.output, f"{out} is a run directory, not a checkpoint: use --resume alone")
+    assert says(run_dir.output, f"--resume {out / 'checkpoint-4'}. It holds checkpoint-2, checkpoint-4")
+    assert "delete" not in run_dir.output and "damaged" not in run_dir.output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    neither = runner.invoke(app, ["train", str(path), "--resume", str(empty)])
+    assert neither.exit_code == 2 and says(neither.output, f"{empty} is not a checkpoint")
+    assert "delete" not in neither.output
+    assert (out / "metrics.jsonl").read_text() == before, "a refused resume must not touch the run"
+
+    checkpoint_as_config = runner.invoke(app, ["train", "--resume", str(out / "checkpoint-2")])
+    assert checkpoint_as_config.exit_code == 2
+    assert "Is a directory" not in checkpoint_as_config.output
+    command = f"tunewise train {out / 'checkpoint-2' / 'config.yaml'} --resume {out / 'checkpoint-2'}"
+    assert says(checkpoint_as_config.output, f"{out / 'checkpoint-2'}: is a checkpoint, not a config file")
+    assert says(checkpoint_as_config.output, command)
+    run_as_config = runner.invoke(app, ["train", "--resume", str(out)])
+    assert run_as_config.exit_code == 2
+    assert says(run_as_config.output, f"tunewise train {out / 'config.yaml'} --resume continues that run")
+
+    # The suggested command resumes from that checkpoint.
+    suggested = runner.invoke(app, shlex.split(command)[1:])
+    assert suggested.exit_code == 0, suggested.output
+    assert says(suggested.output, "checkpoint-2 (step 2")
+    assert sorted(step_rows(out)) == [1, 2, 3, 4]
 
 
 def rows_lr(output_dir: Path, step: int) -> float:

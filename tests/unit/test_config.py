@@ -276,6 +276,27 @@ def test_missing_file(tmp_path: Path) -> None:
     assert one(tmp_path / "nope.yaml") == (str(tmp_path / "nope.yaml"), "config file not found")
 
 
+def test_a_directory_as_the_config_says_which_file_to_give(tmp_path: Path) -> None:
+    """It said "cannot read the config file: Is a directory"; a run or checkpoint folder holds its config.yaml."""
+    assert one(tmp_path) == (str(tmp_path), "is a directory, not a config file: give a YAML config file")
+    run_dir = tmp_path / "runs" / "my run"
+    checkpoint = run_dir / "checkpoint-6"
+    checkpoint.mkdir(parents=True)
+    for folder in (run_dir, checkpoint):
+        write(folder, "training:\n  max_steps: 6\n", "config.yaml")
+    (checkpoint / "manifest.json").write_text("{}")
+    path, message = one(run_dir)
+    assert path == str(run_dir)
+    assert message == (
+        "is a directory, not a config file: give its config.yaml (in a run directory, the config the run was "
+        f"trained with: tunewise train '{run_dir}/config.yaml' --resume continues that run)"
+    )
+    assert one(checkpoint)[1] == (
+        "is a checkpoint, not a config file; to resume from it with the config it was trained with: "
+        f"tunewise train '{checkpoint}/config.yaml' --resume '{checkpoint}'"
+    )
+
+
 def test_yaml_exponent_without_dot_is_a_number(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, "training:\n  learning_rate: 1e-4\n  adam_epsilon: 1E-8\n"))
     assert cfg.training.learning_rate == 1e-4 and cfg.training.adam_epsilon == 1e-8

@@ -454,11 +454,14 @@ _ENTRIES = [
     # --------------------------------------------------------------------------------------- training
     _k(
         "output_dir",
-        what="Where a run writes its resolved config, metrics, checkpoints, adapter or model, and summary.",
+        what="Where a run writes its resolved config, metrics, checkpoints, adapter or model with its "
+        "tokenizer, model card and summary.",
         hf=_TA + "output_dir",
         why="runs/<the config file's name> (runs/exp1 for exp1.yaml), so each experiment's config writes its own "
         "run directory and `--resume` finds it; runs/quickstart without a file (the defaults, a dict in Python). "
-        "An earlier run already there is moved to earlier-runs/ first, never overwritten.",
+        "An earlier run already there is moved to earlier-runs/<UTC time>/ first, whole (its checkpoints, "
+        "metrics, card, final adapter or model with config.json and tokenizer), never overwritten; files "
+        "tunewise never writes stay.",
         mistakes="Reusing a directory for a different experiment: checkpoints and metrics mix.",
     ),
     _k(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
+import shlex
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -114,6 +115,8 @@ for _cls in (_Loader, _Dumper):
 
 
 def _read_yaml(path: Path) -> tuple[Any, dict[Loc, str]]:
+    if path.is_dir():
+        raise ConfigError([Problem(str(path), _directory_given(path))])
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -142,6 +145,25 @@ def _read_yaml(path: Path) -> tuple[Any, dict[Loc, str]]:
     if duplicates:
         raise ConfigError(duplicates, str(path))
     return data, lines
+
+
+def _directory_given(path: Path) -> str:
+    """Fix (test_config.py, test_crash_safety.py): `tunewise train --resume runs/x/checkpoint-6`, the config
+    left out, read the checkpoint as the config and said only "cannot read the config file: Is a directory".
+    A run directory and each of its checkpoints hold config.yaml, the config they were trained with."""
+    config = path / "config.yaml"
+    if not config.is_file():
+        return "is a directory, not a config file: give a YAML config file"
+    # training/checkpoint.py's MANIFEST, not imported: reading a config does not load torch
+    if (path / "manifest.json").is_file():
+        command = shlex.join(["tunewise", "train", str(config), "--resume", str(path)])
+        resume = "is a checkpoint, not a config file; to resume from it with the config it was trained with"
+        return f"{resume}: {command}"
+    command = shlex.join(["tunewise", "train", str(config), "--resume"])
+    return (
+        "is a directory, not a config file: give its config.yaml (in a run directory, the config the run "
+        f"was trained with: {command} continues that run)"
+    )
 
 
 def _line_map(node: yaml.Node | None, prefix: Loc, file: str, lines: dict[Loc, str]) -> list[Problem]:

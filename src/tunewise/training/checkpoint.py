@@ -385,12 +385,17 @@ def checkpoint_step(path: Path) -> int:
     return int(match[1])
 
 
+def is_checkpoint_name(name: str) -> bool:
+    """Whether ``name`` is a checkpoint folder's: ``checkpoint-<step>``."""
+    return _CHECKPOINT_NAME.fullmatch(name) is not None
+
+
 def list_checkpoints(output_dir: Path) -> list[Path]:
     """Every ``checkpoint-<step>`` folder in ``output_dir``, oldest step first (valid or not)."""
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
-    found = [p for p in output_dir.iterdir() if _CHECKPOINT_NAME.fullmatch(p.name) and p.is_dir()]
+    found = [p for p in output_dir.iterdir() if is_checkpoint_name(p.name) and p.is_dir()]
     return sorted(found, key=checkpoint_step)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import signal
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -18,9 +19,11 @@ from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from rich.console import Console
 
 from tunewise.training.checkpoint import (
+    MANIFEST,
     Checkpoint,
     CheckpointError,
     find_latest_valid,
+    is_checkpoint_name,
     list_checkpoints,
     load_checkpoint,
     restore_rng_state,
@@ -32,17 +35,43 @@ from tunewise.training.loop import LoopState, NonFiniteError
 log = logging.getLogger("tunewise")
 
 EARLIER_RUNS = "earlier-runs"
-# What a run writes into output_dir beside its checkpoints that a later fresh run must not mix with its own.
-# Tokenizer files and a full fine-tune's config.json stay: the new run rewrites them as they were.
+# Everything a run writes into output_dir beside its checkpoints (run.py: RunWriter, save_final), so an earlier
+# run moves aside whole. Fix (test_crash_safety.py): the card, a full fine-tune's config.json and generation
+# config and the tokenizer stayed: the new run overwrote the card, the earlier full model in earlier-runs/
+# could not be loaded, and its config.json left beside a new adapter made the folder look like both. Files
+# tunewise never writes (your notes) stay where they are.
 RUN_FILES = (
-    "metrics.jsonl",
-    "summary.json",
+    # the run's record; metrics.jsonl.tmp is what a kill during a metrics rewrite leaves
     "config.yaml",
+    "metrics.jsonl",
+    "metrics.jsonl.tmp",
+    "summary.json",
+    "README.md",
+    # the final adapter (PEFT's save_pretrained)
     "adapter_model.safetensors",
     "adapter_config.json",
+    # the final full model (transformers' save_pretrained): one file or shards and their index, and the
+    # modules of a trust_remote_code model or tokenizer, which save_pretrained copies beside them
+    "config.json",
+    "generation_config.json",
     "model.safetensors",
     "model-*-of-*.safetensors",
     "model.safetensors.index.json",
+    "*.py",
+    # the tokenizer, of every kind a causal LM uses (tokenizer.save_pretrained): tokenizer.json and
+    # tokenizer_config.json, BPE's vocab.json + merges.txt, WordPiece's vocab.txt, SentencePiece's
+    # tokenizer.model / spiece.model / sentencepiece.bpe.model, tiktoken files, and the chat templates
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "*.model",
+    "*.tiktoken",
+    "chat_template.jinja",
+    "chat_template.json",
+    "additional_chat_templates",
 )
 
 
@@ -51,8 +80,9 @@ def set_aside_earlier_run(output_dir: Path) -> Path | None:
 
     Without this a fresh run would append its rows to the earlier run's metrics.jsonl, and a later
     `--resume` could pick up the earlier run's newer checkpoint (or one a crashed save left aside, which
-    a resume puts back). Nothing is deleted: the files go to `output_dir/earlier-runs/<UTC time>/`. A
-    folder without metrics.jsonl, checkpoints or such leftovers is left as it is.
+    a resume puts back). Nothing is deleted: every file of `RUN_FILES` goes to
+    `output_dir/earlier-runs/<UTC time>/`, which then loads as the run directory it was. A folder without
+    metrics.jsonl, checkpoints or such leftovers is left as it is.
     """
     if not output_dir.is_dir():
         return None
@@ -63,7 +93,9 @@ def set_aside_earlier_run(output_dir: Path) -> Path | None:
     while target.exists():  # two runs within one second
         target = target.with_name(target.name + "-1")
     target.mkdir(parents=True)
-    for path in folders + [p for pattern in RUN_FILES for p in output_dir.glob(pattern)]:
+    # A set: one file may match two patterns (tokenizer.model), and a second rename of it would fail.
+    files = {path for pattern in RUN_FILES for path in output_dir.glob(pattern)}
+    for path in folders + sorted(files):
         path.rename(target / path.name)
     return target
 
@@ -171,10 +203,7 @@ class RunCheckpointer:
 def find_resume_checkpoint(output_dir: Path, resume: str | bool) -> Path:
     """`--resume` (newest valid checkpoint in output_dir) or `--resume PATH`."""
     if isinstance(resume, str) and resume not in ("", "latest", "true"):
-        path = Path(resume)
-        if not path.is_dir():
-            raise ResumeError(f"--resume: {path} is not a checkpoint directory")
-        return path
+        return _given_checkpoint(Path(resume), output_dir)
     latest = find_latest_valid(output_dir)
     for bad, problems in latest.skipped.items():
         log.warning("skipping damaged checkpoint %s: %s", bad, "; ".join(problems))
@@ -183,6 +212,33 @@ def find_resume_checkpoint(output_dir: Path, resume: str | bool) -> Path:
             f"--resume: no valid checkpoint in {output_dir}; train without --resume to start afresh"
         )
     return latest.path
+
+
+def _given_checkpoint(path: Path, output_dir: Path) -> Path:
+    """`--resume PATH`: a checkpoint folder (named checkpoint-<step> or holding a manifest), which
+    load_checkpoint then verifies; anything else is refused here, saying what PATH is instead.
+
+    Fix (test_crash_safety.py): a run directory went on to load_checkpoint, which called it a damaged
+    checkpoint and advised deleting it: the whole run.
+    """
+    if not path.is_dir():
+        raise ResumeError(f"--resume: {path} is not a checkpoint directory")
+    if (path / MANIFEST).exists() or is_checkpoint_name(path.name):
+        return path
+    checkpoints = list_checkpoints(path)
+    if not checkpoints:
+        raise ResumeError(
+            f"--resume: {path} is not a checkpoint (a checkpoint-<step> folder holding {MANIFEST}) and holds "
+            "none; give a checkpoint-<step> folder of a run, or --resume alone for the newest valid checkpoint "
+            f"in output_dir ({output_dir})"
+        )
+    newest = shlex.quote(str(checkpoints[-1]))
+    same = path.resolve() == output_dir.resolve()
+    alone = "--resume alone (its newest valid checkpoint) or " if same else ""
+    raise ResumeError(
+        f"--resume: {path} is a run directory, not a checkpoint: use {alone}--resume {path}/checkpoint-N, "
+        f"e.g. --resume {newest}. It holds {', '.join(c.name for c in checkpoints)}"
+    )
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
