@@ -38,8 +38,9 @@ EARLIER_RUNS = "earlier-runs"
 # Everything a run writes into output_dir beside its checkpoints (run.py: RunWriter, save_final), so an earlier
 # run moves aside whole. Fix (test_crash_safety.py): the card, a full fine-tune's config.json and generation
 # config and the tokenizer stayed: the new run overwrote the card, the earlier full model in earlier-runs/
-# could not be loaded, and its config.json left beside a new adapter made the folder look like both. Files
-# tunewise never writes (your notes) stay where they are.
+# could not be loaded, and its config.json left beside a new adapter made the folder look like both. Other
+# files (your notes, data) stay where they are, except names a model's save may write too (*.py, *.model,
+# tokenizer*): those move aside with the run, never deleted.
 RUN_FILES = (
     # the run's record; metrics.jsonl.tmp is what a kill during a metrics rewrite leaves
     "config.yaml",
