@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import partial
 
@@ -357,23 +357,138 @@ def fit(
     progress: TrainProgress | None = None,
 ) -> LoopState:
     _refuse_silent_fp32(accelerator)
-    # Fix (test_training_semantics.py): rows came only at multiples of logging_steps and at total_steps, so a
-    # run that stopped before (early stopping, Ctrl-C, an error) never logged its last steps' losses. However
-    # it stops, the steps since the last row get one, at the last finished step.
+    with _pending_rows(hooks) as pending:
+        lengths = list(train_dataset["length"])  # type: ignore[index]
+        loss_module.train()
+        started = time.perf_counter()
+        tokens_at_start = state.tokens
+        windows = windows_from(
+            settings, train_dataset, lengths, state, accelerator.process_index, accelerator.num_processes
+        )
+        upcoming = next(windows)
+        memory_checked = not settings.memory_check
+        last_saved = hooks.clock()
+        while state.step < settings.total_steps and state.stop_reason is None:
+            epoch, w, example_ids, window = upcoming
+            # The random state as the step found it: what a checkpoint after a failed step keeps. One process
+            # only, the one kind of run that saves then (_save_last_step).
+            rng = capture_rng_state() if accelerator.num_processes == 1 else None
+            try:
+                run_step = partial(launch_step, accelerator, loss_module, window, settings.max_grad_norm)
+                launched, failure = catch_out_of_memory(run_step)
+                if launched is not None:
+                    # Read and collate the next window while the device computes this one.
+                    upcoming = next(windows)
+                    loss_t, grad_norm_t, targets = launched
+                    loss, grad_norm = float(loss_t), float(grad_norm_t)
+            except Exception:  # not an out-of-memory: save what is finished, then let it go on
+                if (saved := _save_last_step(accelerator, optimizer, state, hooks, rng, "error")) is not None:
+                    log.error(
+                        "step %d is saved in checkpoint-%d: after this error, `--resume` continues there",
+                        saved,
+                        saved,
+                    )
+                raise
+            if failure is not None:
+                tokens = max(int(b["input_ids"].numel()) for b in window)
+                raise _out_of_memory(
+                    accelerator, optimizer, state, hooks, rng, failure, f"step {state.step + 1}", tokens
+                )
+            state.epoch, state.window = epoch, w + 1
+            scaled = accelerator.scaler is not None  # fp16: the loss scaler owns overflowing gradients
+            if not math.isfinite(loss) or (not math.isfinite(grad_norm) and not scaled):
+                if _skip_nonfinite(optimizer, state, example_ids, loss, grad_norm, settings, hooks):
+                    state = _give_up_or_roll_back(state, hooks)
+                    pending.losses.clear()
+                    windows = windows_from(
+                        settings,
+                        train_dataset,
+                        lengths,
+                        state,
+                        accelerator.process_index,
+                        accelerator.num_processes,
+                    )
+                    upcoming = next(windows)
+                continue
+            learning_rate = scheduler.get_last_lr()[0]  # the rate this update uses, as HF logs it
+            optimizer.step()
+            if scaled and accelerator.optimizer_step_was_skipped:
+                _note_overflow(state)
+            else:
+                scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.consecutive_nonfinite = 0
+            state.step += 1
+            # The examples' own tokens: not a packed row's filler (pad_to_multiple_of), a padded batch's pads or
+            # the one pad token of a rank's stand-in micro-batch (no example ids).
+            seen = sum(lengths[i] for ids in example_ids for i in ids)
+            state.tokens += global_count(accelerator, seen)
+            state.target_tokens += targets
+            elapsed = time.perf_counter() - started
+            row = {
+                "step": state.step,
+                "epoch": logged_epoch(settings, epoch, w),
+                "loss": loss,
+                "learning_rate": learning_rate,
+                "grad_norm": grad_norm,
+                "tokens": state.tokens,
+                "tokens_per_second": (state.tokens - tokens_at_start) / max(elapsed, 1e-9),
+            }
+            pending.losses.append(loss)
+            pending.row = row
+            if progress:
+                progress.update(state.step, row)
+            # Fix (test_training_semantics.py): as HF, a logged "loss" is the mean over the steps since the last log.
+            if state.step % settings.logging_steps == 0 or state.step == settings.total_steps:
+                pending.write(hooks)
+            if settings.eval_steps and state.step % settings.eval_steps == 0 and hooks.evaluate:
+                after_step = capture_rng_state() if accelerator.num_processes == 1 else None
+                if (
+                    failure := catch_out_of_memory(partial(_evaluate, state, settings, hooks))[1]
+                ) is not None:
+                    where = f"the evaluation after step {state.step}"
+                    raise _out_of_memory(accelerator, optimizer, state, hooks, after_step, failure, where, 0)
+            if state.step >= settings.total_steps and state.stop_reason is None:
+                state.stop_reason = "max_steps" if settings.max_steps_overrides else "epochs"
+            # Every process calls this, every step: a signal or the clock can reach the processes a step apart,
+            # and one saving (a barrier) or stopping while the others train on would hang them all.
+            stop_requested, save_time_due = any_process(
+                accelerator,
+                hooks.should_stop(),
+                settings.save_seconds is not None and hooks.clock() - last_saved >= settings.save_seconds,
+            )
+            if stop_requested and state.stop_reason is None:
+                state.stop_reason = "interrupted"
+            if hooks.save and (
+                state.stop_reason
+                or (settings.save_steps and state.step % settings.save_steps == 0)
+                or save_time_due
+            ):
+                _save(state, hooks)
+                last_saved = hooks.clock()
+            if not memory_checked and state.stop_reason is None:  # after step 1 is logged and saved as usual
+                memory_checked = True
+                ran = max(int(b["input_ids"].numel()) for b in window)
+                state.memory_check = check_memory(
+                    accelerator, loss_module, optimizer, train_dataset, settings, lengths, state, hooks, ran
+                )
+                if progress:
+                    progress.note(memory_check_line(state.memory_check, accelerator.device))
+        if state.stop_reason is None:  # resumed at its last step: nothing was left to train
+            state.stop_reason = "max_steps" if settings.max_steps_overrides else "epochs"
+    return state
+
+
+@contextmanager
+def _pending_rows(hooks: Hooks) -> Iterator[PendingLog]:
+    """The steps since the last metrics row, logged however training ends.
+
+    Fix (test_training_semantics.py): rows came only at multiples of logging_steps and at total_steps, so a
+    run that stopped before (early stopping, Ctrl-C, an error) never logged its last steps' losses.
+    """
     pending = PendingLog()
     try:
-        state = _train_steps(
-            accelerator,
-            loss_module,
-            optimizer,
-            scheduler,
-            train_dataset,
-            settings,
-            state,
-            hooks,
-            progress,
-            pending,
-        )
+        yield pending
     except BaseException:
         try:
             pending.write(hooks)
@@ -381,138 +496,6 @@ def fit(
             log.error("could not log the steps since the last metrics row: %s", first_line(error))
         raise
     pending.write(hooks)
-    return state
-
-
-def _train_steps(
-    accelerator: Accelerator,
-    loss_module: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    train_dataset: object,
-    settings: LoopSettings,
-    state: LoopState,
-    hooks: Hooks,
-    progress: TrainProgress | None,
-    pending: PendingLog,
-) -> LoopState:
-    lengths = list(train_dataset["length"])  # type: ignore[index]
-    loss_module.train()
-    started = time.perf_counter()
-    tokens_at_start = state.tokens
-    windows = windows_from(
-        settings, train_dataset, lengths, state, accelerator.process_index, accelerator.num_processes
-    )
-    upcoming = next(windows)
-    memory_checked = not settings.memory_check
-    last_saved = hooks.clock()
-    while state.step < settings.total_steps and state.stop_reason is None:
-        epoch, w, example_ids, window = upcoming
-        # The random state as the step found it: what a checkpoint after a failed step keeps. One process
-        # only, the one kind of run that saves then (_save_last_step).
-        rng = capture_rng_state() if accelerator.num_processes == 1 else None
-        try:
-            run_step = partial(launch_step, accelerator, loss_module, window, settings.max_grad_norm)
-            launched, failure = catch_out_of_memory(run_step)
-            if launched is not None:
-                # Read and collate the next window while the device computes this one.
-                upcoming = next(windows)
-                loss_t, grad_norm_t, targets = launched
-                loss, grad_norm = float(loss_t), float(grad_norm_t)
-        except Exception:  # not an out-of-memory: save what is finished, then let it go on
-            if (saved := _save_last_step(accelerator, optimizer, state, hooks, rng, "error")) is not None:
-                log.error(
-                    "step %d is saved in checkpoint-%d: after this error, `--resume` continues there",
-                    saved,
-                    saved,
-                )
-            raise
-        if failure is not None:
-            tokens = max(int(b["input_ids"].numel()) for b in window)
-            raise _out_of_memory(
-                accelerator, optimizer, state, hooks, rng, failure, f"step {state.step + 1}", tokens
-            )
-        state.epoch, state.window = epoch, w + 1
-        scaled = accelerator.scaler is not None  # fp16: the loss scaler owns overflowing gradients
-        if not math.isfinite(loss) or (not math.isfinite(grad_norm) and not scaled):
-            if _skip_nonfinite(optimizer, state, example_ids, loss, grad_norm, settings, hooks):
-                state = _give_up_or_roll_back(state, hooks)
-                pending.losses.clear()
-                windows = windows_from(
-                    settings,
-                    train_dataset,
-                    lengths,
-                    state,
-                    accelerator.process_index,
-                    accelerator.num_processes,
-                )
-                upcoming = next(windows)
-            continue
-        learning_rate = scheduler.get_last_lr()[0]  # the rate this update uses, as HF logs it
-        optimizer.step()
-        if scaled and accelerator.optimizer_step_was_skipped:
-            _note_overflow(state)
-        else:
-            scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        state.consecutive_nonfinite = 0
-        state.step += 1
-        # The examples' own tokens: not a packed row's filler (pad_to_multiple_of), a padded batch's pads or
-        # the one pad token of a rank's stand-in micro-batch (no example ids).
-        seen = sum(lengths[i] for ids in example_ids for i in ids)
-        state.tokens += global_count(accelerator, seen)
-        state.target_tokens += targets
-        elapsed = time.perf_counter() - started
-        row = {
-            "step": state.step,
-            "epoch": logged_epoch(settings, epoch, w),
-            "loss": loss,
-            "learning_rate": learning_rate,
-            "grad_norm": grad_norm,
-            "tokens": state.tokens,
-            "tokens_per_second": (state.tokens - tokens_at_start) / max(elapsed, 1e-9),
-        }
-        pending.losses.append(loss)
-        pending.row = row
-        if progress:
-            progress.update(state.step, row)
-        # Fix (test_training_semantics.py): as HF, a logged "loss" is the mean over the steps since the last log.
-        if state.step % settings.logging_steps == 0 or state.step == settings.total_steps:
-            pending.write(hooks)
-        if settings.eval_steps and state.step % settings.eval_steps == 0 and hooks.evaluate:
-            after_step = capture_rng_state() if accelerator.num_processes == 1 else None
-            if (failure := catch_out_of_memory(partial(_evaluate, state, settings, hooks))[1]) is not None:
-                where = f"the evaluation after step {state.step}"
-                raise _out_of_memory(accelerator, optimizer, state, hooks, after_step, failure, where, 0)
-        if state.step >= settings.total_steps and state.stop_reason is None:
-            state.stop_reason = "max_steps" if settings.max_steps_overrides else "epochs"
-        # Every process calls this, every step: a signal or the clock can reach the processes a step apart,
-        # and one saving (a barrier) or stopping while the others train on would hang them all.
-        stop_requested, save_time_due = any_process(
-            accelerator,
-            hooks.should_stop(),
-            settings.save_seconds is not None and hooks.clock() - last_saved >= settings.save_seconds,
-        )
-        if stop_requested and state.stop_reason is None:
-            state.stop_reason = "interrupted"
-        if hooks.save and (
-            state.stop_reason
-            or (settings.save_steps and state.step % settings.save_steps == 0)
-            or save_time_due
-        ):
-            _save(state, hooks)
-            last_saved = hooks.clock()
-        if not memory_checked and state.stop_reason is None:  # after step 1 is logged and saved as usual
-            memory_checked = True
-            ran = max(int(b["input_ids"].numel()) for b in window)
-            state.memory_check = check_memory(
-                accelerator, loss_module, optimizer, train_dataset, settings, lengths, state, hooks, ran
-            )
-            if progress:
-                progress.note(memory_check_line(state.memory_check, accelerator.device))
-    if state.stop_reason is None:  # resumed at its last step: nothing was left to train
-        state.stop_reason = "max_steps" if settings.max_steps_overrides else "epochs"
-    return state
 
 
 def _out_of_memory(
