@@ -247,12 +247,16 @@ def test_warmup_as_long_as_the_run_is_flagged_even_in_a_tiny_run() -> None:
         return [x.message for x in found if x.key == "training.warmup_steps"]
 
     assert warmup_lints(1, 1) == [
-        "warmup (1 steps) lasts the whole 1-step run: the first update runs at learning rate 0 and none at the "
-        "full rate, and the only one runs at 0: nothing trains"
+        (
+            "warmup (1 steps) lasts the whole 1-step run: the first update runs at learning rate 0 and none at "
+            "the full rate, and the only one runs at 0: nothing trains"
+        )
     ]
     assert warmup_lints(3, 3) == [
-        "warmup (3 steps) lasts the whole 3-step run: the first update runs at learning rate 0 and none at the "
-        "full rate"
+        (
+            "warmup (3 steps) lasts the whole 3-step run: the first update runs at learning rate 0 and none at "
+            "the full rate"
+        )
     ]
     assert warmup_lints(3, 1) == []
 
