@@ -17,7 +17,6 @@ from tunewise.data.collate import (
     group_window_by_length,
     iterate_batches,
     largest_first,
-    length_grouped,
     pack_within,
     round_up,
     shifted_targets,
@@ -204,17 +203,6 @@ def test_length_grouping_cuts_padding_and_puts_the_longest_first() -> None:
     assert grouped != batch_indices(lengths, 8, shuffle=True, seed=6, group_by_length=True)
 
 
-@pytest.mark.parametrize(("n", "group_size"), [(64, 8), (2000, 8), (1003, 24), (700, 3), (5, 8)])
-def test_length_grouping_is_hfs_length_grouped_sampler(n: int, group_size: int) -> None:
-    """HF's get_length_grouped_indices itself, given the same shuffled order: mega-batches of min(n // (4 x
-    group_size), 50) groups (64 examples in groups of 8: 2, not 50), each longest first, kept in order."""
-    rng = random.Random(n)
-    lengths = [rng.randint(10, 1000) for _ in range(n)]
-    hf = get_length_grouped_indices(lengths, group_size, generator=torch.Generator().manual_seed(n))
-    shuffled = torch.randperm(n, generator=torch.Generator().manual_seed(n)).tolist()  # HF's own draw
-    assert length_grouped(shuffled, lengths, group_size) == hf
-
-
 def test_the_loop_groups_lengths_by_the_examples_of_a_step_as_hf() -> None:
     """HF's LengthGroupedSampler groups per_device x accumulation examples: one optimizer step's (all ranks' here)."""
     rng = random.Random(2)
@@ -233,9 +221,8 @@ def test_the_loop_groups_lengths_by_the_examples_of_a_step_as_hf() -> None:
         pad_token_id=0,
         group_by_length=True,
     )
-    shuffled = list(range(200))
-    random.Random(3).shuffle(shuffled)
-    order = length_grouped(shuffled, lengths, 2 * 4)
+    # HF's own order for groups of one step's 8 examples, drawn from the loop's seed (data_seed + epoch)
+    order = get_length_grouped_indices(lengths, 2 * 4, generator=torch.Generator().manual_seed(3))
     steps = [sorted(order[i : i + 8]) for i in range(0, 200, 8)]
     windows = epoch_windows(settings, lengths, epoch=0, rank=0, world=1)
     assert [sorted(i for b in w for i in b) for w in windows] == steps

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
+from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from tunewise.data.tokenize import IGNORE
 
@@ -119,36 +120,22 @@ def batch_indices(
 ) -> list[list[int]]:
     """Index lists, one per micro-batch, for one epoch: the (shuffled) order cut into batches of `batch_size`.
 
-    With `group_by_length` the order is HF's LengthGroupedSampler's (`length_grouped`), in groups of
-    `group_size` examples (default `batch_size`), which HF makes one optimizer step's examples.
+    With `group_by_length` the order is HF's LengthGroupedSampler's, from transformers' own
+    `get_length_grouped_indices` (random by design, drawn from `seed`): mega-batches of min(N // (4 x group),
+    50) groups of `group_size` examples (default `batch_size`; HF's group is one optimizer step's examples), each
+    sorted longest first and kept in order, the longest example swapped to the very front so a batch too large for
+    memory fails at step 1.
     """
-    order = list(range(len(lengths)))
-    if shuffle:
-        random.Random(seed).shuffle(order)
-    if group_by_length:
-        order = length_grouped(order, lengths, group_size or batch_size)
+    if group_by_length and lengths:
+        # Fix (test_collate_packing.py): a hand-written copy always took mega-batches of 50 and then shuffled the
+        # batches, grouping a small dataset much more tightly than HF, whose scheme the docs promised.
+        generator = torch.Generator().manual_seed(seed)
+        order = get_length_grouped_indices(list(lengths), group_size or batch_size, generator=generator)
+    else:
+        order = list(range(len(lengths)))
+        if shuffle:
+            random.Random(seed).shuffle(order)
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def length_grouped(order: list[int], lengths: Sequence[int], group_size: int) -> list[int]:
-    """HF's `get_length_grouped_indices` (trainer_pt_utils.py) on an already shuffled `order`.
-
-    The order is cut into mega-batches of min(N // (4 x group_size), 50) groups (at least 1, so even a small
-    dataset keeps about four mega-batches of randomness), each sorted longest first and kept in place; then
-    the longest example is swapped to the very front, so a batch too large for memory fails at step 1.
-
-    Fix (test_collate_packing.py): this was documented as HF's scheme but always used 50 groups and then
-    shuffled the batches, which grouped a small dataset much more tightly than HF does.
-    """
-    per_mega = max(min(len(order) // (group_size * 4), 50), 1) * group_size
-    megas = [
-        sorted(order[i : i + per_mega], key=lambda i: lengths[i], reverse=True)
-        for i in range(0, len(order), per_mega)
-    ]
-    if megas:
-        top = max(range(len(megas)), key=lambda m: lengths[megas[m][0]])  # the first, as torch.argmax
-        megas[0][0], megas[top][0] = megas[top][0], megas[0][0]
-    return [i for mega in megas for i in mega]
 
 
 def group_window_by_length(batches: list[list[int]], lengths: Sequence[int]) -> list[list[int]]:
