@@ -116,11 +116,14 @@ def test_bias_all_trains_every_bias() -> None:
     assert len(biases) == 2 * 4  # q, k, v, o biases of 2 layers (attention_bias), adapted or not
 
 
-@pytest.mark.parametrize(("init", "b_is_zero"), [(True, True), ("gaussian", True), (False, False)])
+@pytest.mark.parametrize(("init", "b_is_zero"), [(True, True), ("gaussian", True), ("nora", True), (False, False)])
 def test_init_lora_weights_reaches_peft(tiny_model_dir: Path, init: bool | str, b_is_zero: bool) -> None:
     model = lora(tiny_model_dir, r=2, target_modules="q_proj", init_lora_weights=init)
-    b = model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight
-    assert bool((b == 0).all()) is b_is_zero
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert bool((layer.lora_B["default"].weight == 0).all()) is b_is_zero
+    if init == "nora":  # NoRA: each column of A at unit L2 norm
+        norms = layer.lora_A["default"].weight.norm(dim=0)
+        torch.testing.assert_close(norms, torch.ones_like(norms))
 
 
 def test_full_trains_every_parameter(tiny_model_dir: Path) -> None:
@@ -182,7 +185,7 @@ def test_dora_and_named_inits_are_probed_on_the_quantised_base() -> None:
     assert calls == [("cpu", 8, False, True), ("cpu", 8, True, True), ("cpu", 8, False, "olora")]
 
 
-@pytest.mark.parametrize("init", ["eva", "corda", "loftq", "pissa_niter_4"])
+@pytest.mark.parametrize("init", ["eva", "corda", "astra", "loftq", "pissa_niter_4"])
 def test_inits_tunewise_cannot_honour_are_refused(init: str) -> None:
     problems = check_method_support("lora", False, False, False, "cpu", init)
     assert [p.key for p in problems] == ["adapter.init_lora_weights"]

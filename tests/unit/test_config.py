@@ -106,8 +106,8 @@ def write(tmp_path: Path, text: str, name: str = "train.yaml") -> Path:
             "init_lora_weights",
             "pisa",
             (
-                "must be one of true, false, gaussian, eva, olora, pissa, corda, loftq, orthogonal, mica, "
-                "pissa_niter_N (got 'pisa')"
+                "must be one of true, false, gaussian, eva, olora, pissa, corda, astra, loftq, orthogonal, "
+                "mica, nora, pissa_niter_N (got 'pisa')"
             ),
         ),
     ],
@@ -127,7 +127,7 @@ def test_accepted_edge_values() -> None:
                 "warmup_steps": 0.05,
             },
             "adapter": {"init_lora_weights": "pissa_niter_4", "lora_dropout": 0.0},
-            "data": {"validation_split": 100},
+            "data": {"dataset": "train.jsonl", "validation_split": 100},
             "generation": {"top_p": 1.0, "temperature": 0},
         }
     )
@@ -648,9 +648,33 @@ def test_ignored_settings() -> None:
             "ignored: the base is not loaded in 4 bit (`load_in_4bit`, or `method: qlora`)",
         )
     ]
+
+
+def test_cosine_with_restarts_without_cycles_is_plain_cosine() -> None:
+    restarts = {"lr_scheduler_type": "cosine_with_restarts"}
+    message = (
+        "one cycle (transformers' default num_cycles) never restarts: it is plain cosine; set "
+        "lr_scheduler_kwargs: {num_cycles: 2} or more, or use cosine"
+    )
+    assert checks({"training": restarts}) == [("warning", "training.lr_scheduler_type", message)]
+    assert checks({"training": {**restarts, "lr_scheduler_kwargs": {"num_cycles": 3}}}) == []
+
+
+def test_two_sources_of_validation_rows_are_refused() -> None:
+    # build_data refuses both after the model has loaded; the rule says so in `plan`, before anything loads.
     assert checks({"data": {"validation_file": "v.jsonl", "validation_split": 0.1}}) == [
-        ("warning", "data.validation_split", "ignored: `validation_file` supplies the validation data")
+        (
+            "error",
+            "data.validation_split",
+            "`validation_file` supplies the validation rows; remove one of `validation_file` and `validation_split`",
+        )
     ]
+    assert checks({"data": {"validation_split": 0.1}}) == [  # the default dataset, builtin:json_extract
+        ("error", "data.validation_split", "`builtin:json_extract` brings its own validation rows; remove `validation_split`")
+    ]
+    assert checks({"data": {"dataset": ["a.jsonl", "builtin:json_extract"], "validation_split": 5}})[0][0] == "error"
+    assert checks({"data": {"dataset": "train.jsonl", "validation_split": 0.1}}) == []
+    assert checks({"data": {"validation_file": "v.jsonl"}}) == []
 
 
 def test_warnings_do_not_raise() -> None:

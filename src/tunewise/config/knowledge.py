@@ -113,8 +113,10 @@ _ENTRIES = [
         "a random fraction p of activations in training and scales the rest by 1/(1-p), so eval sees the same "
         "expected values.",
         hf="tunewise (sets those model config fields)",
-        why="null keeps the model's own value; most modern LLMs (Llama, Qwen, SmolLM) are pretrained with 0.",
-        full="0 to 0.1",
+        why="null keeps the model's own value. Llama, Qwen, Mistral, Gemma and SmolLM configs have no hidden "
+        "dropout at all (only attention_dropout), so there this key is an error; GPT-2, GPT-J, Phi, Falcon, "
+        "GPT-NeoX, OPT and BLOOM have one.",
+        full="0 to 0.1, where the model has the setting",
         interactions="With LoRA, lora_dropout is the usual regulariser instead.",
         mistakes="Adding dropout to a model pretrained without it and expecting less overfitting on a short "
         "run: it mostly adds noise.",
@@ -142,7 +144,8 @@ _ENTRIES = [
     _k(
         "validation_file",
         what="Separate rows used only for evaluation: eval loss, perplexity, the task metric and sample "
-        "answers. When set, validation_split is not used.",
+        "answers. It cannot be combined with validation_split (an error); builtin: datasets bring their own "
+        "validation rows, so they take neither.",
         hf="tunewise (as --validation_file in HF's run_clm.py example)",
         why="null: validation_split (if set) carves validation rows out of the training data instead.",
         interactions="eval_steps, early_stopping_patience, load_best_model_at_end all need validation data.",
@@ -154,10 +157,12 @@ _ENTRIES = [
         what="Holds out part of the training data for evaluation: a fraction in (0, 1) or a number of rows, "
         "chosen at random with data_seed, so the split is reproducible.",
         hf="tunewise (like datasets' train_test_split(test_size=...))",
-        why="null: no validation unless validation_file is given; small datasets cannot always spare rows.",
+        why="null: no validation unless validation_file is given or the dataset is a builtin: one (which brings its "
+        "own rows); small datasets cannot always spare rows.",
         full="0.05 to 0.1, or 100 to 1000 rows",
         lora="0.05 to 0.1, or 100 to 1000 rows",
-        interactions="data_seed decides which rows; ignored when validation_file is set.",
+        interactions="data_seed decides which rows; an error with validation_file or a builtin: dataset (two sources "
+        "of validation rows).",
         mistakes="Holding out so few rows that the metric is noise (under ~50), or so many that training "
         "data runs short.",
     ),
@@ -398,9 +403,11 @@ _ENTRIES = [
     _k(
         "init_lora_weights",
         what="How LoRA matrices start. true: A random (Kaiming-uniform), B zero, so the adapter is a no-op "
-        "at step 0; gaussian: A Gaussian, B zero; pissa / olora / orthogonal / mica: start from the base "
-        "weights; false: both random (debugging only). Refused before loading: eva and corda (a data pass "
-        "PEFT leaves to the caller), loftq (needs a LoftQConfig), pissa_niter_N (PEFT redoes its randomised "
+        "at step 0; gaussian: A Gaussian, B zero; nora: A random with unit-norm columns, B zero; pissa / olora: "
+        "the base weights' principal directions (SVD / QR), subtracted from the base; mica: B from the base "
+        "weight's smallest singular vectors, A zero, B frozen; orthogonal: random orthogonal A and B with "
+        "B A = 0, base untouched (r even); false: both random (debugging only). Refused before loading: eva and corda (a data pass "
+        "PEFT leaves to the caller), astra (a calibration pass too), loftq (needs a LoftQConfig), pissa_niter_N (PEFT redoes its randomised "
         "SVD on load, so the saved adapter would not be the trained model; docs/adapters.md).",
         hf=_LC + "init_lora_weights",
         why="true: PEFT's default; training starts exactly at the base model.",
@@ -446,8 +453,8 @@ _ENTRIES = [
         "bnb_4bit_compute_dtype",
         what="The dtype 4-bit weights are de-quantised to for each matmul.",
         hf=_BNB + "bnb_4bit_compute_dtype",
-        why="auto: follows the training precision (bfloat16 when training in bf16). bitsandbytes' own "
-        "default is float32, which is much slower.",
+        why="auto: follows the training precision (bfloat16 when training in bf16). BitsAndBytesConfig's own "
+        "default is float32, which is much slower in a bf16 or fp16 run.",
         interactions="precision.",
         mistakes="float32 compute with a bf16/fp16 run: slow matmuls for no gain.",
     ),
@@ -610,7 +617,8 @@ _ENTRIES = [
     _k(
         "lr_scheduler_type",
         what="The shape of the learning rate after warmup: linear decays to 0; cosine follows half a cosine "
-        "to 0; cosine_with_restarts repeats it; cosine_with_min_lr stops at a floor; polynomial decays to "
+        "to 0; cosine_with_restarts repeats it num_cycles times (lr_scheduler_kwargs; its default, 1, is plain "
+        "cosine); cosine_with_min_lr stops at a floor; polynomial decays to "
         "lr_end; constant keeps the rate and, in transformers, ignores warmup; constant_with_warmup warms up "
         "then stays flat.",
         hf=_TA + "lr_scheduler_type",
@@ -624,7 +632,7 @@ _ENTRIES = [
         what="Extra arguments of the chosen schedule: num_cycles (cosine, cosine_with_restarts), min_lr or "
         "min_lr_rate (cosine_with_min_lr, exactly one), lr_end and power (polynomial).",
         hf=_TA + "lr_scheduler_kwargs",
-        why="empty: each schedule's defaults (cosine: half a cycle).",
+        why="empty: each schedule's defaults (cosine: half a cycle; cosine_with_restarts: one cycle, no restart).",
         interactions="lr_scheduler_type decides which names apply.",
         mistakes="cosine_with_min_lr without min_lr or min_lr_rate (transformers refuses it).",
     ),
@@ -659,7 +667,8 @@ _ENTRIES = [
         what="AdamW's decoupled weight decay (Loshchilov & Hutter): each step shrinks weights by "
         "lr x weight_decay x weight, separately from the gradient update, instead of adding an L2 term to "
         "the gradient (which Adam's scaling would distort). Biases and norm weights are not decayed. It "
-        "regularises; it does NOT save memory.",
+        "regularises; it does NOT save memory. With optim: sgd it is torch SGD's classic L2 term, added to "
+        "the gradient.",
         hf=_TA + "weight_decay",
         why="0.0, HF's default: short fine-tunes rarely need it.",
         full="0 to 0.1",
@@ -676,7 +685,9 @@ _ENTRIES = [
         hf=_TA + "optim",
         why="adamw_torch: the reference optimizer, runs everywhere.",
         interactions="Optimizer memory matters mostly for full fine-tuning; adapters are small.",
-        mistakes="8-bit or paged optimizers on CPU (bitsandbytes targets CUDA).",
+        mistakes="Expecting paged_* to page on CPU: paging needs CUDA unified memory, so elsewhere tunewise runs "
+        "the unpaged optimizer and says so. 8-bit AdamW runs on CPU with bitsandbytes 0.49 or newer (older: "
+        "adamw_torch, with a note).",
     ),
     _k(
         "adam_beta1",
@@ -829,7 +840,8 @@ _ENTRIES = [
         "greater_is_better",
         what="Whether a larger metric_for_best_model is better.",
         hf=_TA + "greater_is_better",
-        why="null: false for eval_loss and eval_perplexity, true for task metrics.",
+        why="null: false for eval_loss and eval_perplexity, true for task metrics. HF's default is false only for "
+        "names ending in loss, so in HF eval_perplexity would count higher as better: set it explicitly there.",
         mistakes="true with a loss metric: the worst checkpoint wins.",
     ),
     _k(

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from importlib import metadata
 
 from tunewise.config.problems import Problem, num, show, suggest
-from tunewise.config.schema import DEFAULT_EFFECTIVE_BATCH_SIZE, SECTIONS, TunewiseConfig
+from tunewise.config.schema import BUILTIN_PREFIX, DEFAULT_EFFECTIVE_BATCH_SIZE, SECTIONS, TunewiseConfig
 from tunewise.training.schedule import scheduler_argument_problems
 
 METRICS = ("eval_loss", "eval_perplexity", "exact_match", "json_exact_match")
@@ -80,6 +80,12 @@ def _schedule(cfg: TunewiseConfig) -> list[Problem]:
             "warmup_steps and warmup_ratio to 0"
         )
         problems.append(Problem("training.lr_scheduler_type", message))
+    if t.lr_scheduler_type == "cosine_with_restarts" and t.lr_scheduler_kwargs.get("num_cycles", 1) == 1:
+        message = (
+            "one cycle (transformers' default num_cycles) never restarts: it is plain cosine; set "
+            "lr_scheduler_kwargs: {num_cycles: 2} or more, or use cosine"
+        )
+        problems.append(Problem("training.lr_scheduler_type", message, "warning"))
     return problems
 
 
@@ -277,10 +283,22 @@ def _ignored_settings(cfg: TunewiseConfig) -> list[Problem]:
         why = "ignored: the base is not loaded in 4 bit (`load_in_4bit`, or `method: qlora`)"
         keys = [k for k in _changed(cfg, "quantization") if k.startswith("bnb_4bit")]
         problems += [Problem(f"quantization.{k}", why, "warning") for k in keys]
-    if cfg.data.validation_file is not None and cfg.data.validation_split is not None:
-        why = "ignored: `validation_file` supplies the validation data"
-        problems.append(Problem("data.validation_split", why, "warning"))
     return problems
+
+
+def _validation_twice(cfg: TunewiseConfig) -> list[Problem]:
+    """Two sources of validation rows: refused (as `build_data` would, after loading the model) before loading."""
+    data = cfg.data
+    if data.validation_split is None:
+        return []
+    if data.validation_file is not None:
+        why = "`validation_file` supplies the validation rows; remove one of `validation_file` and `validation_split`"
+        return [Problem("data.validation_split", why)]
+    builtins = [d for d in ([data.dataset] if isinstance(data.dataset, str) else data.dataset) if d.startswith(BUILTIN_PREFIX)]
+    if builtins:
+        why = f"`{builtins[0]}` brings its own validation rows; remove `validation_split`"
+        return [Problem("data.validation_split", why)]
+    return []
 
 
 _ADAPTER_KEYS = tuple(SECTIONS["adapter"].model_fields)
@@ -300,5 +318,6 @@ _RULES: tuple[tuple[tuple[str, ...], Callable[[TunewiseConfig], list[Problem]]],
     (("max_tokens_per_micro_batch", "packing", "max_seq_length"), _token_budget),
     (("metric_for_best_model", "greater_is_better", "task_metric"), _metric),
     (("use_dora", "method", *_QUANT_KEYS), _dora),
-    ((*_ADAPTER_KEYS, *_QUANT_KEYS, "validation_file", "validation_split"), _ignored_settings),
+    ((*_ADAPTER_KEYS, *_QUANT_KEYS), _ignored_settings),
+    (("dataset", "validation_file", "validation_split"), _validation_twice),
 )

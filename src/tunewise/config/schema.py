@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from pydantic_core import PydanticCustomError
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
+BUILTIN_PREFIX = "builtin:"  # `dataset: builtin:NAME`, a dataset shipped in tunewise/builtin/
 DEFAULT_EFFECTIVE_BATCH_SIZE = 16
 """Sequences per optimizer update that an `auto` batch targets when effective_batch_size is unset."""
 
@@ -69,7 +70,7 @@ class ModelConfig(_Section):
     model_name_or_path: NonEmptyStr = EMBEDDED_MODEL
     """A local HF model directory, a .gguf file, the embedded default `smollm2-135m-instruct`, or a hub id."""
     torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """dtype the base weights are loaded in; auto follows the training precision (fp32 weights on CPU)."""
+    """dtype the base weights are loaded in; auto: bfloat16 for a LoRA/QLoRA base in a bf16 run, else float32."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """Attention kernel passed to transformers."""
     trust_remote_code: bool = False
@@ -84,7 +85,7 @@ class DataConfig(_Section):
     dataset: NonEmptyStr | NonEmptyList = "builtin:json_extract"
     """Training data: file(s) (JSONL, JSON, CSV, Parquet, save_to_disk folder) or `builtin:NAME`."""
     validation_file: str | list[str] | None = None
-    """Separate validation data; when unset `validation_split` carves it from `dataset`."""
+    """Separate validation data (not with `validation_split`); `builtin:` datasets bring their own."""
     validation_split: float | int | None = None
     """Fraction (0-1) or number of training rows held out for evaluation, seeded by `data_seed`."""
     format: Literal["auto", "text", "prompt_completion", "alpaca", "chat", "sharegpt"] = "auto"
@@ -210,7 +211,7 @@ class TrainingConfig(_Section):
     max_grad_norm: float | None = Field(default=1.0, ge=0.0)
     """Clip the global gradient norm to this; 0 or null disables."""
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    """Numeric precision; auto: bf16 where supported, else fp16 on GPU, fp32 on CPU."""
+    """Numeric precision; auto: bf16 on GPUs and CPUs (AMX, AVX512_BF16) that support it, else fp16 on GPU, fp32."""
     bf16: bool | None = None
     """HF flag; true means precision bf16."""
     fp16: bool | None = None
@@ -234,7 +235,7 @@ class TrainingConfig(_Section):
     metric_for_best_model: str = "eval_loss"
     """Metric that decides 'best' for early stopping and load_best_model_at_end."""
     greater_is_better: bool | None = None
-    """Whether a larger metric is better; default: false for eval_loss/eval_perplexity, true otherwise."""
+    """Whether a larger metric is better; default: false for eval_loss/eval_perplexity (HF: false for *loss only)."""
     early_stopping_patience: int | None = Field(default=None, ge=1)
     """Stop after this many evaluations without improvement; null disables."""
     early_stopping_threshold: float = Field(default=0.0, ge=0.0)
@@ -308,8 +309,9 @@ class TunewiseConfig(_Section):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
 
 
-LORA_INITS = ("gaussian", "eva", "olora", "pissa", "corda", "loftq", "orthogonal", "mica")
-"""PEFT's named LoRA initialisations (LoraConfig.init_lora_weights), besides true/false and pissa_niter_N."""
+LORA_INITS = ("gaussian", "eva", "olora", "pissa", "corda", "astra", "loftq", "orthogonal", "mica", "nora")
+"""PEFT 0.22's named LoRA initialisations (LoraConfig.init_lora_weights), besides true/false and pissa_niter_N
+(eva, corda, astra and loftq are refused with the reason: models/adapters.py)."""
 
 
 def _leaf_types(annotation: Any) -> list[Any]:

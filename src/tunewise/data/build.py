@@ -9,10 +9,10 @@ from pathlib import Path
 import datasets
 from transformers import PreTrainedTokenizerBase
 
+from tunewise.config.schema import BUILTIN_PREFIX
 from tunewise.data.load import DataError, LoadReport, load_records, split_train_validation
 from tunewise.data.tokenize import TokenizeReport, TokenizeSettings, tokenize_dataset
 
-BUILTIN_PREFIX = "builtin:"
 
 
 @dataclass

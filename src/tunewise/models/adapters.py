@@ -34,6 +34,8 @@ _UNSUPPORTED_INITS = {
     "tunewise does not run; without it the adapter is not EVA",
     "corda": "CorDA needs peft.preprocess_corda over calibration data before the adapter is built, which "
     "tunewise does not run",
+    "astra": "ASTRA projects the base weight onto eigenvectors of activations from a calibration set, a data "
+    "pass tunewise does not run",
     "loftq": "LoftQ needs a LoftQConfig, which tunewise does not expose",
 }
 
