@@ -116,7 +116,9 @@ def test_bias_all_trains_every_bias() -> None:
     assert len(biases) == 2 * 4  # q, k, v, o biases of 2 layers (attention_bias), adapted or not
 
 
-@pytest.mark.parametrize(("init", "b_is_zero"), [(True, True), ("gaussian", True), ("nora", True), (False, False)])
+@pytest.mark.parametrize(
+    ("init", "b_is_zero"), [(True, True), ("gaussian", True), ("nora", True), (False, False)]
+)
 def test_init_lora_weights_reaches_peft(tiny_model_dir: Path, init: bool | str, b_is_zero: bool) -> None:
     model = lora(tiny_model_dir, r=2, target_modules="q_proj", init_lora_weights=init)
     layer = model.base_model.model.model.layers[0].self_attn.q_proj

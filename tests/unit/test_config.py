@@ -670,9 +670,16 @@ def test_two_sources_of_validation_rows_are_refused() -> None:
         )
     ]
     assert checks({"data": {"validation_split": 0.1}}) == [  # the default dataset, builtin:json_extract
-        ("error", "data.validation_split", "`builtin:json_extract` brings its own validation rows; remove `validation_split`")
+        (
+            "error",
+            "data.validation_split",
+            "`builtin:json_extract` brings its own validation rows; remove `validation_split`",
+        )
     ]
-    assert checks({"data": {"dataset": ["a.jsonl", "builtin:json_extract"], "validation_split": 5}})[0][0] == "error"
+    assert (
+        checks({"data": {"dataset": ["a.jsonl", "builtin:json_extract"], "validation_split": 5}})[0][0]
+        == "error"
+    )
     assert checks({"data": {"dataset": "train.jsonl", "validation_split": 0.1}}) == []
     assert checks({"data": {"validation_file": "v.jsonl"}}) == []
 

@@ -294,7 +294,11 @@ def _validation_twice(cfg: TunewiseConfig) -> list[Problem]:
     if data.validation_file is not None:
         why = "`validation_file` supplies the validation rows; remove one of `validation_file` and `validation_split`"
         return [Problem("data.validation_split", why)]
-    builtins = [d for d in ([data.dataset] if isinstance(data.dataset, str) else data.dataset) if d.startswith(BUILTIN_PREFIX)]
+    builtins = [
+        d
+        for d in ([data.dataset] if isinstance(data.dataset, str) else data.dataset)
+        if d.startswith(BUILTIN_PREFIX)
+    ]
     if builtins:
         why = f"`{builtins[0]}` brings its own validation rows; remove `validation_split`"
         return [Problem("data.validation_split", why)]

@@ -14,7 +14,6 @@ from tunewise.data.load import DataError, LoadReport, load_records, split_train_
 from tunewise.data.tokenize import TokenizeReport, TokenizeSettings, tokenize_dataset
 
 
-
 @dataclass
 class DataBundle:
     train: datasets.Dataset  # tokenised
