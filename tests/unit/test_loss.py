@@ -208,3 +208,64 @@ def test_gradients_keep_the_parameter_dtypes_under_autocast() -> None:
     reference = reference_loss(model, batch).item()
     assert abs(loss.item() - reference) < 0.02 * reference  # bf16 matmuls, same loss to ~1%
     assert all(p.grad.dtype == p.dtype for p in model.parameters())
+
+
+def post_processed_models() -> dict[str, nn.Module]:
+    """Tiny models whose CausalLM forward changes the logits after the LM head."""
+    from transformers import (
+        CohereConfig,
+        CohereForCausalLM,
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        GraniteConfig,
+        GraniteForCausalLM,
+    )
+
+    shape = {
+        "vocab_size": VOCAB,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 8,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "initializer_range": 0.2,
+    }
+    torch.manual_seed(0)
+    return {
+        "granite": GraniteForCausalLM(GraniteConfig(**shape, logits_scaling=8.0)),
+        "cohere": CohereForCausalLM(CohereConfig(**shape, logit_scale=0.0625)),
+        "gemma2": Gemma2ForCausalLM(Gemma2Config(**shape, final_logit_softcapping=3.0)),
+    }
+
+
+@pytest.mark.parametrize("name", ["granite", "cohere", "gemma2"])
+@pytest.mark.parametrize("layout", ["right-padded", "packed"])
+def test_a_model_that_changes_its_logits_after_the_head_trains_on_its_own_logits(
+    name: str, layout: str
+) -> None:
+    # Granite divides by logits_scaling, Cohere multiplies by logit_scale, Gemma 2 soft-caps: the fused head
+    # alone would miss each (0.2-0.9 nats off on these models), so the loss must be the model's own.
+    model = post_processed_models()[name]
+    params = [p for p in model.parameters() if p.requires_grad]
+    batch = batches()[layout]
+    loss = CausalLMLoss(model)
+    assert_close(
+        value_and_grads(lambda: loss(**batch), params),
+        value_and_grads(lambda: reference_loss(model, batch), params),
+    )
+    assert loss.plain_head is False
+    # What the fused head alone computes is not this model's loss:
+    head_only = CausalLMLoss(model)
+    head_only.plain_head = True
+    with torch.no_grad():
+        assert abs(head_only(**batch).item() - reference_loss(model, batch).item()) > 0.1
+
+
+def test_a_plain_head_keeps_the_fused_loss() -> None:
+    loss = CausalLMLoss(build_tiny_model(VOCAB, seed=0))
+    loss(**batches()["packed"])
+    assert loss.plain_head is True

@@ -19,6 +19,7 @@ head 20% faster a row in isolation, and a step's logits blocks recur in size: do
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -27,6 +28,8 @@ from torch import nn
 
 from tunewise.data.tokenize import IGNORE
 from tunewise.models.fast import VARLEN_SDPA, cu_seq_lens
+
+log = logging.getLogger("tunewise")
 
 LOGIT_CHUNK = 1024
 """Rows of logits alive at once on a GPU: 1024 x 49152 fp32 = 200 MB."""
@@ -166,6 +169,9 @@ class CausalLMLoss(nn.Module):
         super().__init__()
         self.model: Any = model  # PreTrainedModel API (get_output_embeddings), not just nn.Module
         self.logit_chunk = logit_chunk  # None: the device's (`logit_chunk`)
+        self.plain_head: bool | None = None
+        """Whether the model's logits are its output embeddings of its decoder's output (`head_is_plain`):
+        found at the first forward. Where they are not, the loss runs the model's own forward."""
 
     def forward(
         self,
@@ -186,13 +192,51 @@ class CausalLMLoss(nn.Module):
             # models.fast.varlen_sdpa (other attentions find them from position_ids themselves).
             bounds = cu_seq_lens(position_ids)
             varlen = {"cu_seq_lens_q": bounds, "max_length_q": int(bounds.diff().max())}
-        hidden = _decoder(self.model)(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=False,
-            **varlen,
-        ).last_hidden_state
+        if self.plain_head is None:
+            self.plain_head = head_is_plain(self.model, input_ids)
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **varlen)
+        if not self.plain_head:
+            return _model_head_loss(self.model, inputs, targets)
+        hidden = _decoder(self.model)(**inputs, use_cache=False).last_hidden_state
         return target_cross_entropy(
             hidden, targets, self.model.get_output_embeddings(), chunk=self.logit_chunk
         )
+
+
+def head_is_plain(model: Any, input_ids: torch.Tensor) -> bool:
+    """Whether the model's logits are exactly its output embeddings applied to its decoder's last hidden state,
+    measured on a few tokens (eval mode, no gradient).
+
+    The fused loss computes those logits itself, so anything a model's CausalLM forward does after its LM head
+    would be missing from the objective: Granite divides the logits by `logits_scaling`, Cohere multiplies them by
+    `logit_scale`, Gemma 2 soft-caps them with tanh. Missing it, training fits logits the served model never
+    produces (on a tiny Granite: a loss of 0.02 by tunewise's count where the model's own was still 4.4).
+    Measuring covers every architecture, including ones written after this code."""
+    ids = input_ids[:1, :8]
+    was_training = model.training
+    model.eval()  # no dropout: the two paths must see the same network
+    try:
+        with torch.no_grad():
+            own = model(input_ids=ids, use_cache=False).logits.float()
+            hidden = _decoder(model)(input_ids=ids, use_cache=False).last_hidden_state
+            head = model.get_output_embeddings()(hidden).float()
+    finally:
+        model.train(was_training)
+    plain = own.shape == head.shape and torch.allclose(own, head, rtol=1e-4, atol=1e-5)
+    if not plain:
+        log.info(
+            "%s changes its logits after the LM head (a scale or soft cap): the loss runs the model's own "
+            "forward at target positions, correct but without tunewise's fused head (more memory, slower)",
+            type(model.get_base_model() if hasattr(model, "get_base_model") else model).__name__,
+        )
+    return plain
+
+
+def _model_head_loss(model: Any, inputs: dict[str, Any], targets: torch.Tensor) -> torch.Tensor:
+    """The summed target cross-entropy from the model's own logits, computed only at positions with a target
+    in some row (`logits_to_keep`), so a long prompt costs no vocabulary-wide logits."""
+    positions = (targets != IGNORE).any(dim=0).nonzero().squeeze(1)
+    logits = model(**inputs, use_cache=False, logits_to_keep=positions).logits
+    return F.cross_entropy(
+        logits.float().flatten(0, 1), targets[:, positions].flatten(), ignore_index=IGNORE, reduction="sum"
+    )
