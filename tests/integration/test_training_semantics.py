@@ -494,7 +494,12 @@ def test_gradient_checkpointing_changes_memory_not_gradients(make_config: Config
             assert layer._gradient_checkpointing_func.keywords == {"use_reentrant": False}
         mlp_calls: list[int] = []
         # A pre-hook: torch stops the recompute once the last saved tensor is back, before the MLP returns.
-        hook = layer.mlp.register_forward_pre_hook(lambda *args, calls=mlp_calls: calls.append(1))
+        # Forwards without gradient (the loss's first-call check of the LM head) are not the step's.
+        def count(*args: object, calls: list[int] = mlp_calls) -> None:
+            if torch.is_grad_enabled():
+                calls.append(1)
+
+        hook = layer.mlp.register_forward_pre_hook(count)
         loss, _, _, grads = step_gradients(accelerator, CausalLMLoss(prep.model), [first_window(prep)])
         hook.remove()
         # Checkpointing recomputes each layer in the backward pass: the MLP runs twice per step.

@@ -216,7 +216,8 @@ def head_is_plain(model: Any, input_ids: torch.Tensor) -> bool:
     was_training = model.training
     model.eval()  # no dropout: the two paths must see the same network
     try:
-        with torch.no_grad():
+        # Eager: compiled layers would otherwise compile a no-gradient variant for these few tokens.
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
             own = model(input_ids=ids, use_cache=False).logits.float()
             hidden = _decoder(model)(input_ids=ids, use_cache=False).last_hidden_state
             head = model.get_output_embeddings()(hidden).float()
