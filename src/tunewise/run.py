@@ -56,7 +56,14 @@ from tunewise.models.fast import (
     use_fast_lora_dropout,
 )
 from tunewise.models.kernels import bf16_kernel_runs, cpu_attention_ops, cpu_has_bf16_matmuls
-from tunewise.models.load import load_model, load_tokenizer, materialize, model_overrides, resolve_source
+from tunewise.models.load import (
+    load_model,
+    load_tokenizer,
+    materialize,
+    model_overrides,
+    pad_with_eos,
+    resolve_source,
+)
 from tunewise.models.merge import open_with_system_prompt
 from tunewise.training.host_memory import set_host_memory
 from tunewise.training.loop import Hooks, LoopSettings, LoopState, fit
@@ -124,10 +131,7 @@ def prepare_model(cfg: TunewiseConfig) -> tuple[Any, PreTrainedTokenizerBase, Pa
         raise ConfigError([Problem("training.torch_compile", why)])
     model_dir = materialize(resolve_source(m.model_name_or_path))
     tokenizer = load_tokenizer(model_dir, m.trust_remote_code)
-    if tokenizer.pad_token is None:
-        # Pads never reach the loss (labels are built from masks, not from pad ids), so reusing
-        # EOS as pad cannot mask the EOS the model must learn to emit.
-        tokenizer.pad_token = tokenizer.eos_token
+    pad_with_eos(tokenizer)
     from transformers import AutoConfig
 
     overrides = model_overrides(

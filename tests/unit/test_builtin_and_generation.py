@@ -125,3 +125,17 @@ def test_generation_stops_at_the_templates_end_of_turn_when_eos_is_another_token
     assert len(forwards) == 1
     assert stop_token_ids(model, tok, "{{ '<|im_end|>' }}") == [tok.eos_token_id, end]
     assert stop_token_ids(model, tok, "{{ eos_token }}") == [tok.eos_token_id]  # no marker in the template
+
+
+def test_a_tokenizer_without_a_pad_token_generates_batches_as_single_prompts() -> None:
+    """Llama and Mistral tokenizers ship no pad token: the tokenizer refused to pad the batch. Prompts of
+    different lengths, left-padded and masked, answer as each does alone, and the tokenizer is left as it was."""
+    tok = build_tiny_tokenizer()
+    tok.pad_token = None
+    model = build_tiny_model(len(tok))
+    prompts = [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "a much longer question"}]]
+    settings = SamplingSettings(max_new_tokens=5)
+    batched = generate(model, tok, prompts, settings, 2, "chatml")
+    assert batched == [generate(model, tok, [p], settings, 1, "chatml")[0] for p in prompts]
+    assert all(batched)  # answers compared, not two empty strings
+    assert tok.pad_token is None and tok.padding_side == "right"

@@ -18,7 +18,7 @@ from tunewise.infer.chat import answer, load_generation_model
 from tunewise.models.load import ModelLoadError, load_model, load_tokenizer
 from tunewise.models.merge import find_adapter_base, merge_adapter
 from tunewise.run import train
-from tunewise.testing import tiny_chat_rows
+from tunewise.testing import build_tiny_model, build_tiny_tokenizer, tiny_chat_rows
 
 IDS = torch.randint(3, 200, (2, 24), generator=torch.Generator().manual_seed(0))
 
@@ -100,6 +100,26 @@ def test_merge_refuses_what_it_cannot_do(tiny_model_dir: Path, tmp_path: Path) -
         merge_adapter(adapter, adapter)
     with pytest.raises(ModelLoadError, match="no adapter_config.json"):
         merge_adapter(tmp_path, tmp_path / "out")
+
+
+def test_a_base_without_a_pad_token_merges_into_a_model_that_pads_and_answers(tmp_path: Path) -> None:
+    """A checkpoint-N directory or bare adapter has no tokenizer of its own: the merge took the base's, which for
+    Llama or Mistral has no pad token, unlike the tokenizer a run saves. It pads with EOS, as the run did, and
+    `generate` answers from the merge, the adapter and the base alike; the base's own tokenizer is unchanged."""
+    base = tmp_path / "base"
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.pad_token = None
+    build_tiny_model(len(tokenizer)).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    adapter = save_adapter(base, tmp_path / "adapter")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (adapter / name).unlink()  # as a checkpoint-N directory holds it
+    merged = merge_adapter(adapter, tmp_path / "merged").output_dir
+    assert load_tokenizer(merged).pad_token == "<|im_end|>" == tokenizer.eos_token
+    assert load_tokenizer(base).pad_token is None
+    hi = [{"role": "user", "content": "hi"}]
+    answers = [answer(str(m), hi, ["max_new_tokens=4"]) for m in (merged, adapter, base)]
+    assert answers[0] == answers[1] != answers[2]
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import BatchEncoding, PreTrainedModel, PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -99,8 +99,7 @@ def generate(
     chat_template = resolve_chat_template(tokenizer, chat_template)
     was_training = model.training
     model.eval()
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # generation appends on the right, so pads must be on the left
+    # Llama and Mistral tokenizers have no pad token: pads are masked, so EOS can serve (see pad_with_eos).
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stop_ids = stop_token_ids(model, tokenizer, chat_template)
     answers: list[str] = []
@@ -109,9 +108,8 @@ def generate(
             texts = [
                 render_prompt(tokenizer, c, chat_template) for c in conversations[start : start + batch_size]
             ]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(
-                model.device
-            )
+            ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+            enc = left_padded(ids, pad_id or 0).to(model.device)
             out = model.generate(  # type: ignore[operator]
                 **enc,
                 max_new_tokens=settings.max_new_tokens,
@@ -122,6 +120,17 @@ def generate(
             new = out[:, enc["input_ids"].shape[1] :]
             answers += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
     finally:
-        tokenizer.padding_side = side
         model.train(was_training)
     return answers
+
+
+def left_padded(ids: list[list[int]], pad_id: int) -> BatchEncoding:
+    """Token ids padded on the left, where generation does not append, and masked there. Padded here, not by the
+    tokenizer, which refuses to pad without a pad token and would need its padding side changed."""
+    width = max(len(row) for row in ids)
+    return BatchEncoding(
+        {
+            "input_ids": torch.tensor([[pad_id] * (width - len(row)) + row for row in ids]),
+            "attention_mask": torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in ids]),
+        }
+    )

@@ -259,6 +259,14 @@ def load_tokenizer(model_dir: Path, trust_remote_code: bool = False) -> PreTrain
         ) from exc
 
 
+def pad_with_eos(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Give a tokenizer without a pad token (Llama's, Mistral's) its EOS as one, as training and a saved run have.
+    Pads never reach the loss (labels are built from masks, not from pad ids), so reusing EOS as pad cannot mask
+    the EOS the model must learn to emit."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
 def load_model(
     model_dir: Path,
     *,

@@ -26,6 +26,7 @@ from tunewise.models.load import (
     load_model,
     load_tokenizer,
     materialize,
+    pad_with_eos,
     resolve_source,
     writing_directory,
 )
@@ -160,15 +161,18 @@ def _run_tokenizer(
 ) -> PreTrainedTokenizerBase:
     """The tokenizer the adapter trained with: the run's own (it carries the run's chat template), else the base's
     with the run's `data.chat_template` set as the run set it (run.py `prepare`). A checkpoint-N directory holds
-    config.yaml but no tokenizer, and the base's own template is not the one the run trained on."""
+    config.yaml but no tokenizer, and the base's own template is not the one the run trained on. Either way it
+    gets the pad token the run's saved tokenizer has, so the merge pads as the run did."""
     if (adapter_dir / "tokenizer_config.json").is_file():
-        return load_tokenizer(adapter_dir, found.trust_remote_code)
-    tokenizer = load_tokenizer(found.model_dir, found.trust_remote_code)
-    if chat_template:
-        tokenizer.chat_template = resolve_chat_template(tokenizer, chat_template)
-        notes.append(
-            f"chat template: data.chat_template {_clip(chat_template)} from {adapter_dir / 'config.yaml'}"
-        )
+        tokenizer = load_tokenizer(adapter_dir, found.trust_remote_code)
+    else:
+        tokenizer = load_tokenizer(found.model_dir, found.trust_remote_code)
+        if chat_template:
+            tokenizer.chat_template = resolve_chat_template(tokenizer, chat_template)
+            notes.append(
+                f"chat template: data.chat_template {_clip(chat_template)} from {adapter_dir / 'config.yaml'}"
+            )
+    pad_with_eos(tokenizer)
     return tokenizer
 
 
