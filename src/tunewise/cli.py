@@ -48,7 +48,7 @@ AnswerSetOpt = Annotated[
     typer.Option(
         "--set",
         help="Override a generation setting: KEY=VALUE, e.g. --set do_sample=true --set temperature=0.7 "
-        "(repeatable; generation.*, system_prompt, chat_template, seed).",
+        "(repeatable; generation.*, system_prompt, chat_template, seed, trust_remote_code).",
     ),
 ]
 

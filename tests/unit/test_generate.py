@@ -3,6 +3,7 @@ model's text in what the other commands print."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from tunewise.cli import app
 from tunewise.config.load import dump_config, load_config
 from tunewise.infer import chat
 from tunewise.infer.generate import SamplingSettings
-from tunewise.testing import CHATML, build_tiny_model, build_tiny_tokenizer
+from tunewise.testing import CHATML, build_tiny_model, build_tiny_tokenizer, save_tiny_model
 
 
 def tiny_run(tiny_model_dir: Path, folder: Path, config: dict) -> Path:
@@ -31,6 +32,29 @@ def with_template(folder: Path, template: str | None) -> Path:
     tokenizer.chat_template = template
     build_tiny_model(len(tokenizer)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    return folder
+
+
+def custom_code_model(folder: Path) -> Path:
+    """The tiny model as a trust_remote_code model: its config and model classes are .py files beside it."""
+    save_tiny_model(folder)
+    (folder / "configuration_tiny.py").write_text(
+        "from transformers import LlamaConfig\n\n\nclass TinyConfig(LlamaConfig):\n    model_type = 'tinycustom'\n"
+    )
+    (folder / "modeling_tiny.py").write_text(
+        "from transformers import LlamaForCausalLM\n\nfrom .configuration_tiny import TinyConfig\n\n\n"
+        "class TinyForCausalLM(LlamaForCausalLM):\n    config_class = TinyConfig\n"
+    )
+    config = json.loads((folder / "config.json").read_text())
+    config |= {
+        "model_type": "tinycustom",
+        "architectures": ["TinyForCausalLM"],
+        "auto_map": {
+            "AutoConfig": "configuration_tiny.TinyConfig",
+            "AutoModelForCausalLM": "modeling_tiny.TinyForCausalLM",
+        },
+    }
+    (folder / "config.json").write_text(json.dumps(config))
     return folder
 
 
@@ -175,3 +199,33 @@ def test_plan_prints_bracketed_paths_as_text(
     assert result.exit_code == 0, result.output
     assert f"model {model} (" in result.stdout
     assert f"training.output_dir {tmp_path / 'runs[v2]'} " in " ".join(result.stdout.split())
+
+
+def test_a_custom_code_model_answers_as_its_run_says_or_with_trust_remote_code_set(tmp_path: Path) -> None:
+    """A full fine-tune of a trust_remote_code model loads as its run's config.yaml says; its merge (no
+    config.yaml) with `--set trust_remote_code=true`. Both were refused: the setting was read for adapters only,
+    and the --set was "does nothing when answering"."""
+    merged = custom_code_model(tmp_path / "merged")
+    model = {"model_name_or_path": str(merged), "trust_remote_code": True}
+    run = tiny_run(merged, tmp_path / "run", {"model": model})
+    assert type(chat.load_generation_model(str(run))[0]).__name__ == "TinyForCausalLM"
+    short = ["--set", "max_new_tokens=3"]
+    refused = CliRunner().invoke(app, ["generate", "hi", "--model", str(merged), *short])
+    assert refused.exit_code == 2, refused.output
+    said = " ".join(refused.output.split())
+    assert "needs custom code" in said and "(`--set trust_remote_code=true` for generate and chat)" in said
+    answers = []
+    for args in (
+        ["--model", str(run)],
+        ["--model", str(merged), "--set", "trust_remote_code=true"],
+        ["--model", str(merged), "--set", "model.trust_remote_code=true"],
+    ):
+        result = CliRunner().invoke(app, ["generate", "hi", *args, *short])
+        assert result.exit_code == 0, result.output
+        answers.append(result.stdout)
+    assert answers[0] == answers[1] == answers[2]
+    # The --set wins over the run's config.yaml.
+    refused = CliRunner().invoke(
+        app, ["generate", "hi", "--model", str(run), "--set", "trust_remote_code=false"]
+    )
+    assert refused.exit_code == 2 and "needs custom code" in " ".join(refused.output.split())

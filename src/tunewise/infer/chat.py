@@ -13,7 +13,7 @@ from tunewise.config.schema import SECTIONS
 from tunewise.data.tokenize import resolve_chat_template
 from tunewise.infer.generate import SamplingSettings, generate, render_prompt
 from tunewise.models.load import load_model, load_tokenizer, materialize, resolve_source
-from tunewise.models.merge import find_adapter_base, is_adapter
+from tunewise.models.merge import find_adapter_base, is_adapter, run_config
 
 
 @dataclass
@@ -31,30 +31,37 @@ class Loaded:
     sampling settings greedy decoding ignores."""
 
 
-def load_generation_model(name_or_path: str) -> tuple[PreTrainedModel | PeftModel, PreTrainedTokenizerBase]:
+def load_generation_model(
+    name_or_path: str, trust_remote_code: bool | None = None
+) -> tuple[PreTrainedModel | PeftModel, PreTrainedTokenizerBase]:
     """The model to answer with, from any of: a run directory (LoRA/QLoRA or full), a PEFT adapter,
     a merged or other HF model directory, a GGUF file, a hub id or the embedded default.
 
     An adapter's base is loaded as its run loaded it (dtype, 4/8-bit, from the run's config.yaml),
-    so a run answers as the model it trained; a bare adapter gets a float32 base.
+    so a run answers as the model it trained; a bare adapter gets a float32 base. `trust_remote_code`
+    None means what the directory's config.yaml says (a run's model.trust_remote_code), else False.
     """
     path = Path(name_or_path)
     if is_adapter(path):
         base = find_adapter_base(path)
+        trust = base.trust_remote_code if trust_remote_code is None else trust_remote_code
         model = load_model(
             base.model_dir,
             dtype=base.torch_dtype,
-            trust_remote_code=base.trust_remote_code,
+            trust_remote_code=trust,
             quantization_config=base.quantization,
         )
         tokenizer_dir = path if (path / "tokenizer_config.json").is_file() else base.model_dir
-        return PeftModel.from_pretrained(model, path), load_tokenizer(tokenizer_dir, base.trust_remote_code)
+        return PeftModel.from_pretrained(model, path), load_tokenizer(tokenizer_dir, trust)
+    if trust_remote_code is None:  # a full fine-tune's run directory of a custom-code model says so
+        trust_remote_code = bool((run_config(path).get("model") or {}).get("trust_remote_code", False))
     model_dir = materialize(resolve_source(name_or_path))
-    return load_model(model_dir), load_tokenizer(model_dir)
+    model = load_model(model_dir, trust_remote_code=trust_remote_code)
+    return model, load_tokenizer(model_dir, trust_remote_code)
 
 
 # What generate and chat read from a config besides `generation.*`; a --set of anything else would do nothing.
-ANSWER_KEYS = ("data.chat_template", "data.system_prompt", "training.seed")
+ANSWER_KEYS = ("data.chat_template", "data.system_prompt", "training.seed", "model.trust_remote_code")
 
 
 def load_for_chat(name_or_path: str, overrides: list[str]) -> Loaded:
@@ -83,7 +90,8 @@ def load_for_chat(name_or_path: str, overrides: list[str]) -> Loaded:
     sampling = SamplingSettings(
         g.max_new_tokens, g.do_sample, g.temperature, g.top_p, g.top_k, g.repetition_penalty
     )
-    model, tokenizer = load_generation_model(name_or_path)
+    # The run's config.yaml (read above) or the --set decides, for any directory or hub id.
+    model, tokenizer = load_generation_model(name_or_path, cfg.model.trust_remote_code)
     template = resolve_chat_template(tokenizer, cfg.data.chat_template)
     # The first prompt rendered once now: a template that refuses it (a role it does not take) fails here, before
     # `chat` asks for a prompt, rather than after the user typed one.

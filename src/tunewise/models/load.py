@@ -291,7 +291,8 @@ def load_model(
     except (OSError, ValueError) as exc:  # transformers' words for a directory it cannot load
         if "trust_remote_code" in str(exc):
             raise ModelLoadError(
-                f"{model_dir} needs custom code; set model.trust_remote_code: true only if you trust its author"
+                f"{model_dir} needs custom code; set model.trust_remote_code: true (`--set trust_remote_code=true` "
+                "for generate and chat) only if you trust its author"
             ) from exc
         raise ModelLoadError(
             f"{model_dir}: cannot load the model ({exc}); a model directory needs config.json and its weights "

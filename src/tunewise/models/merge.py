@@ -63,7 +63,7 @@ def is_adapter(path: Path) -> bool:
 
 def find_adapter_base(adapter_dir: Path, base: str | None = None) -> AdapterBase:
     """The base model of a PEFT adapter (or run directory); `base` overrides what was recorded."""
-    run = _run_config(adapter_dir)
+    run = run_config(adapter_dir)
     model, q = run.get("model") or {}, run.get("quantization") or {}
     settings: dict[str, Any] = {
         "torch_dtype": model.get("torch_dtype")
@@ -90,9 +90,10 @@ def find_adapter_base(adapter_dir: Path, base: str | None = None) -> AdapterBase
     )
 
 
-def _run_config(adapter_dir: Path) -> dict[str, Any]:
-    # Read as plain YAML, not through the schema: a run written by an older tunewise still merges.
-    path = adapter_dir / "config.yaml"
+def run_config(run_dir: Path) -> dict[str, Any]:
+    """A run directory's config.yaml ({} if none), read as plain YAML, not through the schema: a run written by
+    an older tunewise still merges and answers."""
+    path = run_dir / "config.yaml"
     return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
 
 
@@ -141,7 +142,7 @@ def merge_adapter(
         )
     model = load_model(found.model_dir, dtype="float32", trust_remote_code=found.trust_remote_code)
     merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
-    data = _run_config(adapter_dir).get("data") or {}
+    data = run_config(adapter_dir).get("data") or {}
     tokenizer = _run_tokenizer(adapter_dir, found, data.get("chat_template"), notes)
     # Before the system prompt joins the template: its text holds no end-of-turn marker.
     stop_at_end_of_turn(merged, tokenizer)
