@@ -891,7 +891,10 @@ _ENTRIES = [
         "the distribution shaped by temperature, top_k and top_p.",
         hf=_GC + "do_sample",
         why="false: reproducible answers for evaluation and before/after comparisons.",
-        interactions="temperature, top_k and top_p are ignored by greedy decoding.",
+        interactions="temperature, top_k and top_p are ignored by greedy decoding. tunewise always passes its "
+        "own do_sample (and, when sampling, temperature, top_p and top_k), so the settings a model recommends "
+        "in its generation_config.json, which transformers and vLLM would use, do not apply: copy them into "
+        "generation.* to decode as a model card advises.",
     ),
     _k(
         "temperature",
