@@ -457,6 +457,13 @@ def train(
             console.print(
                 f"[bold]resuming[/] from {escape(str(path))} (step {state.step}, epoch {state.epoch})"
             )
+            if state.stop_reason == "early_stopping":  # kept by restore: see still_early_stopped
+                console.print(
+                    f"the run stopped early at step {state.step} ({state.evals_without_improvement} "
+                    f"evaluations without improvement, early_stopping_patience {t.early_stopping_patience}): "
+                    "evaluating and writing it without training again; to train on, resume with a larger "
+                    "training.early_stopping_patience, or null for none"
+                )
     writer.text("config.yaml", config_yaml)
     if main:
         print_plan(console, prep, measure=False)  # no extra forward in the run's own memory (plan_summary)

@@ -892,6 +892,73 @@ def test_out_of_memory_in_the_evaluation_after_training_resumes_to_evaluate_and_
     assert (out / "adapter_model.safetensors").exists() and (out / "summary.json").exists()
 
 
+def test_an_early_stopped_run_whose_evaluation_after_training_runs_out_of_memory_resumes_without_training(
+    config: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Early stopping ends the run before max_steps, then the evaluation after it runs out of memory: the printed
+    resume evaluates and writes the run without training again, and the run stays early-stopped (the resume
+    trained on to max_steps). A larger max_steps does not restart it; a larger patience does, counting on
+    from the evaluations without improvement already made."""
+    out = Path(config["training"]["output_dir"])
+    validation = tmp_path / "validation.jsonl"
+    validation.write_text("".join(json.dumps(r) + "\n" for r in tiny_chat_rows(6, seed=2, max_words=6)))
+    config["data"]["validation_file"] = str(validation)
+    config["adapter"] = {"method": "full"}
+    # A learning rate far too high: eval_loss falls, then rises, and early stopping ends the run.
+    config["training"] |= {
+        "max_steps": 16,
+        "learning_rate": 0.2,
+        "lr_scheduler_type": "constant",
+        "eval_steps": 1,
+        "early_stopping_patience": 2,
+    }
+    stopped: list[int] = []
+    fit, forward = run.fit, CausalLMLoss.forward
+
+    def fit_and_note_its_end(*args: Any, **kwargs: Any) -> LoopState:
+        state = fit(*args, **kwargs)
+        stopped.append(state.step)
+        return state
+
+    def evaluation_after_training_too_large(self: CausalLMLoss, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not self.training and stopped:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB.")
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(run, "fit", fit_and_note_its_end)
+    monkeypatch.setattr(CausalLMLoss, "forward", evaluation_after_training_too_large)
+    config_path, message = train_until_it_fails(config, tmp_path)
+    [stop] = stopped
+    assert stop < 16, "early stopping never ended the run"
+    assert says(message, f"the evaluation after training (step {stop}): CUDA out of memory.")
+    assert says(message, f"Step {stop} is saved in checkpoint-{stop}")
+    assert load_checkpoint(out / f"checkpoint-{stop}").trainer_state["stop_reason"] == "early_stopping"
+    monkeypatch.undo()
+
+    fix = ["training.per_device_eval_batch_size=8"]
+    console = Console(file=io.StringIO(), width=400)
+    sizes = record_forwards(monkeypatch)
+    summary = run.train(str(config_path), fix, console, resume=True)
+    assert sizes == []  # no step trained again
+    assert summary["stop_reason"] == "early_stopping" and summary["total_steps"] == stop
+    assert json.loads((out / "summary.json").read_text())["stop_reason"] == "early_stopping"
+    assert summary["eval_after"]["eval_loss"] > 0 and (out / "model.safetensors").exists()
+    assert says(
+        console.file.getvalue(), f"the run stopped early at step {stop} (2 evaluations without improvement"
+    )
+    assert sorted(step_rows(out)) == list(range(1, stop + 1))
+
+    summary = run.train(str(config_path), [*fix, "training.max_steps=20"], quiet(), resume=True)
+    assert sizes == [] and summary["stop_reason"] == "early_stopping" and summary["total_steps"] == stop
+
+    # Patience 4 with 2 evaluations without improvement restored: 2 more end it (a reset count would need 4).
+    summary = run.train(str(config_path), [*fix, "training.early_stopping_patience=4"], quiet(), resume=True)
+    assert summary["stop_reason"] == "early_stopping" and summary["total_steps"] == stop + 2
+    assert sizes and sorted(step_rows(out)) == list(range(1, stop + 3))
+    resumed = [r["eval_loss"] for r in metrics(out) if "eval_loss" in r and stop < r["step"]][:2]
+    assert len(resumed) == 2 and min(resumed) > summary["best_metric"]
+
+
 def test_the_memory_check_fails_after_step_1_when_the_largest_micro_batch_does_not_fit(
     config: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

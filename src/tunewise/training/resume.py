@@ -304,8 +304,28 @@ def restore(
         state.best_checkpoint, state.best_checkpoint_metric = state.best_step, state.best_metric
     # Fix (test_crash_safety.py): the final and the interrupted checkpoint hold why that process stopped;
     # kept, it ended the resumed loop before its first step (a resumed Ctrl-C run never trained again).
-    state.stop_reason = None
+    # Early stopping is the exception: it is why the run ended, and it still holds unless the patience changed.
+    if not still_early_stopped(state, current_config_yaml):
+        state.stop_reason = None
     return state, ck
+
+
+def still_early_stopped(state: LoopState, current_config_yaml: str) -> bool:
+    """Whether a restored early-stopped run stays stopped: its evaluations without improvement still reach
+    the current training.early_stopping_patience.
+
+    Fix (test_crash_safety.py): the stop was cleared like any other, so the resume that the out-of-memory
+    error after training prints ("evaluates and writes the run without training again") trained on to
+    max_steps. A larger max_steps alone does not restart it (the metric stopped improving all the same); a
+    larger patience, or none, does, counting on from the restored evaluations. The threshold is not
+    re-applied: the evaluations already counted were judged with the one they ran under.
+    """
+    patience = yaml.safe_load(current_config_yaml)["training"].get("early_stopping_patience")
+    return (
+        state.stop_reason == "early_stopping"
+        and patience is not None
+        and state.evals_without_improvement >= patience
+    )
 
 
 _SCHEDULED = ("params", "lr", "initial_lr")
