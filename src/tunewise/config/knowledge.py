@@ -858,6 +858,10 @@ _ENTRIES = [
         what="How much the metric must improve to count as an improvement for early stopping.",
         hf="EarlyStoppingCallback.early_stopping_threshold",
         why="0.0: any improvement counts.",
+        mistakes="A threshold tuned on an HF run's eval_loss: tunewise's eval_loss is the mean per target token "
+        "over the whole validation set, HF's the mean of the per-batch means weighted by examples (it changes "
+        "with per_device_eval_batch_size), so the two differ by a little; more so with answers of varied "
+        "length (docs/training.md, Early stopping and the best model).",
     ),
     _k(
         "nonfinite_patience",
