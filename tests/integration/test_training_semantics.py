@@ -818,9 +818,9 @@ def test_early_stopping_and_best_step_match_hf(case: tuple[list[float], bool, in
         assert state.best_metric == values[best_step - 1]
 
 
-def test_early_stopping_and_load_best_model_end_to_end(make_config: ConfigMaker) -> None:
+def early_stopping_config(make_config: ConfigMaker) -> dict:
     """Full fine-tuning at a learning rate 10^4 too high: eval_loss falls, then rises, and training stops."""
-    config = make_config(
+    return make_config(
         validation=True,
         adapter={"method": "full"},
         training={
@@ -834,7 +834,10 @@ def test_early_stopping_and_load_best_model_end_to_end(make_config: ConfigMaker)
             "load_best_model_at_end": True,
         },
     )
-    run = train(config)
+
+
+def test_early_stopping_and_load_best_model_end_to_end(make_config: ConfigMaker) -> None:
+    run = train(early_stopping_config(make_config))
     during = [r["eval_loss"] for r in run.eval_rows[1:-1]]  # drop "before" (step 0) and the final evaluation
     stop_step, best_step = hf_early_stopping(during, greater=False, patience=2, threshold=0.0)
     assert stop_step is not None and stop_step < 12, f"eval_loss never rose for long enough: {during}"
@@ -849,6 +852,30 @@ def test_early_stopping_and_load_best_model_end_to_end(make_config: ConfigMaker)
     assert best.keys() <= final.keys()
     assert all(torch.equal(final[name], tensor) for name, tensor in best.items())
     assert run.summary["eval_after"]["eval_loss"] == pytest.approx(min(during), abs=1e-6)
+
+
+def test_save_total_limit_1_keeps_the_last_checkpoint_beside_the_best_so_the_run_still_resumes(
+    make_config: ConfigMaker,
+) -> None:
+    """HF deletes every checkpoint but the best when training ends with save_total_limit 1 and
+    load_best_model_at_end; tunewise keeps the last one (docs/checkpoints.md), because a finished run resumes
+    from it: here an early-stopped run, whose resume evaluates and writes it without training again."""
+    config = early_stopping_config(make_config)
+    run = train(config)
+    stop, best = run.summary["total_steps"], run.summary["best_checkpoint"]
+    assert run.summary["stop_reason"] == "early_stopping"
+    assert best is not None and best["loaded"] and best["step"] < stop
+    assert run.checkpoints() == [best["step"], stop]  # HF would leave [best["step"]]
+    assert weights_equal(run.out / f"checkpoint-{best['step']}", run.out)
+
+    resumed = train(config, resume=True)
+    assert f"from{run.out / f'checkpoint-{stop}'}(step{stop}," in "".join(resumed.printed.split())
+    assert resumed.train_rows == run.train_rows  # no step trained again, none dropped
+    assert resumed.summary["stop_reason"] == "early_stopping" and resumed.summary["total_steps"] == stop
+    assert resumed.summary["best_checkpoint"] == best
+    assert resumed.summary["eval_after"]["eval_loss"] == pytest.approx(run.summary["eval_after"]["eval_loss"])
+    assert resumed.checkpoints() == [best["step"], stop]
+    assert weights_equal(run.out / f"checkpoint-{best['step']}", run.out)
 
 
 def hf_best_checkpoint(evals: dict[int, float], saves: list[int]) -> tuple[int | None, int | None]:
