@@ -852,10 +852,17 @@ def test_out_of_memory_in_an_evaluation_saves_that_step_and_suggests_a_smaller_e
     assert says(message, "training.per_device_eval_batch_size: 8 (now 16;")
     assert says(message, f"tunewise train {config_path} --set training.per_device_eval_batch_size=8 --resume")
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-4"]
+    assert load_checkpoint(out / "checkpoint-4").trainer_state["evaluation_due"] is True
+    assert not [r for r in metrics(out) if "eval_loss" in r and r["step"] == 4]
     monkeypatch.undo()
 
     summary = run.train(str(config_path), ["training.per_device_eval_batch_size=8"], quiet(), resume=True)
     assert_finished_as_uninterrupted(summary, out, reference)
+    # The evaluation that ran out of memory ran first on resume and counted, as in a run without the failure.
+    evaluated = [r["step"] for r in metrics(out) if "eval_loss" in r and r["step"] > 0]  # not the one before
+    assert evaluated[:2] == [4, 8]
+    ck = load_checkpoint(out / "checkpoint-4").trainer_state
+    assert ck["evaluation_due"] is False and ck["best_step"] == 4
 
 
 def test_out_of_memory_in_the_evaluation_after_training_resumes_to_evaluate_and_write_the_run(

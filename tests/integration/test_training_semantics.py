@@ -493,6 +493,7 @@ def test_gradient_checkpointing_changes_memory_not_gradients(make_config: Config
         if checkpointing:
             assert layer._gradient_checkpointing_func.keywords == {"use_reentrant": False}
         mlp_calls: list[int] = []
+
         # A pre-hook: torch stops the recompute once the last saved tensor is back, before the MLP returns.
         # Forwards without gradient (the loss's first-call check of the LM head) are not the step's.
         def count(*args: object, calls: list[int] = mlp_calls) -> None:

@@ -100,6 +100,7 @@ class LoopState:
     rollbacks: int = 0
     stop_reason: str | None = None
     memory_check: dict | None = None  # what check_memory found in this process
+    evaluation_due: bool = False  # the evaluation after `step` ran out of memory: a resume runs it first
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -367,6 +368,8 @@ def fit(
         )
         upcoming = next(windows)
         memory_checked = not settings.memory_check
+        if state.evaluation_due and hooks.evaluate:
+            _evaluate_due(accelerator, optimizer, state, settings, hooks)
         last_saved = hooks.clock()
         while state.step < settings.total_steps and state.stop_reason is None:
             epoch, w, example_ids, window = upcoming
@@ -446,6 +449,9 @@ def fit(
                 if (
                     failure := catch_out_of_memory(partial(_evaluate, state, settings, hooks))[1]
                 ) is not None:
+                    state.evaluation_due = (
+                        True  # saved with the step: the resume evaluates it before training on
+                    )
                     where = f"the evaluation after step {state.step}"
                     raise _out_of_memory(accelerator, optimizer, state, hooks, after_step, failure, where, 0)
             if state.step >= settings.total_steps and state.stop_reason is None:
@@ -608,6 +614,27 @@ def _refuse_silent_fp32(accelerator: Accelerator) -> None:
             "would silently train in fp32. Use precision: bf16 (CPU autocast) or fp32."
         )
         raise ConfigError([Problem("training.precision", message)])
+
+
+def _evaluate_due(
+    accelerator: Accelerator,
+    optimizer: torch.optim.Optimizer,
+    state: LoopState,
+    settings: LoopSettings,
+    hooks: Hooks,
+) -> None:
+    """The evaluation after the restored step, which ran out of memory before it finished: run now, before the
+    next step, then that step's checkpoint saved again with what it found (the best step, early stopping).
+
+    Fix (test_crash_safety.py): the resume trained on from the next step, so the evaluation never counted
+    towards early stopping or the best checkpoint."""
+    after_step = capture_rng_state() if accelerator.num_processes == 1 else None
+    if (failure := catch_out_of_memory(partial(_evaluate, state, settings, hooks))[1]) is not None:
+        where = f"the evaluation after step {state.step}"
+        raise _out_of_memory(accelerator, optimizer, state, hooks, after_step, failure, where, 0)
+    state.evaluation_due = False
+    if hooks.save:
+        _save(state, hooks)
 
 
 def _evaluate(state: LoopState, settings: LoopSettings, hooks: Hooks) -> None:
