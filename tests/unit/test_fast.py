@@ -426,3 +426,38 @@ def test_a_memory_budget_keeps_fewer_activations_and_the_same_gradients() -> Non
             if param.grad is not None:
                 assert torch.allclose(param.grad, eager[name], rtol=1e-3, atol=1e-5), name
     assert 0 < saved[CPU_ACTIVATION_MEMORY_BUDGET] < saved[None]  # what `tunewise train` uses on CPU
+
+
+def tiny_mistral(sliding_window: int) -> nn.Module:
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    config = MistralConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, sliding_window=sliding_window, initializer_range=0.2,
+    )  # fmt: skip
+    config._attn_implementation = fast.VARLEN_SDPA
+    return MistralForCausalLM(config)
+
+
+@pytest.mark.parametrize(("window", "kernel_calls"), [(4, 0), (64, 2)])
+def test_packed_rows_keep_a_sliding_window_passed_as_an_argument(
+    window: int, kernel_calls: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Mistral passes its window to the attention function, not as a module attribute: a window shorter than an
+    # example must reach the mask (plain sdpa), one no shorter than the longest example lets the kernel run.
+    model = tiny_mistral(window)
+    torch.manual_seed(7)
+    lengths = (9, 6, 12)
+    ids = torch.randint(3, 64, (1, sum(lengths)))
+    positions = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+    calls: list[int] = []
+    kernel = fast._cpu_varlen_attention
+    monkeypatch.setattr(fast, "_cpu_varlen_attention", lambda *a: calls.append(1) or kernel(*a))
+    packed = CausalLMLoss(model)(input_ids=ids, targets=ids, position_ids=positions)
+    alone = sum(
+        CausalLMLoss(model)(input_ids=ids[:, a:b], targets=ids[:, a:b])
+        for a, b in itertools.pairwise([0, *itertools.accumulate(lengths)])
+    )
+    assert abs(packed.item() - alone.item()) < 1e-5 * alone.item()
+    assert len(calls) == kernel_calls  # one per layer when the kernel runs

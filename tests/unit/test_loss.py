@@ -269,3 +269,27 @@ def test_a_plain_head_keeps_the_fused_loss() -> None:
     loss = CausalLMLoss(build_tiny_model(VOCAB, seed=0))
     loss(**batches()["packed"])
     assert loss.plain_head is True
+
+
+def test_a_right_padded_batch_keeps_its_mask_under_bidirectional_attention() -> None:
+    # Dropping the padding mask is only free under causal attention: Gemma 3 with use_bidirectional_attention
+    # attends both ways, and without the mask real tokens would attend to the pads.
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, initializer_range=0.2, use_bidirectional_attention=True,
+    )  # fmt: skip
+    model = Gemma3ForCausalLM(config).eval()
+    batch = batches()["right-padded"]
+    loss = CausalLMLoss(model)
+    with torch.no_grad():
+        assert (
+            abs(loss(**batch).item() - reference_loss(model, batch).item())
+            < TOL * reference_loss(model, batch).item()
+        )
+    assert loss.causal is False
+    causal = CausalLMLoss(build_tiny_model(VOCAB, seed=0))
+    causal(**batch)
+    assert causal.causal is True

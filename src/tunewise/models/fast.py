@@ -179,9 +179,12 @@ def varlen_sdpa(
         cu_seq_lens_q is not None
         and query.shape[0] == 1
         and getattr(module, "is_causal", True)
-        # A sliding window or a position bias lives in the mask sdpa would get: keep that path.
-        and getattr(module, "sliding_window", None) is None
+        and not _window_binds(module, cu_seq_lens_q, kwargs)
+        # A position bias lives in the mask sdpa would get: keep that path. sdpa refuses a soft cap or attention
+        # sinks loudly (transformers' sdpa_attention_forward), where the kernels below would drop them silently.
         and kwargs.get("position_bias") is None
+        and kwargs.get("softcap") is None
+        and kwargs.get("s_aux") is None
     )
     if not per_example:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
@@ -204,6 +207,21 @@ def varlen_sdpa(
         out = _cpu_varlen_attention(q, k, v, cu_seq_lens_q, scale)[0]
         return out.transpose(1, 2).contiguous(), None
     return per_example_sdpa(module, query, key, value, cu_seq_lens_q.tolist(), dropout, scaling), None
+
+
+def _window_binds(module: nn.Module, cu_seq_lens_q: torch.Tensor, kwargs: dict[str, Any]) -> bool:
+    """Whether a sliding window shortens attention within some example: then the windowed block-diagonal mask
+    transformers builds from the position ids is needed, which plain sdpa takes and the per-example kernels do not.
+
+    Fix (test_fast.py): Mistral, Mixtral, Phi-3 and Starcoder2 pass their window as an argument, not as the
+    module attribute Qwen 2 and Gemma keep, and packed rows trained them with full causal attention (gradients
+    22-28% off on a tiny Mistral with a window of 4). A window no shorter than the longest example never binds
+    (Mistral-7B-v0.1's 4,096 at max_seq_length 4,096): the kernels stay."""
+    window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
+    if window is None:
+        return False
+    longest = kwargs.get("max_length_q") or int(cu_seq_lens_q.diff().max())
+    return window < longest
 
 
 def flash_varlen_problem(query: torch.Tensor) -> str | None:

@@ -172,6 +172,7 @@ class CausalLMLoss(nn.Module):
         self.plain_head: bool | None = None
         """Whether the model's logits are its output embeddings of its decoder's output (`head_is_plain`):
         found at the first forward. Where they are not, the loss runs the model's own forward."""
+        self.causal: bool | None = None  # `is_causal(model)`, found at the first forward
 
     def forward(
         self,
@@ -180,7 +181,9 @@ class CausalLMLoss(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if attention_mask is not None and position_ids is None and is_right_padded(attention_mask):
+        if self.causal is None:
+            self.causal = is_causal(self.model)
+        if attention_mask is not None and position_ids is None and self.causal and is_right_padded(attention_mask):
             # Under causal attention a real token never sees the pads to its right, so the padding
             # mask changes only the pads' own outputs, which have no target. Without it attention
             # runs as plain causal (sdpa's is_causal kernels, which skip the upper triangle).
@@ -201,6 +204,16 @@ class CausalLMLoss(nn.Module):
         return target_cross_entropy(
             hidden, targets, self.model.get_output_embeddings(), chunk=self.logit_chunk
         )
+
+
+def is_causal(model: Any) -> bool:
+    """Whether every attention of the model is causal, so a right-padded batch needs no padding mask.
+
+    Fix (test_loss.py): Gemma's `use_bidirectional_attention` makes attention see both ways, and with the mask
+    dropped real tokens attended to the pads (a tiny Gemma 3's loss 0.19 off)."""
+    if getattr(model.config, "use_bidirectional_attention", False):
+        return False
+    return all(getattr(m, "is_causal", True) is not False for m in model.modules())
 
 
 def head_is_plain(model: Any, input_ids: torch.Tensor) -> bool:
