@@ -210,6 +210,49 @@ def test_end_of_turn_that_is_not_eos_is_trained_up_to_the_last_non_blank(
     assert trained_runs(tok, row["input_ids"], row["labels"]) == answers(MULTI_TURN, " [end]")
 
 
+def chatml_with(last_assistant: str = "", closing: str = "") -> str:
+    """ChatML whose last assistant turn opens with `last_assistant` and whose finished render ends with `closing`."""
+    return (
+        "{% for m in messages %}{% if m['role'] == 'assistant' and loop.last %}"
+        "{{ '<|im_start|>assistant\n" + last_assistant + "' + m['content'] + '<|im_end|>\n' }}"
+        "{% else %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% else %}{{ '"
+        + closing
+        + "' }}{% endif %}"
+    )
+
+
+def test_a_template_that_closes_a_finished_conversation_trains_each_turn_to_its_end_marker(
+    tok: PreTrainedTokenizerBase,
+) -> None:
+    # Phi-3's template ends a finished conversation with EOS after the last <|end|>, which a continuing one does not
+    # have: every multi-turn row stopped the run, and a single turn trained the closing EOS too.
+    template = chatml_with(closing="<|endoftext|>")
+    for messages in (MULTI_TURN, [user("reverse: a b"), assistant("b a")]):
+        row = encode(tok, messages, chat_template=template)
+        assert trained_runs(tok, row["input_ids"], row["labels"]) == answers(messages, "<|im_end|>")
+        assert tok.decode(row["input_ids"]).endswith("<|im_end|>\n<|endoftext|>")
+
+
+def test_an_answer_quoting_the_end_of_turn_marker_is_trained_whole(tok: PreTrainedTokenizerBase) -> None:
+    # The answer ended at the first end-of-turn text in it: the rest, and the real end of the turn, went untrained.
+    messages = [user("How does ChatML end a turn?"), assistant("With <|im_end|>, then a newline.")]
+    row = encode(tok, messages)
+    assert trained_runs(tok, row["input_ids"], row["labels"]) == answers(messages, "<|im_end|>")
+
+
+def test_a_template_that_renders_its_last_turn_otherwise_trains_each_turn_as_the_whole_render_has_it(
+    tok: PreTrainedTokenizerBase,
+) -> None:
+    # Qwen3 writes an empty <think> block into the last assistant turn only: earlier turns read the same in every
+    # render, the last as the whole conversation renders it.
+    row = encode(tok, MULTI_TURN, chat_template=chatml_with(last_assistant="<think>\n\n</think>\n\n"))
+    assert trained_runs(tok, row["input_ids"], row["labels"]) == [
+        "Blue.<|im_end|>",
+        "<think>\n\n</think>\n\nGreen, mostly.<|im_end|>",
+    ]
+
+
 @pytest.mark.parametrize("value", ["chatml2", "my template"])
 def test_unknown_template_name_is_an_error_listing_the_names(
     tok: PreTrainedTokenizerBase, value: str

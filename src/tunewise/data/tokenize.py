@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -175,26 +175,132 @@ def _prompt(
 def chat_segments(
     tokenizer: PreTrainedTokenizerBase, messages: list[dict], template: str | None = None
 ) -> list[tuple[str, bool]]:
-    """Split the rendered conversation into (text, trained) segments that concatenate to the full render."""
+    """Split the rendered conversation into (text, trained) segments that concatenate to the whole render.
+
+    The whole conversation (to its last assistant turn) is rendered once: that is what is tokenised, as TRL and
+    generation render it. Assistant turn i starts where the render of the turns before it with the generation
+    prompt ends, which must be a prefix of the whole render. It ends where the template's turn ends: where the
+    render up to it and the same turns followed by a stand-in user turn part ways (Phi-3's template closes a
+    conversation with EOS after its <|end|>, which the next turn does not have), less trailing blanks.
+
+    Fix (test_tokenize.py): each turn's answer ended at the first EOS text in it, so an answer quoting `</s>`
+    (an HTML strikethrough) was trained only up to there; and each turn had to extend the last turn's
+    terminal render, so every multi-turn row of Phi-3's template stopped the run."""
     template = _template_text(tokenizer, template)
-    eot = tokenizer.eos_token or ""
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if not turns:
+        return []
+    whole = _render(tokenizer, messages[: turns[-1] + 1], template, gen=False)
     segments: list[tuple[str, bool]] = []
-    done = ""
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
+    done = 0
+    for i in turns:
         full = _render(tokenizer, messages[: i + 1], template, gen=False)
         prompt = _prompt(tokenizer, messages, i, template, full)
-        if not prompt.startswith(done) or not full.startswith(prompt):
+        if not whole.startswith(prompt) or len(prompt) < done:
             raise TemplateError(
-                f"the chat template does not render assistant turn {i} as a continuation of the turns before "
-                "it, so prompt and answer cannot be told apart; set data.chat_template to a template that does"
+                f"the chat template renders the prompt of assistant turn {i} otherwise than the conversation "
+                f"({_divergence(prompt, whole)}), so prompt and answer cannot be told apart; set data.chat_template "
+                "to a template that renders growing conversations as growing text"
             )
-        answer = full[len(prompt) :]
-        end = answer.find(eot) + len(eot) if eot and eot in answer else len(answer.rstrip())
-        segments += [(prompt[len(done) :], False), (answer[:end], True), (answer[end:], False)]
-        done = full
+        trained = _answer(tokenizer, messages, i, template, prompt, full, whole)
+        segments += [(whole[done : len(prompt)], False), (trained, True)]
+        done = len(prompt) + len(trained)
+    segments.append((whole[done:], False))
     return [(text, trained) for text, trained in segments if text]
+
+
+def _answer(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict],
+    i: int,
+    template: str,
+    prompt: str,
+    full: str,
+    whole: str,
+) -> str:
+    """The trained text of assistant turn i, from `len(prompt)` on: its rendered answer and end-of-turn marker."""
+    start = len(prompt)
+    continued = [*messages[: i + 1], {"role": "user", "content": _USER_SENTINEL}]
+    turn_end = _turn_end(tokenizer, full, _render(tokenizer, continued, template, gen=False), start)
+    answer = full[start:turn_end].rstrip()
+    if whole.startswith(full[:turn_end]) and _holds(answer, messages[i]):
+        return answer
+    # A template that renders a turn otherwise when it is the last one (Qwen3 writes an empty <think> block into
+    # the last only): the answer found by its text in the whole render, up to the template's end-of-turn marker.
+    found = _answer_by_text(whole, start, messages[i], _end_of_turn(tokenizer, template))
+    if found is None:
+        raise TemplateError(
+            f"the chat template renders assistant turn {i} otherwise when it is the last turn than within the "
+            f"conversation ({_divergence(full[:turn_end], whole)}), and its text is not in the conversation's "
+            "render, so its answer cannot be found"
+        )
+    return found
+
+
+def _holds(answer: str, message: dict) -> bool:
+    """Whether a rendered answer holds its message's text (templates may trim it)."""
+    content = message.get("content")
+    return bool(answer) and (not isinstance(content, str) or content.strip() in answer)
+
+
+def _answer_by_text(whole: str, start: int, message: dict, marker: str) -> str | None:
+    """From `start`, through the message's text where it next appears in `whole`, and `marker` if it follows."""
+    content = message.get("content")
+    if not isinstance(content, str):
+        return None
+    text = content.strip()
+    at = whole.find(text, start)
+    if at < 0:
+        return None
+    end = at + len(text)
+    rest = whole[end:]
+    gap = len(rest) - len(rest.lstrip())
+    if marker and rest.startswith(marker, gap):
+        end += gap + len(marker)
+    return whole[start:end] or None
+
+
+def _end_of_turn(tokenizer: PreTrainedTokenizerBase, template: str) -> str:
+    """The text a template ends an assistant turn with (`<|im_end|>`, `<|end|>`, `</s>`), "" if none: what
+    follows a stand-in answer both where the conversation ends and where a user turn comes next."""
+    turns = [{"role": "user", "content": _USER_SENTINEL}, {"role": "assistant", "content": _SENTINEL}]
+    try:
+        ended = _render(tokenizer, turns, template, gen=False)
+        continued = _render(tokenizer, [*turns, turns[0]], template, gen=False)
+    except jinja2.TemplateError:
+        return ""
+    ended, continued = (t[t.find(_SENTINEL) + len(_SENTINEL) :] for t in (ended, continued))
+    return ended[: _turn_end(tokenizer, ended, continued, 0)].rstrip()
+
+
+# Stands in for a user turn after an assistant turn, to find where the template ends that assistant turn.
+_USER_SENTINEL = "TUNEWISEUSER7f3a"
+
+
+def _turn_end(tokenizer: PreTrainedTokenizerBase, full: str, continued: str, start: int) -> int:
+    """Where the render ending at an assistant turn and the one continuing it part ways, at a token boundary.
+
+    Characters alone can agree into a marker: Phi-3's closing `<|endoftext|>` and the next turn's `<|user|>`
+    share `<|`, which would train the closing token. So where `full` is not a prefix of `continued`, the split is
+    the first differing token of their texts from `start` (a template boundary, so both tokenise alike there)."""
+    shared = _common_prefix(full, continued)
+    if shared == len(full) or not tokenizer.is_fast:
+        return shared
+    ours = tokenizer(full[start:], add_special_tokens=False, return_offsets_mapping=True)
+    theirs = tokenizer(continued[start:], add_special_tokens=False)["input_ids"]
+    differ = _common_prefix(ours["input_ids"], theirs)
+    return start + ours["offset_mapping"][differ][0] if differ < len(ours["input_ids"]) else len(full)
+
+
+def _common_prefix(a: Sequence, b: Sequence) -> int:
+    n = min(len(a), len(b))
+    return next((k for k in range(n) if a[k] != b[k]), n)
+
+
+def _divergence(part: str, whole: str) -> str:
+    """Where `part` stops being a prefix of `whole`, quoted: what a template-error message shows."""
+    k = _common_prefix(part, whole)
+    return f"at character {k}: {part[k : k + 40]!r} against {whole[k : k + 40]!r}"
 
 
 # --- encoding -----------------------------------------------------------------------------------------------
