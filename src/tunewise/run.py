@@ -67,7 +67,7 @@ from tunewise.models.load import (
 from tunewise.models.merge import open_with_system_prompt
 from tunewise.training.host_memory import set_host_memory
 from tunewise.training.loop import Hooks, LoopSettings, LoopState, fit
-from tunewise.training.loss import CausalLMLoss
+from tunewise.training.loss import CausalLMLoss, packing_problem
 from tunewise.training.memory import (
     TrainingOutOfMemory,
     catch_out_of_memory,
@@ -170,6 +170,8 @@ def prepare_model(cfg: TunewiseConfig) -> tuple[Any, PreTrainedTokenizerBase, Pa
         gradient_checkpointing=cfg.training.gradient_checkpointing,
     )
     use_fast_lora_dropout(model)
+    if cfg.data.packing and (why := packing_problem(model)):  # before compile_layers: nothing compiles for it
+        raise ConfigError([Problem("data.packing", why)])
     if cfg.training.torch_compile:
         compile_layers(model, CPU_ACTIVATION_MEMORY_BUDGET if device_type == "cpu" else None)
     return model, tokenizer, model_dir, overrides

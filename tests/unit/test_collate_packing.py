@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
+from tunewise.config.problems import ConfigError
 from tunewise.data.collate import (
     batch_indices,
     collate_packed,
@@ -25,7 +27,7 @@ from tunewise.data.tokenize import IGNORE, TokenizeSettings, encode_row
 from tunewise.models.fast import VARLEN_SDPA
 from tunewise.testing import build_tiny_model, build_tiny_tokenizer, tiny_chat_rows
 from tunewise.training.loop import LoopSettings, epoch_windows
-from tunewise.training.loss import CausalLMLoss
+from tunewise.training.loss import PACKING_LEAK_TOLERANCE, CausalLMLoss, packing_leak
 
 Batch = dict[str, torch.Tensor]
 
@@ -105,6 +107,107 @@ def test_control_a_packed_row_without_restarting_positions_leaks_across_examples
     right = loss_and_grads(attn, len(tok), [collate_packed(examples)])
     wrong = loss_and_grads(attn, len(tok), [leaky])
     assert abs(right[0] - wrong[0]) > 1e-2
+
+
+# --- models whose mask ignores the restarting positions ------------------------------------------------------
+
+
+def tiny_family(family: str, vocab: int, attn: str) -> PreTrainedModel:
+    """A tiny random fp32 model. Bloom and MPT (ALiBi) never give position_ids to transformers' mask builder, nor
+    does OPT; Llama does."""
+    from transformers import AutoModelForCausalLM, BloomConfig, LlamaConfig, MptConfig, OPTConfig
+
+    shape = {
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 256,
+    }
+    configs = {
+        "bloom": BloomConfig(vocab_size=vocab, hidden_size=32, n_layer=2, n_head=4),
+        "mpt": MptConfig(vocab_size=vocab, d_model=32, n_layers=2, n_heads=4, max_seq_len=256),
+        "opt": OPTConfig(vocab_size=vocab, ffn_dim=64, word_embed_proj_dim=32, **shape),
+        "llama": LlamaConfig(vocab_size=vocab, intermediate_size=64, num_key_value_heads=2, **shape),
+    }
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(configs[family], attn_implementation=attn, dtype=torch.float32)
+
+
+def save_tiny_family(path: Path, family: str, attn: str) -> Path:
+    tokenizer = build_tiny_tokenizer()
+    tiny_family(family, len(tokenizer), attn).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def second_example_loss(model: PreTrainedModel, first: dict, second: dict) -> float:
+    """The loss of a packed row's second example alone (the first one's targets ignored)."""
+    batch = collate_packed([first, second])
+    batch["targets"][0, : len(first["input_ids"])] = IGNORE
+    with torch.no_grad():
+        return CausalLMLoss(model.eval())(**batch).item()
+
+
+@pytest.mark.parametrize(
+    "family, attn, leaks",
+    [
+        ("bloom", "eager", True),
+        ("mpt", "eager", True),
+        ("opt", "eager", True),
+        ("opt", VARLEN_SDPA, False),
+        ("llama", "eager", False),
+        ("llama", VARLEN_SDPA, False),
+    ],
+)
+def test_the_packing_probe_finds_the_models_whose_packed_examples_see_each_other(
+    family: str, attn: str, leaks: bool, examples: list[dict]
+) -> None:
+    model = tiny_family(family, 300, attn)
+    model.train()
+    leak = packing_leak(model)
+    assert model.training  # the probe's eval mode is undone
+    assert (leak > PACKING_LEAK_TOLERANCE) is leaks and (leaks or leak == 0.0), leak
+    # What the probe measures is what the objective does: the second example's loss moves with the first's tokens
+    # exactly where the probe finds a leak.
+    first, second = examples[0], examples[1]
+    other = {**first, "input_ids": [(i * 7 + 3) % 300 for i in first["input_ids"]]}
+    moved = abs(second_example_loss(model, first, second) - second_example_loss(model, other, second))
+    assert moved > 1e-4 if leaks else moved == 0.0
+
+
+@pytest.mark.parametrize(
+    "family, attn, refused",
+    [
+        ("bloom", "eager", "BloomForCausalLM"),
+        ("opt", "eager", "OPTForCausalLM"),
+        ("opt", "sdpa", None),
+        ("llama", "sdpa", None),
+    ],
+)
+def test_prepare_refuses_packing_for_a_model_that_lets_its_examples_see_each_other(
+    family: str, attn: str, refused: str | None, tiny_config: dict, tmp_path: Path
+) -> None:
+    from tunewise.run import prepare
+
+    model_dir = save_tiny_family(tmp_path / family, family, attn)
+    config = {**tiny_config, "model": {"model_name_or_path": str(model_dir), "attn_implementation": attn}}
+    config["data"] = {**config["data"], "packing": True}
+    if refused is None:
+        assert prepare(config).model.config._attn_implementation == VARLEN_SDPA
+        return
+    with pytest.raises(ConfigError) as error:
+        prepare(config)
+    (problem,) = error.value.problems
+    assert problem.path == "data.packing"
+    assert problem.message.startswith(
+        f"{refused} lets packed examples attend to each other under attn_implementation eager"
+    )
+    # OPT keeps its examples apart under tunewise's varlen attention, measured so; Bloom has no sdpa at all.
+    sdpa = "or model.attn_implementation: sdpa (with packing, tunewise_varlen_sdpa keeps them apart)"
+    assert problem.message.endswith("set data.packing: false" + (f" {sdpa}" if family == "opt" else ""))
+    # Without packing the same model is accepted: the probe is packing's alone.
+    config["data"]["packing"] = False
+    assert prepare(config).model.config._attn_implementation == attn
 
 
 # --- layouts -----------------------------------------------------------------------------------------------

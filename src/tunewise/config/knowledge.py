@@ -267,7 +267,8 @@ _ENTRIES = [
         interactions="padding, padding_side and group_by_length no longer matter; pad_to_multiple_of rounds the "
         "packed row. With attn_implementation sdpa, attention runs per example (tunewise_varlen_sdpa; on GPUs "
         "torch's flash varlen kernel, on CPU tunewise's own kernel), costing the sum of squared example lengths, "
-        "not the square of the row length.",
+        "not the square of the row length. A model whose packed examples would still see each other (measured when "
+        "the run is prepared: Bloom, MPT, OPT under eager) is refused.",
         mistakes="Expecting TRL's fixed-length packing, which changes the number of rows and so the step count; "
         "ours does not.",
     ),

@@ -4,13 +4,15 @@ Labels are shifted here, per example (`targets[t]` is the token position t must 
 packed row never asks the last token of one example to predict the first token of the next.
 
 Packing flattens the examples of a micro-batch into a single row whose `position_ids` restart at 0
-for every example and passes no attention mask, so no example attends to another: with
+for every example and passes no attention mask, leaving the model to keep the examples apart. With
 `attn_implementation: sdpa` tunewise's `models.fast.varlen_sdpa` attends within each example (torch's
 flash varlen kernel on GPU, a per-example loop on CPU: cost sum(L_i^2)); with eager attention
 transformers builds a block-diagonal causal mask from the position ids (cost (sum L_i)^2), and
-flash_attention_2 takes the boundaries from them. A batch stays N examples, exactly as without
-packing, so steps per epoch and every other count keep their Hugging Face meaning; only the pad
-tokens disappear.
+flash_attention_2 takes the boundaries from them, in models that hand the position ids on. Not all do:
+Bloom and MPT (ALiBi, any attention) and OPT under eager build a mask causal across the whole row, so
+their examples would see each other; `training.loss.packing_problem` measures this when a run is
+prepared and refuses packing there. A batch stays N examples, exactly as without packing, so steps per
+epoch and every other count keep their Hugging Face meaning; only the pad tokens disappear.
 """
 
 from __future__ import annotations

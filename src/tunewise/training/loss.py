@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tunewise.data.collate import collate_packed
 from tunewise.data.tokenize import IGNORE
 from tunewise.models.fast import VARLEN_SDPA, cu_seq_lens
 
@@ -153,9 +154,36 @@ def is_right_padded(attention_mask: torch.Tensor) -> bool:
     return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
 
 
-def _decoder(model: Any) -> nn.Module:  # a PreTrainedModel or a PeftModel around one
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.get_decoder()
+def _base(model: Any) -> Any:  # a PreTrainedModel or a PeftModel around one
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _decoder(model: Any) -> nn.Module:
+    return _base(model).get_decoder()
+
+
+def model_inputs(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    causal: bool = True,
+) -> dict[str, Any]:
+    """The keyword arguments the loss calls the model (or its decoder) with for a batch; `causal`: whether every
+    attention of the model is (`is_causal`)."""
+    if attention_mask is not None and position_ids is None and causal and is_right_padded(attention_mask):
+        # Under causal attention a real token never sees the pads to its right, so the padding
+        # mask changes only the pads' own outputs, which have no target. Without it attention
+        # runs as plain causal (sdpa's is_causal kernels, which skip the upper triangle).
+        attention_mask = None
+    varlen: dict[str, Any] = {}
+    packed = attention_mask is None and input_ids.shape[0] == 1
+    if position_ids is not None and packed and model.config._attn_implementation == VARLEN_SDPA:
+        # The row's example boundaries and longest example, as flash-attention's varlen kwargs, for
+        # models.fast.varlen_sdpa (other attentions find them from position_ids themselves).
+        bounds = cu_seq_lens(position_ids)
+        varlen = {"cu_seq_lens_q": bounds, "max_length_q": int(bounds.diff().max())}
+    return dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **varlen)
 
 
 class CausalLMLoss(nn.Module):
@@ -183,21 +211,9 @@ class CausalLMLoss(nn.Module):
     ) -> torch.Tensor:
         if self.causal is None:
             self.causal = is_causal(self.model)
-        if attention_mask is not None and position_ids is None and self.causal and is_right_padded(attention_mask):
-            # Under causal attention a real token never sees the pads to its right, so the padding
-            # mask changes only the pads' own outputs, which have no target. Without it attention
-            # runs as plain causal (sdpa's is_causal kernels, which skip the upper triangle).
-            attention_mask = None
-        varlen: dict[str, Any] = {}
-        packed = attention_mask is None and input_ids.shape[0] == 1
-        if position_ids is not None and packed and self.model.config._attn_implementation == VARLEN_SDPA:
-            # The row's example boundaries and longest example, as flash-attention's varlen kwargs, for
-            # models.fast.varlen_sdpa (other attentions find them from position_ids themselves).
-            bounds = cu_seq_lens(position_ids)
-            varlen = {"cu_seq_lens_q": bounds, "max_length_q": int(bounds.diff().max())}
+        inputs = model_inputs(self.model, input_ids, attention_mask, position_ids, causal=self.causal)
         if self.plain_head is None:
             self.plain_head = head_is_plain(self.model, input_ids)
-        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **varlen)
         if not self.plain_head:
             return _model_head_loss(self.model, inputs, targets)
         hidden = _decoder(self.model)(**inputs, use_cache=False).last_hidden_state
@@ -241,7 +257,7 @@ def head_is_plain(model: Any, input_ids: torch.Tensor) -> bool:
         log.info(
             "%s changes its logits after the LM head (a scale or soft cap): the loss runs the model's own "
             "forward at target positions, correct but without tunewise's fused head (more memory, slower)",
-            type(model.get_base_model() if hasattr(model, "get_base_model") else model).__name__,
+            type(_base(model)).__name__,
         )
     return plain
 
@@ -254,3 +270,80 @@ def _model_head_loss(model: Any, inputs: dict[str, Any], targets: torch.Tensor) 
     return F.cross_entropy(
         logits.float().flatten(0, 1), targets[:, positions].flatten(), ignore_index=IGNORE, reduction="sum"
     )
+
+
+PACKING_LEAK_TOLERANCE = 1e-4
+"""How far a packed example's hidden states may move, as a share of their largest magnitude, when only the example
+before it changes. Where a model keeps the examples apart they do not move at all: the two rows have one shape, so
+the same kernels sum in the same order (measured bitwise equal in fp32 and bf16: Llama under eager, sdpa and
+tunewise_varlen_sdpa, OPT and Mixtral and Qwen3-MoE under tunewise_varlen_sdpa). The smallest leaks measured, tiny
+random Blooms in fp32 (hidden 16-64, 2 layers, 5 seeds each), move them by 2.6e-3 to 1.5e-2, their ALiBi reaching
+into the example before through attention weights still at their initial scale: 1e-4 sits ~25x under the least of
+them, and ~1000x above fp32 rounding should a kernel ever reorder a sum."""
+
+
+def packing_leak(model: Any, length: int = 8) -> float:
+    """How much the hidden states of a packed row's second example move when only the first example's tokens change,
+    as a share of their largest magnitude, measured on two rows of `length`-token examples (eval mode, no gradient).
+    0 where the model keeps packed examples apart.
+
+    The rows are `collate_packed`'s and the decoder gets them as the loss gives them (`model_inputs`; a model whose
+    head is not plain runs that decoder inside its own forward), so the probe sees what training would. Measuring
+    covers every architecture: Bloom and MPT never give the position ids to transformers' mask builder, so a packed
+    row is causal across its examples there (ALiBi reaches them, whatever the attention implementation), and so is
+    OPT's under eager."""
+    embeddings = model.get_input_embeddings().weight
+    generator = torch.Generator().manual_seed(0)
+    firsts = [torch.randint(embeddings.shape[0], (length,), generator=generator).tolist() for _ in range(2)]
+    second = torch.randint(embeddings.shape[0], (length,), generator=generator).tolist()
+    outputs = []
+    was_training = model.training
+    model.eval()  # no dropout: the two rows must see the same network
+    try:
+        for first in firsts:
+            row = collate_packed([{"input_ids": ids, "labels": ids} for ids in (first, second)])
+            ids, positions = row["input_ids"].to(embeddings.device), row["position_ids"].to(embeddings.device)
+            with torch.no_grad():
+                hidden = _decoder(model)(**model_inputs(model, ids, position_ids=positions), use_cache=False)
+            outputs.append(hidden.last_hidden_state[0, length:].float())
+    finally:
+        model.train(was_training)
+    moved, scale = (outputs[0] - outputs[1]).abs().max(), outputs[0].abs().max()
+    return float(moved / scale) if scale > 0 else float(moved)
+
+
+def packing_problem(model: Any) -> str | None:
+    """Why `data.packing` would train this model on an objective it never computes unpacked, or None: its packed
+    examples attend to each other (`packing_leak` above PACKING_LEAK_TOLERANCE)."""
+    base = _base(model)
+    attention = base.config._attn_implementation
+    if attention.startswith("flash_attention") and model.get_input_embeddings().weight.device.type != "cuda":
+        # Its kernels run on a GPU only, and the model gets there when training starts: nothing to measure here.
+        return None
+    leak = packing_leak(model)
+    if leak <= PACKING_LEAK_TOLERANCE:
+        return None
+    advice = "set data.packing: false"
+    if (
+        attention != VARLEN_SDPA
+        and getattr(base, "_supports_sdpa", False)
+        and _apart_under(model, VARLEN_SDPA)
+    ):
+        advice += " or model.attn_implementation: sdpa (with packing, tunewise_varlen_sdpa keeps them apart)"
+    shown = "sdpa (with packing, tunewise_varlen_sdpa)" if attention == VARLEN_SDPA else attention
+    return (
+        f"{type(base).__name__} lets packed examples attend to each other under attn_implementation {shown}: "
+        f"changing one example moved the next one's hidden states by {leak:.1e} of their scale (measured), so "
+        f"training would fit an objective the model never computes on each example alone; {advice}"
+    )
+
+
+def _apart_under(model: Any, attention: str) -> bool:
+    """Whether the model keeps packed examples apart under another attention implementation (restored after)."""
+    base = _base(model)
+    before = base.config._attn_implementation
+    base.set_attn_implementation(attention)
+    try:
+        return base.config._attn_implementation == attention and packing_leak(model) <= PACKING_LEAK_TOLERANCE
+    finally:
+        base.set_attn_implementation(before)
