@@ -115,6 +115,26 @@ def test_paths_that_hold_no_model_say_what_they_are(tiny_model_dir: Path, tmp_pa
         load_tokenizer(no_weights)
 
 
+def test_a_model_without_sdpa_is_told_to_use_eager_attention(tmp_path: Path) -> None:
+    """Gemma 2 (`_supports_sdpa = False`) under the default model.attn_implementation: its files were fine, yet the
+    advice was to copy or download them again."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    shape = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+    Gemma2ForCausalLM(
+        Gemma2Config(vocab_size=64, num_key_value_heads=2, head_dim=8, **shape)
+    ).save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError) as err:
+        load_model(tmp_path, attn_implementation="sdpa")
+    assert str(err.value) == (
+        f"model.attn_implementation: {tmp_path}: Gemma2ForCausalLM has no sdpa attention in transformers "
+        "(torch's scaled_dot_product_attention): set model.attn_implementation: eager"
+    )
+    assert load_model(tmp_path, attn_implementation="eager").config._attn_implementation == "eager"
+    # Generation and merging, which have no such setting, leave the choice to transformers: eager here.
+    assert load_model(tmp_path).config._attn_implementation == "eager"
+
+
 @pytest.mark.parametrize("content", [b"not a gguf file at all", b"GGUF\x03\x00\x00\x00", b""])
 def test_a_broken_gguf_is_a_load_error(
     content: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -271,11 +271,14 @@ def load_model(
     model_dir: Path,
     *,
     dtype: str = "float32",
-    attn_implementation: str = "sdpa",
+    attn_implementation: str | None = None,
     trust_remote_code: bool = False,
     config_overrides: dict[str, float] | None = None,
     quantization_config: object | None = None,
 ) -> PreTrainedModel:
+    """`attn_implementation`: None is transformers' own choice, sdpa where the model has it, else eager (for
+    generation and merging, which have no such setting); training passes `model.attn_implementation`."""
+    config = None
     try:
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
         for name, value in (config_overrides or {}).items():
@@ -293,6 +296,14 @@ def load_model(
             raise ModelLoadError(
                 f"{model_dir} needs custom code; set model.trust_remote_code: true (`--set trust_remote_code=true` "
                 "for generate and chat) only if you trust its author"
+            ) from exc
+        if attn_implementation == "sdpa" and "scaled_dot_product_attention" in str(exc):
+            # transformers refuses sdpa for a model without it (`_supports_sdpa = False`: Gemma 2, Bloom, MPT);
+            # the files are fine, so "copy them again" below would send the user the wrong way.
+            architecture = (getattr(config, "architectures", None) or ["this model"])[0]
+            raise ModelLoadError(
+                f"model.attn_implementation: {model_dir}: {architecture} has no sdpa attention in transformers "
+                "(torch's scaled_dot_product_attention): set model.attn_implementation: eager"
             ) from exc
         raise ModelLoadError(
             f"{model_dir}: cannot load the model ({exc}); a model directory needs config.json and its weights "
