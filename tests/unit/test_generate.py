@@ -229,3 +229,21 @@ def test_a_custom_code_model_answers_as_its_run_says_or_with_trust_remote_code_s
         app, ["generate", "hi", "--model", str(run), "--set", "trust_remote_code=false"]
     )
     assert refused.exit_code == 2 and "needs custom code" in " ".join(refused.output.split())
+
+
+def test_a_templates_own_end_of_turn_marker_stops_generation_though_no_list_names_it() -> None:
+    # A marker outside END_OF_TURN_MARKERS is found by rendering the template: what it ends an assistant turn with.
+    from tunewise.data.tokenize import NAMED_TEMPLATES
+    from tunewise.infer.generate import stop_token_ids
+    from tunewise.testing import build_tiny_model, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|turn_over|>"]})
+    template = (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|turn_over|>\\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+    model = build_tiny_model(len(tokenizer))
+    marker = tokenizer.convert_tokens_to_ids("<|turn_over|>")
+    assert marker in stop_token_ids(model, tokenizer, template)
+    assert marker not in stop_token_ids(model, tokenizer, NAMED_TEMPLATES["chatml"])

@@ -227,7 +227,7 @@ def _answer(
         return answer
     # A template that renders a turn otherwise when it is the last one (Qwen3 writes an empty <think> block into
     # the last only): the answer found by its text in the whole render, up to the template's end-of-turn marker.
-    found = _answer_by_text(whole, start, messages[i], _end_of_turn(tokenizer, template))
+    found = _answer_by_text(whole, start, messages[i], end_of_turn_marker(tokenizer, template))
     if found is None:
         raise TemplateError(
             f"the chat template renders assistant turn {i} otherwise when it is the last turn than within the "
@@ -260,7 +260,7 @@ def _answer_by_text(whole: str, start: int, message: dict, marker: str) -> str |
     return whole[start:end] or None
 
 
-def _end_of_turn(tokenizer: PreTrainedTokenizerBase, template: str) -> str:
+def end_of_turn_marker(tokenizer: PreTrainedTokenizerBase, template: str) -> str:
     """The text a template ends an assistant turn with (`<|im_end|>`, `<|end|>`, `</s>`), "" if none: what
     follows a stand-in answer both where the conversation ends and where a user turn comes next."""
     turns = [{"role": "user", "content": _USER_SENTINEL}, {"role": "assistant", "content": _SENTINEL}]

@@ -40,14 +40,16 @@ END_OF_TURN_MARKERS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
 
 def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, template: str) -> list[int]:
     """The model's EOS ids (generation config, tokenizer) and the template's end-of-turn marker, if any."""
+    from tunewise.data.tokenize import end_of_turn_marker
+
     configured = model.generation_config.eos_token_id
     ids = set(configured if isinstance(configured, list) else [configured])
     ids.add(tokenizer.eos_token_id)
-    for marker in END_OF_TURN_MARKERS:
-        if (
-            marker in template
-            and len(pieces := tokenizer(marker, add_special_tokens=False)["input_ids"]) == 1
-        ):
+    # The known markers the template names, and the one it is measured to end a turn with (any template's).
+    markers = [m for m in END_OF_TURN_MARKERS if m in template]
+    markers.append(end_of_turn_marker(tokenizer, template))
+    for marker in markers:
+        if marker and len(pieces := tokenizer(marker, add_special_tokens=False)["input_ids"]) == 1:
             ids.add(pieces[0])
     return sorted(i for i in ids if i is not None)
 
