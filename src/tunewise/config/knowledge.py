@@ -264,8 +264,10 @@ _ENTRIES = [
         "(1.7x padded batches on CPU; 3.2x a padded HF + PEFT loop on an H100, docs/performance.md). The plan "
         "suggests it when a quarter or more of the "
         "batch tokens would be padding.",
-        interactions="padding, padding_side and group_by_length no longer matter; pad_to_multiple_of rounds the "
-        "packed row. With attn_implementation sdpa, attention runs per example (tunewise_varlen_sdpa; on GPUs "
+        interactions="padding and padding_side no longer matter; group_by_length still regroups which examples "
+        "form each step (HF's order), which changes the batches and the loss curve but saves nothing, as there "
+        "is no padding; pad_to_multiple_of rounds the packed row. With attn_implementation sdpa, attention runs "
+        "per example (tunewise_varlen_sdpa; on GPUs "
         "torch's flash varlen kernel, on CPU tunewise's own kernel), costing the sum of squared example lengths, "
         "not the square of the row length. A model whose packed examples would still see each other (measured when "
         "the run is prepared: Bloom, MPT, OPT under eager) is refused.",
@@ -280,7 +282,9 @@ _ENTRIES = [
         "moved to the first step so an out-of-memory error shows at once.",
         hf=_TA + 'train_sampling_strategy: "group_by_length" (transformers 5; group_by_length before)',
         why="false: random batches give a smoother loss curve; turn it on when lengths vary a lot.",
-        interactions="padding: longest (no effect with max_length or packing).",
+        interactions="saves padding only with padding: longest. With padding: max_length or packing there is no "
+        "padding to save, yet it still regroups which examples form each step (HF's LengthGroupedSampler "
+        "order), so the batches and the loss curve change: leave it off there.",
         mistakes="Reading a saw-toothed loss curve as instability: it comes from length-sorted batches.",
     ),
     _k(
