@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 from tunewise.training.host_memory import request_huge_pages
 
@@ -53,7 +54,7 @@ AnswerSetOpt = Annotated[
 ]
 
 
-def _fail(exc: Exception) -> None:
+def _fail(exc: Exception) -> NoReturn:
     err.print(Text.assemble(("error", "bold red"), ": ", str(exc)))
     raise typer.Exit(2)
 
@@ -141,19 +142,39 @@ def plan(
     config: ConfigArg = None,
     set_: SetOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a machine-readable object.")] = False,
+    processes: Annotated[
+        int | None,
+        typer.Option(
+            "--processes",
+            min=1,
+            help="Plan for training in N processes (torchrun --nproc_per_node N, accelerate launch "
+            "--num_processes N). Under a launcher, its count is used. Default: 1.",
+        ),
+    ] = None,
 ) -> None:
     """Resolve everything without training and print the plan: settings and why, steps, memory (the largest
     micro-batch's activations measured with one forward of it), lints."""
+    from tunewise.config.resolve import choose_world_size, probe_hardware
     from tunewise.report import plan_summary, print_plan
     from tunewise.run import prepare
 
-    try:
-        prep = prepare(config, set_ or [])
-    except _user_errors() as exc:
+    def fail(exc: Exception) -> NoReturn:
         if as_json:
             print(json.dumps({"errors": [str(exc)]}))
             raise typer.Exit(2)
         _fail(exc)
+
+    # As `train` reads it, so auto batch keys and step counts match a launched run.
+    try:
+        world_size, why = choose_world_size(os.environ, probe_hardware().device_type, processes)
+    except ValueError as exc:
+        fail(exc)
+    if int(os.environ.get("RANK", "0")) > 0:
+        return  # launched: rank 0 prints the plan, the others would repeat it
+    try:
+        prep = prepare(config, set_ or [], world_size, world_size_reason=why)
+    except _user_errors() as exc:
+        fail(exc)
     if as_json:
         print(json.dumps({**plan_summary(prep), "errors": []}, default=str))
     else:

@@ -131,7 +131,8 @@ def plan_summary(prep: Prepared, measure: bool = True) -> dict:
         "output_dir": cfg.training.output_dir,
         "method": cfg.adapter.method,
         "device": prep.hardware.device_type,
-        "world_size": prep.hardware.world_size,
+        "world_size": prep.hardware.world_size,  # the processes steps and auto batch keys were resolved for
+        "world_size_reason": prep.world_size_reason,
         "format": data.format,
         "train_rows": len(data.train),
         "validation_rows": 0 if data.validation is None else len(data.validation),
@@ -298,8 +299,9 @@ def print_plan(console: Console, prep: Prepared, measure: bool = True) -> None:
         f"model [bold]{escape(str(s['model']))}[/] ({s['total_parameters']:,} parameters) - "
         f"method [bold]{s['method']}[/], "
         f"trainable [bold]{s['trainable_parameters']:,}[/] ({s['trainable_percent']}%) - device {s['device']}"
-        f" x{s['world_size']}"
     )
+    why = f" ({s['world_size_reason']})" if s["world_size_reason"] else ""
+    console.print(f"processes: {s['world_size']}{why}", markup=False)  # what the steps below are counted for
     console.print(
         f"data: {s['train_rows']} train / {s['validation_rows']} validation rows ({s['format']}), "
         f"{s['train_tokens']:,} train tokens, {s['mean_tokens_per_example']} per example; "

@@ -105,6 +105,7 @@ class Prepared:
     user_config: TunewiseConfig  # as the user wrote it, before resolution
     pretrained_dtype: str | None = None
     notes: list[str] = field(default_factory=list)
+    world_size_reason: str = ""  # why hardware.world_size processes: the launcher's, or `plan --processes`
 
     @property
     def config(self) -> TunewiseConfig:
@@ -197,6 +198,7 @@ def prepare(
     config: str | Path | dict | TunewiseConfig | None,
     overrides: list[str] | tuple[str, ...] = (),
     world_size: int = 1,
+    world_size_reason: str = "",
 ) -> Prepared:
     cfg = load_config(config, list(overrides))
     hardware = probe_hardware(world_size)
@@ -225,6 +227,7 @@ def prepare(
         config_overrides,
         cfg,
         pretrained,
+        world_size_reason=world_size_reason,
     )
 
 
@@ -418,7 +421,9 @@ def train(
     AcceleratorState._reset_state(reset_partial_state=True)
     cpu = probe_hardware().device_type == "cpu"
     host_notes = set_host_memory() if cpu else []  # before the model loads (training/host_memory.py)
-    prep = prepare(config, overrides, world_size=PartialState(cpu=cpu).num_processes)
+    processes = PartialState(cpu=cpu).num_processes
+    why = "accelerate's count, from the launcher" if processes > 1 else "not started by a launcher"
+    prep = prepare(config, overrides, world_size=processes, world_size_reason=why)
     prep.notes.extend(host_notes)
     cfg, t = prep.config, prep.config.training
     mixed = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[t.precision]

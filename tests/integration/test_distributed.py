@@ -177,6 +177,27 @@ def test_two_processes_with_a_token_budget_follow_one_process(
     assert saved == list(range(1, TOTAL_STEPS + 1))
 
 
+def test_plan_under_torchrun_resolves_what_train_runs_there(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """`tunewise plan` launched as `train` is reads the launcher's process count (rank 0 prints): auto batch keys
+    and steps as `train` resolves them under those 2 processes, not for one."""
+    auto = {
+        "per_device_train_batch_size": "auto",
+        "gradient_accumulation_steps": "auto",
+        "effective_batch_size": 8,
+    }
+    config = write_config(tmp_path, tiny_model_dir, per_device_batch=2, name="run", training=auto)
+    launch(["-m", "tunewise.cli", "plan", str(config), "--json"], tmp_path / "logs")
+    plan = json.loads(rank_output(tmp_path / "logs", 0))
+    assert rank_output(tmp_path / "logs", 1) == ""
+    trained = tunewise.run.prepare(config, world_size=2)  # as train, with PartialState's 2 processes
+    keys = ("per_device_train_batch_size", "gradient_accumulation_steps", "total_steps", "warmup_steps")
+    assert {k: plan["choices"][f"training.{k}"]["value"] for k in keys} == {
+        k: trained.resolution.choices[f"training.{k}"].value for k in keys
+    }
+    assert plan["world_size"] == 2 and plan["total_steps"] == TOTAL_STEPS
+    assert plan["choices"]["training.gradient_accumulation_steps"]["value"] == 1  # 8 = 4 x 1 x 2 processes
+
+
 def _agree_on_flags(rank: int, port: int, out: str) -> None:
     """One of two gloo processes: each raises other flags; both must read the same answers."""
     AcceleratorState._reset_state(reset_partial_state=True)  # forked from a process that may hold one

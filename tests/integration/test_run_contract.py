@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 import tunewise
 from tunewise.cli import app
 from tunewise.config.problems import ConfigError
-from tunewise.run import train
+from tunewise.run import prepare, train
 
 QUIET = Console(file=io.StringIO(), width=120)
 
@@ -278,6 +278,53 @@ def test_cli_plan_warns_when_the_largest_micro_batch_will_not_fit(
         "the plan ran out of memory measuring the largest micro-batch's forward (CUDA out of memory. Tried to "
         "allocate 9.00 GiB.)"
     )
+
+
+AUTO_BATCH = {
+    "per_device_train_batch_size": "auto",
+    "gradient_accumulation_steps": "auto",
+    "effective_batch_size": 16,
+}
+
+
+@pytest.mark.parametrize("launch", ["torchrun", "--processes"])
+@pytest.mark.parametrize("batch", [AUTO_BATCH, {}], ids=["auto", "8x1"])
+def test_cli_plan_resolves_for_the_processes_train_would_run(
+    tiny_config: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, launch: str, batch: dict
+) -> None:
+    """Auto batch keys and step counts depend on the process count: `plan` under a launcher (WORLD_SIZE, as
+    torchrun sets it) or with --processes must resolve them as `train` does with that many processes (auto: 4 x 2
+    accumulation a process, not 4 x 4; a fixed 8 x 1: 4 steps of 16, not 8 of 8)."""
+    tiny_config["training"].update(max_steps=-1, num_train_epochs=1, warmup_ratio=0.5, **batch)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(tiny_config))
+    if launch == "torchrun":
+        for name, value in {"WORLD_SIZE": "2", "LOCAL_RANK": "0", "RANK": "0"}.items():
+            monkeypatch.setenv(name, value)
+    args = ["plan", str(path), "--json", *(["--processes", "2"] if launch == "--processes" else [])]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+
+    trained = prepare(tiny_config, world_size=2)  # what `train` resolves with PartialState's 2 processes
+    alone = prepare(tiny_config)
+    keys = ("per_device_train_batch_size", "gradient_accumulation_steps", "total_steps", "warmup_steps")
+    resolved = {key: plan["choices"][f"training.{key}"]["value"] for key in keys}
+    assert resolved == {key: trained.resolution.choices[f"training.{key}"].value for key in keys}
+    assert resolved != {key: alone.resolution.choices[f"training.{key}"].value for key in keys}
+    assert plan["total_steps"] == trained.steps.plan.total_steps == 4  # 64 rows / 16 a step
+    assert (
+        plan["world_size"] == 2
+        and ("WORLD_SIZE=2" if launch == "torchrun" else "--processes 2") in (plan["world_size_reason"])
+    )
+    # Another rank of the launch prints nothing; a count the launcher contradicts is an error.
+    if launch == "torchrun":
+        monkeypatch.setenv("RANK", "1")
+        assert CliRunner().invoke(app, ["plan", str(path), "--json"]).stdout == ""
+        monkeypatch.setenv("RANK", "0")
+        refused = CliRunner().invoke(app, ["plan", str(path), "--json", "--processes", "4"])
+        assert refused.exit_code == 2
+        assert "--processes 4, but the launcher started 2" in json.loads(refused.stdout)["errors"][0]
 
 
 def test_cli_plan_says_how_the_steps_were_counted(tiny_config: dict, tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from tunewise.config.resolve import (
     choose_batch,
     choose_learning_rate,
     choose_precision,
+    choose_world_size,
     resolve_static,
     resolve_steps,
 )
@@ -309,3 +310,27 @@ def test_a_config_files_runs_go_to_runs_named_after_it(tmp_path: Path) -> None:
     assert res.config.training.output_dir == "out/here" and "training.output_dir" not in res.choices
     # A dict or no config at all: the schema's default.
     assert resolve_static(load_config({}), CPU).config.training.output_dir == "runs/quickstart"
+
+
+@pytest.mark.parametrize(
+    ("environ", "device", "requested", "expected"),
+    [
+        ({}, "cpu", None, 1),
+        ({}, "cuda", 4, 4),  # `plan --processes 4` outside a launcher
+        ({"WORLD_SIZE": "2", "LOCAL_RANK": "1", "RANK": "1"}, "cuda", None, 2),  # torchrun, accelerate launch
+        ({"WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "cpu", 2, 2),  # the launcher agrees with --processes
+        ({"OMPI_COMM_WORLD_SIZE": "3"}, "cpu", None, 3),  # mpirun: accelerate's MULTI_CPU reads it
+        ({"OMPI_COMM_WORLD_SIZE": "3"}, "cuda", None, 1),  # on a GPU accelerate needs LOCAL_RANK
+        ({"WORLD_SIZE": "2"}, "cuda", None, 1),
+    ],
+)
+def test_world_size_is_read_as_accelerate_reads_it(
+    environ: dict, device: str, requested: int | None, expected: int
+) -> None:
+    value, reason = choose_world_size(environ, device, requested)
+    assert value == expected and reason
+
+
+def test_a_process_count_the_launcher_contradicts_is_an_error() -> None:
+    with pytest.raises(ValueError, match=r"--processes 4, but the launcher started 2 \(WORLD_SIZE=2\)"):
+        choose_world_size({"WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "cuda", 4)

@@ -9,6 +9,7 @@ after the data is built, by `resolve_steps`.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,35 @@ def probe_hardware(world_size: int = 1) -> Hardware:
 
 def _cpu_has_bf16_matmuls() -> bool:
     return cpu_has_bf16_matmuls()  # a seam of its own: the test suite patches this one, not the kernel's
+
+
+# Where accelerate's PartialState, which `tunewise train` asks, finds the process count (accelerate/state.py:
+# _prepare_backend; utils/environment.py: get_cpu_distributed_information): torchrun and `accelerate launch` set
+# WORLD_SIZE and LOCAL_RANK; on CPU it also reads MPI launchers' variables.
+_WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def choose_world_size(
+    environ: Mapping[str, str], device_type: str, requested: int | None = None
+) -> tuple[int, str]:
+    """The processes `tunewise train` would run with, read from `environ` as accelerate reads it, and why: the
+    launcher's count under torchrun or `accelerate launch`; otherwise `requested` (`tunewise plan --processes N`,
+    a launch planned from outside it), else 1. A `requested` count that the launcher contradicts is an error."""
+    names = _WORLD_SIZE_VARIABLES if device_type == "cpu" else ("WORLD_SIZE",)
+    found = [(name, int(environ[name])) for name in names if int(environ.get(name, -1)) >= 0]
+    name, size = found[0] if found else ("WORLD_SIZE", 1)
+    # On a GPU accelerate starts a process group only under LOCAL_RANK; on CPU also for a size above 1.
+    launched = int(environ.get("LOCAL_RANK", -1)) != -1 or (device_type == "cpu" and size > 1)
+    if launched and requested is not None and requested != size:
+        raise ValueError(
+            f"--processes {requested}, but the launcher started {size} ({name}={size}), which train would use: "
+            f"leave out --processes, or launch {requested} processes"
+        )
+    if launched:
+        return size, f"{name}={size}, set by the launcher"
+    if requested is not None:
+        return requested, f"--processes {requested}: a torchrun or accelerate launch of {requested}"
+    return 1, "not started by a launcher; --processes N plans a torchrun or accelerate launch of N"
 
 
 @dataclass(frozen=True)
