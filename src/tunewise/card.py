@@ -57,7 +57,7 @@ def _training(prep: Prepared, summary: dict[str, Any]) -> list[str]:
     loss_on = "every token" if d.train_on_inputs else "completions only"
     return [
         f"- {steps} of {batch}, {took}",
-        f"- {rate}, {t.optim}, weight decay {t.weight_decay:g}, precision {t.precision}",
+        f"- {rate}, {prep.optimizer.label}, weight decay {t.weight_decay:g}, precision {t.precision}",
         f"- max_seq_length {d.max_seq_length}, packing {'on' if d.packing else 'off'}, loss on {loss_on}",
     ]
 

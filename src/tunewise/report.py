@@ -270,7 +270,7 @@ def memory_by_method(prep: Prepared) -> dict[str, dict[str, int]]:
     estimates = estimate(
         prep.model_dir,
         LoraSettings(**{k: getattr(cfg.adapter, k) for k in LoraSettings.__dataclass_fields__}),
-        cfg.training.optim,
+        prep.optimizer.name,  # the one train builds here, which may not be the one named (a fallback)
         method=cfg.adapter.method,
         torch_dtype=str(cfg.model.torch_dtype),
         bits=4 if q.load_in_4bit is True else 8 if q.load_in_8bit else None,
@@ -337,7 +337,7 @@ def print_plan(console: Console, prep: Prepared, measure: bool = True) -> None:
     if prep.config_overrides:
         table.add_row("model config", str(prep.config_overrides), "user", "dropout overrides")
     console.print(table)
-    print_memory(console, s["memory_by_method"], s["method"], prep.config.training.optim)
+    print_memory(console, s["memory_by_method"], s["method"], prep.optimizer.label)
     print_activations(console, s["activations"], s["largest_micro_batch_tokens"])
     for note in s["notes"]:
         console.print(Text.assemble(("note", "yellow"), ": ", note))

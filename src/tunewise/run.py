@@ -74,7 +74,7 @@ from tunewise.training.memory import (
     out_of_memory_advice,
     peak_memory_bytes,
 )
-from tunewise.training.optim import build_optimizer
+from tunewise.training.optim import OptimizerChoice, build_optimizer, choose_optimizer
 from tunewise.training.progress import EvalBars, TrainProgress
 from tunewise.training.resume import (
     GracefulStop,
@@ -103,6 +103,7 @@ class Prepared:
     model_dir: Path
     config_overrides: dict[str, float]
     user_config: TunewiseConfig  # as the user wrote it, before resolution
+    optimizer: OptimizerChoice  # what build_optimizer builds for training.optim here
     pretrained_dtype: str | None = None
     notes: list[str] = field(default_factory=list)
     world_size_reason: str = ""  # why hardware.world_size processes: the launcher's, or `plan --processes`
@@ -205,6 +206,8 @@ def prepare(
     res = resolve_static(cfg, hardware, Path(config) if isinstance(config, str | Path) else None)
     if problem := output_dir_problem(Path(res.config.training.output_dir)):
         raise ConfigError([Problem("training.output_dir", problem)])
+    optimizer = choose_optimizer(res.config.training.optim, hardware.device_type)
+    record_optimizer(res, optimizer)
     model, tokenizer, model_dir, config_overrides = prepare_model(res.config)
     data = prepare_data(res.config, tokenizer)
     if res.config.data.chat_template is not None and data.format != "text":
@@ -226,9 +229,18 @@ def prepare(
         model_dir,
         config_overrides,
         cfg,
+        optimizer,
         pretrained,
         world_size_reason=world_size_reason,
     )
+
+
+def record_optimizer(res: Resolution, choice: OptimizerChoice) -> None:
+    """training.optim as the plan shows it: the optimizer train builds (`auto` where it is not the one named:
+    a fallback), and why."""
+    named = res.config.training.optim
+    source = "auto" if choice.label != named else "user" if "training.optim" in res.user else "default"
+    res.record("training.optim", choice.label, source, "; ".join(choice.notes))
 
 
 def output_dir_problem(path: Path) -> str | None:
@@ -381,7 +393,8 @@ def save_final(prep: Prepared, output_dir: Path) -> None:
 
 def build_optimization(prep: Prepared) -> tuple[torch.optim.Optimizer, Any]:
     t = prep.config.training
-    optimizer, notes = build_optimizer(
+    # Its notes are choose_optimizer's, which prepare recorded as training.optim's reason for the plan.
+    optimizer, _ = build_optimizer(
         prep.model,
         t.optim,
         float(t.learning_rate),
@@ -391,7 +404,6 @@ def build_optimization(prep: Prepared) -> tuple[torch.optim.Optimizer, Any]:
         t.adam_epsilon,
         prep.hardware.device_type,
     )
-    prep.notes += notes
     scheduler = build_scheduler(
         optimizer,
         t.lr_scheduler_type,

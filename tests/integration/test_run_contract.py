@@ -327,6 +327,41 @@ def test_cli_plan_resolves_for_the_processes_train_would_run(
         assert "--processes 4, but the launcher started 2" in json.loads(refused.stdout)["errors"][0]
 
 
+@pytest.mark.parametrize("bnb_runs", [True, False])
+def test_cli_plan_names_the_optimizer_train_builds(
+    tiny_config: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bnb_runs: bool
+) -> None:
+    """paged_adamw_8bit on CPU: paging needs CUDA, so train builds adamw_8bit (or torch's AdamW where bitsandbytes
+    cannot step); the plan names that one and why, counts its state, and train builds the very same."""
+    from tunewise.run import build_optimization
+    from tunewise.training import optim
+
+    monkeypatch.setattr(optim, "_bnb_runs_on", lambda device, bits: bnb_runs)
+    tiny_config["training"]["optim"] = "paged_adamw_8bit"
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(tiny_config))
+    result = CliRunner().invoke(app, ["plan", str(path)], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    built = "adamw_8bit" if bnb_runs else "adamw_torch"
+    row = next(line for line in result.stdout.splitlines() if line.startswith("training.optim"))
+    assert row.split()[1:4] == [built, "auto", "paged_adamw_8bit"]
+    assert f"{built} state" in result.stdout  # the memory table counts its state
+
+    plan = json.loads(CliRunner().invoke(app, ["plan", str(path), "--json"]).stdout)
+    choice = plan["choices"]["training.optim"]
+    assert (choice["value"], choice["source"]) == (built, "auto")
+    assert choice["reason"].startswith(
+        "paged_adamw_8bit pages optimizer state through CUDA unified memory; using adamw_8bit on cpu"
+    )
+    assert (
+        "cannot step a 8-bit optimizer on cpu; using adamw_torch instead" in choice["reason"]
+    ) is not bnb_runs
+    prep = prepare(tiny_config)
+    optimizer, _ = build_optimization(prep)
+    assert type(optimizer).__module__.startswith("bitsandbytes" if bnb_runs else "torch.optim")
+    assert getattr(optimizer, "is_paged", False) is False
+
+
 def test_cli_plan_says_how_the_steps_were_counted(tiny_config: dict, tmp_path: Path) -> None:
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(tiny_config))

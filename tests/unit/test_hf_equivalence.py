@@ -36,7 +36,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from tunewise.training.optim import OPTIMIZER_NAMES, build_optimizer, decay_parameter_names
+from tunewise.training.optim import OPTIMIZER_NAMES, build_optimizer, choose_optimizer, decay_parameter_names
 from tunewise.training.schedule import (
     SCHEDULER_NAMES,
     StepPlan,
@@ -561,6 +561,36 @@ def test_bitsandbytes_fallback_is_announced() -> None:
     )
     assert type(optimizer) is torch.optim.AdamW
     assert "using adamw_8bit on cpu" in notes[0] and "using adamw_torch instead" in notes[1]
+
+
+@pytest.mark.parametrize(
+    ("name", "device", "bnb_runs", "built", "paged"),
+    [
+        ("paged_adamw_8bit", "cuda", True, "paged_adamw_8bit", True),
+        ("paged_adamw_8bit", "cpu", True, "adamw_8bit", False),  # paging needs CUDA unified memory
+        ("paged_adamw_32bit", "cpu", True, "paged_adamw_32bit", False),
+        ("paged_adamw_8bit", "cpu", False, "adamw_torch", False),  # bitsandbytes cannot step here
+        ("adamw_bnb_8bit", "cpu", True, "adamw_bnb_8bit", False),
+        ("sgd", "cpu", False, "sgd", False),
+    ],
+)
+def test_the_optimizer_built_is_the_one_chosen_without_the_model(
+    name: str, device: str, bnb_runs: bool, built: str, paged: bool
+) -> None:
+    """`choose_optimizer` decides from the name, device and bitsandbytes probe alone (so the plan shows it), and
+    `build_optimizer` builds exactly that, with the same notes."""
+    choice = choose_optimizer(name, device, lambda d, b: bnb_runs)
+    assert (choice.name, choice.paged) == (built, paged)
+    assert bool(choice.notes) == (choice.label != name)  # every stand-in says why
+    if device == "cuda":
+        return  # no GPU here to build on
+    optimizer, notes = build_optimizer(
+        optimizer_model(), name, 1e-3, 0.0, 0.9, 0.999, 1e-8, device, bnb_runs_on=lambda d, b: bnb_runs
+    )
+    assert notes == list(choice.notes)
+    expected = {"adamw_torch": "torch.optim.adamw", "sgd": "torch.optim.sgd"}.get(built, "bitsandbytes")
+    assert type(optimizer).__module__.startswith(expected)
+    assert getattr(optimizer, "is_paged", False) is False
 
 
 def test_optimizer_errors_speak() -> None:

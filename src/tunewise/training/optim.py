@@ -10,6 +10,7 @@ import functools
 import re
 import typing
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -43,6 +44,57 @@ def decay_parameter_names(model: nn.Module) -> set[str]:
     }
 
 
+@dataclass(frozen=True)
+class OptimizerChoice:
+    """The optimizer a run builds for an ``optim`` name on a device, and why it differs from the name asked for."""
+
+    name: str  # the HF optim name whose update and state memory the run gets
+    paged: bool = False  # bitsandbytes pages the state through CUDA unified memory
+    kernel: dict[str, Any] = field(default_factory=dict)  # torch AdamW's fused= or foreach=
+    notes: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        """The name as the plan shows it: paged_adamw_32bit off CUDA runs unpaged, and HF has no name for that."""
+        return f"{self.name} (unpaged)" if self.name.startswith("paged_") and not self.paged else self.name
+
+
+def choose_optimizer(
+    name: str, device_type: str, bnb_runs_on: Callable[[str, int], bool] | None = None
+) -> OptimizerChoice:
+    """What `build_optimizer` builds for ``optim=name`` on ``device_type``, decided without the model, so that
+    `tunewise plan` shows it: a CPU stand-in for a CUDA-only optimizer, torch's AdamW where bitsandbytes cannot step
+    (``bnb_runs_on(device_type, bits)``; the default tries one step, tests fake it), the fastest AdamW kernel."""
+    if name not in OPTIMIZER_NAMES:
+        raise ValueError(f"optim={name!r} is not supported; choose one of: {', '.join(OPTIMIZER_NAMES)}")
+    if name == "sgd":
+        return OptimizerChoice(name)
+    if name == "adafactor":
+        return OptimizerChoice(
+            name, notes=("adafactor: adam_beta1, adam_beta2 and adam_epsilon do not apply (as in HF)",)
+        )
+    if name in ("adamw_torch", "adamw_torch_fused"):
+        return _torch_adamw(name, device_type)
+    bits = 8 if "8bit" in name else 32
+    built, notes = name, []
+    if name.startswith("paged_") and device_type != "cuda":
+        built = "adamw_8bit" if bits == 8 else name
+        plain = "adamw_8bit" if bits == 8 else "32-bit bitsandbytes AdamW"
+        notes.append(
+            f"{name} pages optimizer state through CUDA unified memory; using {plain} on {device_type}"
+        )
+    if not (bnb_runs_on or _bnb_runs_on)(device_type, bits):
+        notes.append(
+            f"{name}: the installed bitsandbytes cannot step a {bits}-bit optimizer on {device_type}; "
+            "using adamw_torch instead (32-bit optimizer state)"
+        )
+        fallback = _torch_adamw("adamw_torch", device_type)
+        return OptimizerChoice(fallback.name, kernel=fallback.kernel, notes=(*notes, *fallback.notes))
+    return OptimizerChoice(
+        built, paged=built.startswith("paged_") and device_type == "cuda", notes=tuple(notes)
+    )
+
+
 def build_optimizer(
     model: nn.Module,
     name: str,
@@ -56,25 +108,31 @@ def build_optimizer(
     *,
     bnb_runs_on: Callable[[str, int], bool] | None = None,
 ) -> tuple[torch.optim.Optimizer, list[str]]:
-    """The optimizer HF ``Trainer`` builds for ``optim=name``, over the trainable parameters, and notes.
+    """The optimizer HF ``Trainer`` builds for ``optim=name``, over the trainable parameters, and the notes of
+    `choose_optimizer`, which picks it (``bnb_runs_on`` is its probe).
 
-    Build it after the model is on ``device_type``. ``bnb_runs_on(device_type, bits)`` says whether
-    bitsandbytes can step a ``bits``-bit optimizer there; the default tries one step, tests fake it.
+    Build it after the model is on ``device_type``.
     """
-    if name not in OPTIMIZER_NAMES:
-        raise ValueError(f"optim={name!r} is not supported; choose one of: {', '.join(OPTIMIZER_NAMES)}")
+    choice = choose_optimizer(name, device_type, bnb_runs_on)
     sgd_kwargs = _sgd_kwargs(name, optim_args)
     groups = _param_groups(model, weight_decay)
-    adam = {"lr": learning_rate, "betas": (adam_beta1, adam_beta2), "eps": adam_epsilon}
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=learning_rate, **sgd_kwargs), []
-    if name == "adafactor":
+    adam: dict[str, Any] = {"lr": learning_rate, "betas": (adam_beta1, adam_beta2), "eps": adam_epsilon}
+    notes = list(choice.notes)
+    if choice.name == "sgd":
+        return torch.optim.SGD(groups, lr=learning_rate, **sgd_kwargs), notes
+    if choice.name == "adafactor":
         # HF's _get_adafactor passes only lr and these two flags; Adafactor has its own beta/eps semantics.
-        optimizer = Adafactor(groups, lr=learning_rate, scale_parameter=False, relative_step=False)
-        return optimizer, ["adafactor: adam_beta1, adam_beta2 and adam_epsilon do not apply (as in HF)"]
-    if name in ("adamw_torch", "adamw_torch_fused"):
-        return _torch_adamw(groups, adam, device_type, name)
-    return _bnb_adamw(model, groups, adam, device_type, name, bnb_runs_on or _bnb_runs_on)
+        return Adafactor(groups, lr=learning_rate, scale_parameter=False, relative_step=False), notes
+    if choice.name in ("adamw_torch", "adamw_torch_fused"):
+        return torch.optim.AdamW(groups, **adam, **choice.kernel), notes
+    # bitsandbytes AdamW as HF's _get_bitsandbytes_optimizer, minus paging off CUDA.
+    import bitsandbytes as bnb
+
+    bits = 8 if "8bit" in choice.name else 32
+    optimizer = bnb.optim.AdamW(groups, **adam, optim_bits=bits, is_paged=choice.paged)
+    if bits == 8:
+        _keep_embeddings_in_32bit(model)
+    return optimizer, notes
 
 
 def _sgd_kwargs(name: str, optim_args: dict[str, Any] | None) -> dict[str, Any]:
@@ -115,13 +173,11 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     return [group for group in groups if group["params"]]
 
 
-def _torch_adamw(
-    groups: list[dict[str, Any]], adam: dict[str, Any], device_type: str, name: str
-) -> tuple[torch.optim.Optimizer, list[str]]:
+def _torch_adamw(name: str, device_type: str) -> OptimizerChoice:
     kernel, note = _adamw_kernel(device_type)
     if name == "adamw_torch_fused" and "fused" not in kernel:
         note = f"adamw_torch_fused: torch {torch.__version__} has no fused AdamW on {device_type}; {note}"
-    return torch.optim.AdamW(groups, **adam, **kernel), [note]
+    return OptimizerChoice(name, kernel=kernel, notes=(note,))
 
 
 def _adamw_kernel(device_type: str) -> tuple[dict[str, Any], str]:
@@ -137,39 +193,6 @@ def _adamw_kernel(device_type: str) -> tuple[dict[str, Any], str]:
     if device_type in _get_foreach_kernels_supported_devices():
         return {"foreach": True}, f"AdamW: foreach kernel on {device_type} (no fused kernel there)"
     return {}, f"AdamW: per-tensor loop on {device_type} (no fused or foreach kernel there)"
-
-
-def _bnb_adamw(
-    model: nn.Module,
-    groups: list[dict[str, Any]],
-    adam: dict[str, Any],
-    device_type: str,
-    name: str,
-    bnb_runs_on: Callable[[str, int], bool],
-) -> tuple[torch.optim.Optimizer, list[str]]:
-    """bitsandbytes AdamW as HF's _get_bitsandbytes_optimizer, minus paging off CUDA."""
-    bits = 8 if "8bit" in name else 32
-    notes = []
-    paged = name.startswith("paged_")
-    if paged and device_type != "cuda":
-        plain = "adamw_8bit" if bits == 8 else "32-bit bitsandbytes AdamW"
-        notes.append(
-            f"{name} pages optimizer state through CUDA unified memory; using {plain} on {device_type}"
-        )
-        paged = False
-    if not bnb_runs_on(device_type, bits):
-        notes.append(
-            f"{name}: the installed bitsandbytes cannot step a {bits}-bit optimizer on {device_type}; "
-            "using adamw_torch instead (32-bit optimizer state)"
-        )
-        optimizer, kernel_notes = _torch_adamw(groups, adam, device_type, "adamw_torch")
-        return optimizer, notes + kernel_notes
-    import bitsandbytes as bnb
-
-    optimizer = bnb.optim.AdamW(groups, **adam, optim_bits=bits, is_paged=paged)
-    if bits == 8:
-        _keep_embeddings_in_32bit(model)
-    return optimizer, notes
 
 
 def _keep_embeddings_in_32bit(model: nn.Module) -> None:
