@@ -37,6 +37,7 @@ PLAN_KEYS = [
     "data.max_seq_length",
     "data.packing",
     "data.pad_to_multiple_of",
+    "evaluation.task_metric",
     "training.seed",
 ]
 

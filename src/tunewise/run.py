@@ -31,15 +31,17 @@ from tunewise.config.resolve import (
     Hardware,
     Resolution,
     StepsResolution,
+    cadence_problems,
     probe_hardware,
     resolve_static,
     resolve_steps,
+    resolve_task_metric,
 )
 from tunewise.config.rules import LOWER_IS_BETTER
 from tunewise.config.schema import TunewiseConfig
 from tunewise.data.build import DataBundle, build_data
 from tunewise.data.tokenize import TokenizeSettings, resolve_chat_template
-from tunewise.eval.metrics import choose_task_metric, eval_loss, generate_answers, score
+from tunewise.eval.metrics import eval_loss, generate_answers, score
 from tunewise.infer.generate import SamplingSettings, prompt_messages, stop_at_end_of_turn
 from tunewise.models.adapters import (
     LoraSettings,
@@ -107,6 +109,8 @@ class Prepared:
     pretrained_dtype: str | None = None
     notes: list[str] = field(default_factory=list)
     world_size_reason: str = ""  # why hardware.world_size processes: the launcher's, or `plan --processes`
+    task_metric: str | None = None
+    """What every evaluation with the task metric computes (resolve_task_metric); None: none."""
 
     @property
     def config(self) -> TunewiseConfig:
@@ -215,6 +219,13 @@ def prepare(
         # conversations as training did, not with the template the model came with.
         tokenizer.chat_template = resolve_chat_template(tokenizer, res.config.data.chat_template)
     steps = resolve_steps(res, len(data.train), world_size)
+    task_metric, problems = None, cadence_problems(res.config, steps)
+    if data.validation_rows is not None:  # without validation rows nothing is evaluated (a lint says so)
+        pairs = validation_prompts(data.validation_rows)
+        task_metric, found = resolve_task_metric(res, None if pairs is None else [ref for _, ref in pairs])
+        problems += found
+    if problems:
+        raise ConfigError(problems)
     trainable, total = count_parameters(model)
     pretrained = json.loads((model_dir / "config.json").read_text()).get("torch_dtype")
     return Prepared(
@@ -232,6 +243,7 @@ def prepare(
         optimizer,
         pretrained,
         world_size_reason=world_size_reason,
+        task_metric=task_metric,
     )
 
 
@@ -241,6 +253,13 @@ def record_optimizer(res: Resolution, choice: OptimizerChoice) -> None:
     named = res.config.training.optim
     source = "auto" if choice.label != named else "user" if "training.optim" in res.user else "default"
     res.record("training.optim", choice.label, source, "; ".join(choice.notes))
+
+
+def validation_prompts(rows: Any) -> list[tuple[list[dict], str]] | None:
+    """Each validation conversation's prompt and reference answer; None for plain text, which has neither."""
+    if "messages" not in rows.column_names:
+        return None
+    return [prompt_messages(m) for m in rows["messages"]]
 
 
 def output_dir_problem(path: Path) -> str | None:
@@ -288,21 +307,17 @@ def evaluate_all(
     batch_size = cfg.training.per_device_eval_batch_size
     with bars.phase("eval loss", "batches") if bars else nullcontext(None) as report:
         metrics = eval_loss(loss_module, prep.data.validation, batch_size, pad, device, report)
-    rows = prep.data.validation_rows
-    if with_task and rows is not None and "messages" in rows.column_names:
-        pairs = [prompt_messages(m) for m in rows["messages"]]
-        references = [ref for _, ref in pairs]
-        metric = choose_task_metric(cfg.evaluation.task_metric, references)
-        if metric:
-            with bars.phase("answers", f"prompts for {metric}") if bars else nullcontext(None) as report:
-                prompts = [p for p, _ in pairs]
-                settings, template = sampling(cfg), cfg.data.chat_template
-                answers = generate_answers(
-                    prep.model, prep.tokenizer, prompts, settings, batch_size, template, report
-                )
-            metrics[metric] = score(metric, answers, references)
-            metrics["_answers"] = answers
-            metrics["_task_metric"] = metric
+    rows, metric = prep.data.validation_rows, prep.task_metric
+    if with_task and metric and rows is not None and (pairs := validation_prompts(rows)):
+        with bars.phase("answers", f"prompts for {metric}") if bars else nullcontext(None) as report:
+            prompts = [p for p, _ in pairs]
+            settings, template = sampling(cfg), cfg.data.chat_template
+            answers = generate_answers(
+                prep.model, prep.tokenizer, prompts, settings, batch_size, template, report
+            )
+        metrics[metric] = score(metric, answers, [ref for _, ref in pairs])
+        metrics["_answers"] = answers
+        metrics["_task_metric"] = metric
     return metrics
 
 

@@ -756,7 +756,7 @@ def test_a_run_that_stops_early_logs_its_last_step_once() -> None:
     def fail_at_6(step: int) -> dict:
         if step == 6:
             raise RuntimeError("a failing evaluation")
-        return {}
+        return {"eval_loss": 1.0}
 
     logged = []
     with pytest.raises(RuntimeError, match="a failing evaluation"):
@@ -966,6 +966,87 @@ def test_task_metric_can_pick_the_best_model(make_config: ConfigMaker) -> None:
     run = train(config)
     assert all("exact_match" in row for row in run.eval_rows)
     assert run.summary["best_step"] in (1, 2)
+
+
+def test_a_best_model_metric_the_run_would_not_compute_is_refused_before_training(
+    make_config: ConfigMaker, tmp_path: Path
+) -> None:
+    """task_metric auto picks json_exact_match for JSON answers (and nothing for plain text): a metric_for_best_model
+    naming the other task metric would never be seen by the loop, so early stopping and the best model would
+    silently do nothing. `prepare` (and so `plan`) refuses it, naming what auto chose and what to set."""
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"n {i}"},
+                {"role": "assistant", "content": json.dumps({"n": i})},
+            ]
+        }
+        for i in range(24)
+    ]
+    json_file = tmp_path / "json.jsonl"
+    json_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    text_file = tmp_path / "text.jsonl"
+    text_file.write_text("".join(json.dumps({"text": f"plain words {i}"}) + "\n" for i in range(24)))
+    training = {
+        "eval_steps": 2,
+        "save_steps": 2,
+        "load_best_model_at_end": True,
+        "early_stopping_patience": 1,
+    }
+
+    def prepare(data_file: Path, metric: str) -> tunewise.run.Prepared:
+        data = {"dataset": str(data_file), "validation_split": 0.25}
+        return tunewise.run.prepare(
+            make_config(
+                data=data,
+                training={**training, "metric_for_best_model": metric},
+                evaluation={"task_metric": "auto"},
+            )
+        )
+
+    with pytest.raises(ConfigError) as refused:
+        prepare(json_file, "exact_match")
+    [problem] = refused.value.problems
+    assert problem.path == "training.metric_for_best_model"
+    assert "task_metric auto chose json_exact_match" in problem.message
+    assert "set metric_for_best_model: json_exact_match" in problem.message
+    with pytest.raises(ConfigError) as refused:
+        prepare(text_file, "exact_match")
+    assert "plain-text data has no prompt to answer" in str(refused.value)
+
+    chosen = prepare(json_file, "json_exact_match")
+    assert chosen.task_metric == "json_exact_match"
+    assert chosen.resolution.choices["evaluation.task_metric"].value == "json_exact_match"
+    assert prepare(text_file, "eval_loss").resolution.choices["evaluation.task_metric"].value == "none"
+
+
+def test_an_evaluation_without_the_best_model_metric_stops_the_run() -> None:
+    """Fix: a metric missing from an evaluation was skipped silently, for every evaluation of the run."""
+    hooks = Hooks(evaluate=lambda step: {"eval_loss": 1.0, "eval_perplexity": math.e})
+    with pytest.raises(
+        ConfigError, match="`exact_match` is not among the metrics of the evaluation after step 1"
+    ):
+        fit_tiny_model(3, hooks, eval_steps=1, metric_for_best_model="exact_match", early_stopping_patience=1)
+
+
+@pytest.mark.parametrize(("eval_steps", "save_steps", "refused"), [(0.3, 0.6, True), (0.25, 0.5, False)])
+def test_load_best_model_checks_fractional_cadences_once_resolved(
+    make_config: ConfigMaker, eval_steps: float, save_steps: float, refused: bool
+) -> None:
+    """0.6 is twice 0.3, but of 7 steps they come to ceil(2.1) = 3 and ceil(4.2) = 5: no checkpoint would have
+    an evaluation, so none could be the best. Of 8 steps, 0.25 and 0.5 come to 2 and 4, which is fine."""
+    training = {"eval_steps": eval_steps, "save_steps": save_steps, "load_best_model_at_end": True}
+    config = make_config(validation=True, training={**training, "max_steps": 7 if refused else 8})
+    if not refused:
+        prep = tunewise.run.prepare(config)
+        assert (prep.steps.eval_steps, prep.steps.save_steps) == (2, 4)
+        return
+    with pytest.raises(ConfigError) as error:
+        tunewise.run.prepare(config)
+    [problem] = error.value.problems
+    assert problem.path == "training.load_best_model_at_end"
+    assert "come to 5 and 3 of the 7 steps" in problem.message
+    assert "e.g. eval_steps: 3 and save_steps: 6" in problem.message
 
 
 # ------------------------------------------------------------------------------------------------- seeds

@@ -3,7 +3,7 @@
 Every automatic choice is a small pure function returning the value and the reason; an explicit
 user value always wins and is recorded as such. Hardware is passed in (`Hardware`) so tests can fake
 it. Step-dependent values (total steps, warmup, cadence) need the dataset size and are resolved
-after the data is built, by `resolve_steps`.
+after the data is built, by `resolve_steps`; the task metric needs the validation answers (`resolve_task_metric`).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from tunewise.config.load import user_set_paths
 from tunewise.config.problems import ConfigError, Problem
 from tunewise.config.rules import LOWER_IS_BETTER
 from tunewise.config.schema import DEFAULT_EFFECTIVE_BATCH_SIZE, TunewiseConfig
+from tunewise.eval.metrics import choose_task_metric
 from tunewise.models.kernels import cpu_has_bf16_matmuls
 from tunewise.training.schedule import StepPlan, compute_step_plan, resolve_interval, resolve_warmup_steps
 
@@ -342,3 +343,58 @@ def resolve_steps(res: Resolution, num_train_examples: int, world_size: int) -> 
     return StepsResolution(
         plan, warmup, intervals["logging_steps"] or 1, intervals["eval_steps"], intervals["save_steps"]
     )
+
+
+def cadence_problems(cfg: TunewiseConfig, steps: StepsResolution) -> list[Problem]:
+    """`load_best_model_at_end` on the resolved cadence: every checkpoint needs an evaluation of its own step.
+
+    Fix (test_resolve.py): the config rule (rules.py) compares the values as written, and fractions that are
+    multiples there (save_steps 0.6, eval_steps 0.3) are each rounded up on their own (of 7 steps: 5 and 3), so
+    no checkpoint had an evaluation and none could be loaded as the best."""
+    t, every, save = cfg.training, steps.eval_steps, steps.save_steps
+    if not t.load_best_model_at_end or every is None or save is None or save % every == 0:
+        return []
+    multiple = -(-save // every) * every
+    message = (
+        f"`save_steps` {t.save_steps} and `eval_steps` {t.eval_steps} come to {save} and {every} of the "
+        f"{steps.plan.total_steps} steps, and {save} is not a multiple of {every}, so no checkpoint would have an "
+        f"evaluation to be the best; give both as step counts, e.g. eval_steps: {every} and save_steps: {multiple}"
+    )
+    return [Problem("training.load_best_model_at_end", message)]
+
+
+def resolve_task_metric(res: Resolution, references: list[str] | None) -> tuple[str | None, list[Problem]]:
+    """The task metric every evaluation computes, chosen once from the validation answers (`references`; None
+    for plain-text data, which has no prompt to answer) and recorded when it was `auto`, with the problem of a
+    metric_for_best_model it does not compute.
+
+    Fix (test_resolve.py): `metric_for_best_model: exact_match` passed the config rules under `task_metric: auto`,
+    auto then chose json_exact_match (or the data was plain text), and the loop never saw the metric: no best
+    checkpoint and no early stopping, silently. A metric the run will not compute is refused here, so `plan` says
+    so too.
+    """
+    requested, wanted = res.config.evaluation.task_metric, res.config.training.metric_for_best_model
+    metric = None if references is None else choose_task_metric(requested, references)
+    if references is None:
+        why = "plain-text data has no prompt to answer"
+    elif metric == "json_exact_match":
+        why = "every validation answer is a JSON object or array"
+    else:
+        why = "the validation answers are not all JSON"
+    if requested == "auto":
+        res.record("evaluation.task_metric", metric or "none", "auto", why)
+    elif metric is None and requested != "none":
+        res.notes.append(f"evaluation.task_metric: {requested} is not computed: {why}")
+    if wanted in LOWER_IS_BETTER or wanted == metric:
+        return metric, []
+    if metric is None:
+        fix = "set metric_for_best_model: eval_loss (or eval_perplexity), or use chat-like data"
+        computed = why
+    else:
+        fix = f"set metric_for_best_model: {metric}, or evaluation.task_metric: {wanted}"
+        computed = f"task_metric {requested} chose {metric} ({why})"
+    message = (
+        f"`{wanted}` is never computed: {computed}, so early stopping and load_best_model_at_end would have no "
+        f"metric to follow; {fix}"
+    )
+    return metric, [Problem("training.metric_for_best_model", message)]

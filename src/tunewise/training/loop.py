@@ -642,7 +642,15 @@ def _evaluate(state: LoopState, settings: LoopSettings, hooks: Hooks) -> None:
     metrics = hooks.evaluate(state.step)
     value = metrics.get(settings.metric_for_best_model)
     if value is None:
-        return
+        # Fix (test_training_semantics.py): a missing metric returned here, which silently turned off early
+        # stopping and the best checkpoint for the whole run; `prepare` refuses such a metric before training.
+        computed = ", ".join(k for k in metrics if not k.startswith("_")) or "nothing"
+        message = (
+            f"`{settings.metric_for_best_model}` is not among the metrics of the evaluation after step "
+            f"{state.step} (it computed {computed}), so early stopping and the best model cannot follow it; "
+            "set metric_for_best_model to one of them"
+        )
+        raise ConfigError([Problem("training.metric_for_best_model", message)])
     # Fix (test_training_semantics.py): as HF, patience (EarlyStoppingCallback) needs an improvement
     # larger than the threshold over the best *before* this evaluation, while the best metric and step
     # (Trainer._determine_best_metric) follow any strict improvement; a NaN is never the best.
