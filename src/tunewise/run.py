@@ -214,7 +214,7 @@ def prepare(
     record_optimizer(res, optimizer)
     model, tokenizer, model_dir, config_overrides = prepare_model(res.config)
     data = prepare_data(res.config, tokenizer)
-    if res.config.data.chat_template is not None and data.format != "text":
+    if res.config.data.chat_template is not None:  # refused for plain text (data/load.py)
         # The run directory's tokenizer (and so a merge of it, vLLM, apply_chat_template) renders
         # conversations as training did, not with the template the model came with.
         tokenizer.chat_template = resolve_chat_template(tokenizer, res.config.data.chat_template)

@@ -200,6 +200,18 @@ def test_system_prompt_is_rejected_for_plain_text() -> None:
         load([{"text": "x"}], system_prompt="Be nice.")
 
 
+def test_a_chat_template_is_rejected_for_plain_text_as_a_system_prompt_is() -> None:
+    """Text rows are tokenised as they are: a chat template there was silently ignored."""
+    with pytest.raises(
+        DataError, match="chat template applies only to chat-like data.*remove data.chat_template"
+    ):
+        load([{"text": "x"}], chat_template="zephyr")
+    with pytest.raises(DataError, match="remove data.system_prompt and data.chat_template"):
+        load([{"text": "x"}], system_prompt="Be nice.", chat_template="zephyr")
+    ds, _ = load([{"prompt": "p", "completion": "c"}], chat_template="zephyr")  # chat-like: fine
+    assert len(ds) == 1
+
+
 def test_json_wrapper_object_and_json_lines_named_json() -> None:
     Path("wrapped.json").write_text(json.dumps({"data": [{"text": "a"}, {"text": "b"}]}))
     write_jsonl("lines.json", [{"text": "c"}, {"text": "d"}])

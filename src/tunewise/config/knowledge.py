@@ -193,7 +193,8 @@ _ENTRIES = [
         why="null: use the tokenizer's template, which matches how the instruct model was trained.",
         interactions="The adapter must be served with the same template it was trained with: the run directory's "
         "tokenizer carries it (tokenizer_config / chat_template.jinja), so `merge`, `generate` and other tools "
-        "that call apply_chat_template use it.",
+        "that call apply_chat_template use it. An error with plain text (format text), as system_prompt is: "
+        "text rows are tokenised as they are.",
         mistakes="Base models have no template; inventing one is fine, but use it again at inference.",
     ),
     _k(

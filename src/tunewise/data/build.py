@@ -66,13 +66,12 @@ def build_data(
     max_eval_samples: int | None = None,
 ) -> DataBundle:
     train_files, validation_files = resolve_files(dataset, validation_file)
-    rows, report = load_records(train_files, format=format, bad_rows=bad_rows, system_prompt=system_prompt)
+    chat = {"system_prompt": system_prompt, "chat_template": settings.chat_template}  # refused for plain text
+    rows, report = load_records(train_files, format=format, bad_rows=bad_rows, **chat)
     if validation_files and validation_split:
         raise DataError("data: set validation_file (or a built-in dataset) or validation_split, not both")
     if validation_files:
-        val_rows, _ = load_records(
-            validation_files, format=format, bad_rows=bad_rows, system_prompt=system_prompt
-        )
+        val_rows, _ = load_records(validation_files, format=format, bad_rows=bad_rows, **chat)
     else:
         rows, val_rows = split_train_validation(rows, validation_split, data_seed)
     if val_rows is not None and max_eval_samples:

@@ -331,7 +331,13 @@ def inspect_target(
     cfg = resolve_static(cfg, probe_hardware()).config  # an `auto` batch size becomes a number
     d, t = cfg.data, cfg.training
     files, _ = resolve_files(d.dataset, None)
-    rows, report = load_records(files, format=d.format, bad_rows=d.bad_rows, system_prompt=d.system_prompt)
+    rows, report = load_records(
+        files,
+        format=d.format,
+        bad_rows=d.bad_rows,
+        system_prompt=d.system_prompt,
+        chat_template=d.chat_template,
+    )
     tokenizer = load_tokenizer(
         materialize(resolve_source(cfg.model.model_name_or_path)), cfg.model.trust_remote_code
     )

@@ -121,17 +121,19 @@ def load_records(
     format: str = "auto",
     bad_rows: str = "error",
     system_prompt: str | None = None,
+    chat_template: str | None = None,
     cache_dir: str | Path | None = None,
 ) -> tuple[datasets.Dataset, LoadReport]:
     """Read files (JSONL, JSON, CSV, Parquet, save_to_disk folders) or in-memory rows into one normalised dataset.
 
     `bad_rows="error"` raises one `DataError` listing the first problems; `"skip"` drops bad rows and counts them
     in the report. A missing or empty file, or one without a single valid row, is an error either way.
-    `cache_dir` defaults to the `datasets` cache.
+    `chat_template` only shapes tokenisation (data/tokenize.py); here, like `system_prompt`, it is refused for
+    plain text. `cache_dir` defaults to the `datasets` cache.
     """
     _check_options(format, bad_rows)
     plan = [(item, _input_format(item, format)) for item in _inputs(sources)]
-    kind = _output_kind(plan, system_prompt)
+    kind = _output_kind(plan, system_prompt, chat_template)
     scan = _Scan(bad_rows)
 
     def generate() -> Iterator[dict[str, Any]]:
@@ -271,7 +273,7 @@ def _fits_a_format(columns: Iterable[str]) -> bool:
     return any(present.issuperset(required) for required in FORMATS.values())
 
 
-def _output_kind(plan: list[tuple[_Input, str]], system_prompt: str | None) -> str:
+def _output_kind(plan: list[tuple[_Input, str]], system_prompt: str | None, chat_template: str | None) -> str:
     kinds = {"text" if fmt == "text" else "messages" for _, fmt in plan}
     if len(kinds) > 1:
         found = ", ".join(f"{item.name} is {fmt}" for item, fmt in plan)
@@ -280,10 +282,19 @@ def _output_kind(plan: list[tuple[_Input, str]], system_prompt: str | None) -> s
             "Load them separately, or convert the text rows to a chat-like format."
         )
     kind = kinds.pop()
-    if kind == "text" and system_prompt is not None:
+    # Fix (test_data_load.py): a chat template on plain text was ignored without a word (text rows are
+    # tokenised as they are), while a system prompt there was an error; both are refused alike now.
+    chat_only = [
+        name
+        for name, value in (("system prompt", system_prompt), ("chat template", chat_template))
+        if value is not None
+    ]
+    if kind == "text" and chat_only:
+        keys = " and ".join(f"data.{name.replace(' ', '_')}" for name in chat_only)
+        verb = "applies" if len(chat_only) == 1 else "apply"
         raise DataError(
-            "A system prompt applies only to chat-like data, but this data is plain text (format text); "
-            "remove the system prompt or use a chat-like format."
+            f"A {' and a '.join(chat_only)} {verb} only to chat-like data, but this data is plain text (format "
+            f"text), tokenised as it is; remove {keys} or use a chat-like format."
         )
     return kind
 
