@@ -299,7 +299,8 @@ def evaluate_all(
     with_task: bool,
     bars: EvalBars | None = None,
 ) -> dict:
-    """eval_loss, eval_perplexity and (with_task) the task metric and the answers given; `bars` shows each."""
+    """eval_loss, eval_perplexity and (with_task) the task metric and the answers given, or without a task metric
+    the answers to the sample prompts alone; `bars` shows each."""
     cfg = prep.config
     if prep.data.validation is None:
         return {}
@@ -308,16 +309,23 @@ def evaluate_all(
     with bars.phase("eval loss", "batches") if bars else nullcontext(None) as report:
         metrics = eval_loss(loss_module, prep.data.validation, batch_size, pad, device, report)
     rows, metric = prep.data.validation_rows, prep.task_metric
-    if with_task and metric and rows is not None and (pairs := validation_prompts(rows)):
-        with bars.phase("answers", f"prompts for {metric}") if bars else nullcontext(None) as report:
+    pairs = validation_prompts(rows) if with_task and rows is not None else None
+    # Fix (test_run_contract.py): the sample answers came only from the task metric's, so `task_metric: none`
+    # showed no samples; they are generation alone, so without a metric just the samples' prompts are answered.
+    if pairs and not metric:
+        pairs = pairs[: cfg.evaluation.num_sample_prompts]
+    if pairs:
+        what = f"prompts for {metric}" if metric else "sample prompts"
+        with bars.phase("answers", what) if bars else nullcontext(None) as report:
             prompts = [p for p, _ in pairs]
             settings, template = sampling(cfg), cfg.data.chat_template
             answers = generate_answers(
                 prep.model, prep.tokenizer, prompts, settings, batch_size, template, report
             )
-        metrics[metric] = score(metric, answers, [ref for _, ref in pairs])
         metrics["_answers"] = answers
-        metrics["_task_metric"] = metric
+        if metric:
+            metrics[metric] = score(metric, answers, [ref for _, ref in pairs])
+            metrics["_task_metric"] = metric
     return metrics
 
 
@@ -664,7 +672,9 @@ def _public(metrics: dict) -> dict:
 @torch.compiler.set_stance("force_eager")
 def _samples(prep: Prepared, before: dict, after: dict, n: int) -> list[dict]:
     rows = prep.data.validation_rows
-    if not n or rows is None or "_answers" not in after or "messages" not in rows.column_names:
+    if not n or rows is None or "messages" not in rows.column_names:
+        return []
+    if "_answers" not in before or "_answers" not in after:  # a resume of a checkpoint saved without them
         return []
     out = []
     for i, messages in enumerate(rows.select(range(min(n, len(rows))))["messages"]):

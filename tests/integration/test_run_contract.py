@@ -74,6 +74,19 @@ def test_run_directory_contract(trained: tuple[dict, dict]) -> None:
     assert "host memory: glibc malloc keeps freed blocks for reuse" in printed  # a CPU run on glibc
 
 
+def test_sample_answers_come_without_a_task_metric(tiny_config: dict) -> None:
+    """Samples are generation alone: `task_metric: none` answers the num_sample_prompts prompts (and only those)
+    before and after training, where it showed no samples at all."""
+    tiny_config["training"]["max_steps"] = 2
+    tiny_config["evaluation"] |= {"task_metric": "none", "num_sample_prompts": 2}
+    summary = train(tiny_config, console=QUIET)
+    assert summary["task_metric"] is None and set(summary["eval_after"]) == {"eval_loss", "eval_perplexity"}
+    validation = Path(tiny_config["data"]["validation_file"]).read_text().splitlines()[:2]
+    references = [json.loads(line)["messages"][-1]["content"] for line in validation]
+    assert [s["reference"] for s in summary["samples"]] == references
+    assert all(isinstance(s["before"], str) and isinstance(s["after"], str) for s in summary["samples"])
+
+
 def test_the_run_directory_has_a_model_card_of_its_own_numbers(trained: tuple[dict, dict]) -> None:
     config, summary = trained
     out = Path(config["training"]["output_dir"])

@@ -966,6 +966,8 @@ _ENTRIES = [
         "change is visible and not only a number.",
         hf="tunewise",
         why="3: enough to see a difference, short enough to read.",
+        interactions="The answers are the task metric's; with task_metric none only these prompts are answered. "
+        "Plain-text data has no prompts, so no samples.",
     ),
 ]
 
