@@ -11,6 +11,7 @@ from rich.text import Text
 
 from tunewise.config.knowledge import KNOWLEDGE, explain_all, explain_key
 from tunewise.config.schema import SECTIONS, all_keys, field_doc
+from tunewise.eval.metrics import choose_task_metric
 
 
 def plain(shown: RenderableType) -> str:
@@ -85,6 +86,18 @@ def test_entry_is_complete(key: str) -> None:
 )
 def test_required_facts(key: str, field: str, fact: str) -> None:
     assert fact in getattr(KNOWLEDGE[key], field)
+
+
+def test_task_metric_auto_is_explained_as_it_chooses() -> None:
+    """The text said "none for plain files", but a plain chat file gets exact_match (JSON answers json_exact_match);
+    plain-text data, with no prompt to answer, gets none (test_training_semantics.py)."""
+    why = KNOWLEDGE["task_metric"].default_why
+    for_json, for_words = (
+        choose_task_metric("auto", ['{"n": 1}']),
+        choose_task_metric("auto", ["plain words"]),
+    )
+    assert f"auto: {for_json} when every validation answer is a JSON object or array" in why
+    assert f"else {for_words}; none for plain-text data" in why
 
 
 @pytest.mark.parametrize(

@@ -946,9 +946,11 @@ _ENTRIES = [
         what="A metric computed by generating answers for the validation prompts: exact_match compares the "
         "generated text with the reference; json_exact_match parses both as JSON and compares the values, so "
         "key order and spacing do not matter (true matches only true, not 1; 1 and 1.0 are one number). auto "
-        "uses the dataset's own metric when it has one.",
+        "chooses from the validation answers, once, before training (the plan shows its choice).",
         hf="tunewise",
-        why="auto: built-in datasets carry their metric; none for plain files.",
+        why="auto: json_exact_match when every validation answer is a JSON object or array (builtin:json_extract), "
+        "else exact_match; none for plain-text data (format text), which has no prompt to answer. Each costs a "
+        "generation pass over the validation prompts before and after training.",
         interactions="metric_for_best_model can name the task metric; max_new_tokens.",
         mistakes="Trusting eval loss alone for a task whose answers must be exact.",
     ),

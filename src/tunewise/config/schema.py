@@ -292,7 +292,7 @@ class GenerationConfig(_Section):
 
 class EvaluationConfig(_Section):
     task_metric: Literal["auto", "exact_match", "json_exact_match", "none"] = "auto"
-    """Task metric computed by generating on the validation prompts; auto picks the dataset's own."""
+    """Task metric computed by generating on the validation prompts; auto picks it from the validation answers."""
     max_eval_samples: int | None = Field(default=None, ge=1)
     """Cap on validation rows used for eval loss and the task metric."""
     num_sample_prompts: int = Field(default=3, ge=0)
