@@ -556,6 +556,31 @@ def test_sampling_settings_ignored_by_greedy() -> None:
     assert checks({"generation": {"temperature": 0}}) == []
 
 
+def test_sampling_settings_ignored_at_temperature_0_even_with_do_sample() -> None:
+    """generate_kwargs decodes greedily at temperature 0 whatever do_sample says, dropping top_p and top_k."""
+    message = (
+        "ignored: `temperature: 0` means greedy decoding (always the most likely token), even with "
+        "`do_sample: true`; set a temperature above 0 to sample"
+    )
+    found = checks({"generation": {"do_sample": True, "temperature": 0, "top_p": 0.5, "top_k": 5}})
+    assert found == [("warning", "generation.top_p", message), ("warning", "generation.top_k", message)]
+    assert checks({"generation": {"do_sample": True, "temperature": 0}}) == []
+    assert checks({"generation": {"do_sample": True, "temperature": 0.5, "top_p": 0.5}}) == []
+
+
+@pytest.mark.parametrize("optim", ["sgd", "adafactor"])
+def test_adam_settings_an_optimizer_does_not_read_are_warned_about(optim: str) -> None:
+    """sgd dropped changed adam_* values without a word; adafactor said so only in `train`, not in the plan."""
+    found = checks({"training": {"optim": optim, "adam_beta2": 0.95, "adam_epsilon": 1e-6}})
+    assert [(severity, path) for severity, path, _ in found] == [
+        ("warning", "training.adam_beta2"),
+        ("warning", "training.adam_epsilon"),
+    ]
+    assert all(message.startswith(f"ignored: `optim: {optim}` does not read it") for *_, message in found)
+    assert checks({"training": {"optim": optim}}) == []
+    assert checks({"training": {"optim": "adamw_torch", "adam_beta2": 0.95}}) == []
+
+
 def test_batch_rules() -> None:
     assert checks({"training": {"per_device_train_batch_size": "auto"}}) == [
         (
