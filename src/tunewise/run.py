@@ -364,6 +364,10 @@ def _kept(line: str, after_step: int, keep_skipped: bool) -> bool:
         row = json.loads(line)
     except ValueError:  # fix (test_crash_safety.py): a line torn by kill -9 made every resume crash here
         return False
+    # The evaluation after training is redone by whatever resumes (it trains on, or only evaluates and writes).
+    # Fix (test_crash_safety.py): kept, each evaluate-only resume added another row for the same step.
+    if row.get("after_training"):
+        return False
     return row.get("step", 0) <= after_step or (keep_skipped and bool(row.get("skipped")))
 
 
@@ -601,7 +605,7 @@ def train(
     if after is None or "_answers" not in after:
         bars = EvalBars(console) if main else None
         after = final_evaluation(prep, loss_module, accelerator, state.step, config, overrides, bars)
-        writer.metrics({"step": state.step, **_public(after)})
+        writer.metrics({"step": state.step, **_public(after), "after_training": True})
     samples = _samples(prep, before, after, cfg.evaluation.num_sample_prompts)
     summary |= {"eval_after": _public(after), "task_metric": after.get("_task_metric"), "samples": samples}
     if main:

@@ -897,6 +897,9 @@ def test_out_of_memory_in_the_evaluation_after_training_resumes_to_evaluate_and_
     assert sizes == []  # no step trained again
     assert summary["total_steps"] == 8 and summary["eval_after"]["eval_loss"] > 0
     assert (out / "adapter_model.safetensors").exists() and (out / "summary.json").exists()
+    # Resumed again, it evaluates again: one evaluation after training stays logged, not one per resume.
+    run.train(str(config_path), ["training.per_device_eval_batch_size=8"], quiet(), resume=True)
+    assert [r["step"] for r in metrics(out) if r.get("after_training")] == [8]
 
 
 def test_an_early_stopped_run_whose_evaluation_after_training_runs_out_of_memory_resumes_without_training(
