@@ -194,7 +194,7 @@ def chat_segments(
     segments: list[tuple[str, bool]] = []
     done = 0
     for i in turns:
-        full = _render(tokenizer, messages[: i + 1], template, gen=False)
+        full = whole if i == turns[-1] else _render(tokenizer, messages[: i + 1], template, gen=False)
         prompt = _prompt(tokenizer, messages, i, template, full)
         if not whole.startswith(prompt) or len(prompt) < done:
             raise TemplateError(
@@ -220,8 +220,13 @@ def _answer(
 ) -> str:
     """The trained text of assistant turn i, from `len(prompt)` on: its rendered answer and end-of-turn marker."""
     start = len(prompt)
-    continued = [*messages[: i + 1], {"role": "user", "content": _USER_SENTINEL}]
-    turn_end = _turn_end(tokenizer, full, _render(tokenizer, continued, template, gen=False), start)
+    # The whole render goes on after any but the last assistant turn: it serves as the continuing render there.
+    if whole != full:
+        going_on = whole
+    else:
+        continued = [*messages[: i + 1], {"role": "user", "content": _USER_SENTINEL}]
+        going_on = _render(tokenizer, continued, template, gen=False)
+    turn_end = _turn_end(tokenizer, full, going_on, start)
     answer = full[start:turn_end].rstrip()
     if whole.startswith(full[:turn_end]) and _holds(answer, messages[i]):
         return answer
