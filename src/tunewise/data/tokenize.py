@@ -288,8 +288,10 @@ def _turn_end(tokenizer: PreTrainedTokenizerBase, full: str, continued: str, sta
     Characters alone can agree into a marker: Phi-3's closing `<|endoftext|>` and the next turn's `<|user|>`
     share `<|`, which would train the closing token. So where `full` is not a prefix of `continued`, the split is
     the first differing token of their texts from `start` (a template boundary, so both tokenise alike there)."""
+    if continued.startswith(full):  # most templates (ChatML, Llama 3): the turn ends where `full` does
+        return len(full)
     shared = _common_prefix(full, continued)
-    if shared == len(full) or not tokenizer.is_fast:
+    if not tokenizer.is_fast:
         return shared
     ours = tokenizer(full[start:], add_special_tokens=False, return_offsets_mapping=True)
     theirs = tokenizer(continued[start:], add_special_tokens=False)["input_ids"]

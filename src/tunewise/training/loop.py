@@ -369,7 +369,12 @@ def fit(
         upcoming = next(windows)
         memory_checked = not settings.memory_check
         if state.evaluation_due and hooks.evaluate:
-            _evaluate_due(accelerator, optimizer, state, settings, hooks)
+            # The evaluation after the restored step ran out of memory: run before the next step, then that step's
+            # checkpoint saved again with what it found (the best step, early stopping).
+            # Fix (test_crash_safety.py): the resume trained on, and the evaluation never counted.
+            _evaluate_step(accelerator, optimizer, state, settings, hooks)
+            if hooks.save:
+                _save(state, hooks)
         last_saved = hooks.clock()
         while state.step < settings.total_steps and state.stop_reason is None:
             epoch, w, example_ids, window = upcoming
@@ -445,15 +450,7 @@ def fit(
             if state.step % settings.logging_steps == 0 or state.step == settings.total_steps:
                 pending.write(hooks)
             if settings.eval_steps and state.step % settings.eval_steps == 0 and hooks.evaluate:
-                after_step = capture_rng_state() if accelerator.num_processes == 1 else None
-                if (
-                    failure := catch_out_of_memory(partial(_evaluate, state, settings, hooks))[1]
-                ) is not None:
-                    state.evaluation_due = (
-                        True  # saved with the step: the resume evaluates it before training on
-                    )
-                    where = f"the evaluation after step {state.step}"
-                    raise _out_of_memory(accelerator, optimizer, state, hooks, after_step, failure, where, 0)
+                _evaluate_step(accelerator, optimizer, state, settings, hooks)
             if state.step >= settings.total_steps and state.stop_reason is None:
                 state.stop_reason = "max_steps" if settings.max_steps_overrides else "epochs"
             # Every process calls this, every step: a signal or the clock can reach the processes a step apart,
@@ -616,25 +613,21 @@ def _refuse_silent_fp32(accelerator: Accelerator) -> None:
         raise ConfigError([Problem("training.precision", message)])
 
 
-def _evaluate_due(
+def _evaluate_step(
     accelerator: Accelerator,
     optimizer: torch.optim.Optimizer,
     state: LoopState,
     settings: LoopSettings,
     hooks: Hooks,
 ) -> None:
-    """The evaluation after the restored step, which ran out of memory before it finished: run now, before the
-    next step, then that step's checkpoint saved again with what it found (the best step, early stopping).
-
-    Fix (test_crash_safety.py): the resume trained on from the next step, so the evaluation never counted
-    towards early stopping or the best checkpoint."""
+    """The evaluation after `state.step`. Should it run out of memory, the step is saved with the random state it
+    ended with and the evaluation marked due, which a resume runs before training on."""
     after_step = capture_rng_state() if accelerator.num_processes == 1 else None
     if (failure := catch_out_of_memory(partial(_evaluate, state, settings, hooks))[1]) is not None:
+        state.evaluation_due = True
         where = f"the evaluation after step {state.step}"
         raise _out_of_memory(accelerator, optimizer, state, hooks, after_step, failure, where, 0)
     state.evaluation_due = False
-    if hooks.save:
-        _save(state, hooks)
 
 
 def _evaluate(state: LoopState, settings: LoopSettings, hooks: Hooks) -> None:

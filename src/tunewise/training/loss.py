@@ -20,6 +20,8 @@ head 20% faster a row in isolation, and a step's logits blocks recur in size: do
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -232,6 +234,19 @@ def is_causal(model: Any) -> bool:
     return all(getattr(m, "is_causal", True) is not False for m in model.modules())
 
 
+@contextmanager
+def _probing(model: Any) -> Iterator[None]:
+    """A measuring forward: eval mode (no dropout, so two runs see one network), no gradient, eager (compiled
+    layers would otherwise compile a variant for these few tokens); the mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+            yield
+    finally:
+        model.train(was_training)
+
+
 def head_is_plain(model: Any, input_ids: torch.Tensor) -> bool:
     """Whether the model's logits are exactly its output embeddings applied to its decoder's last hidden state,
     measured on a few tokens (eval mode, no gradient).
@@ -242,16 +257,10 @@ def head_is_plain(model: Any, input_ids: torch.Tensor) -> bool:
     produces (on a tiny Granite: a loss of 0.02 by tunewise's count where the model's own was still 4.4).
     Measuring covers every architecture, including ones written after this code."""
     ids = input_ids[:1, :8]
-    was_training = model.training
-    model.eval()  # no dropout: the two paths must see the same network
-    try:
-        # Eager: compiled layers would otherwise compile a no-gradient variant for these few tokens.
-        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
-            own = model(input_ids=ids, use_cache=False).logits.float()
-            hidden = _decoder(model)(input_ids=ids, use_cache=False).last_hidden_state
-            head = model.get_output_embeddings()(hidden).float()
-    finally:
-        model.train(was_training)
+    with _probing(model):
+        own = model(input_ids=ids, use_cache=False).logits.float()
+        hidden = _decoder(model)(input_ids=ids, use_cache=False).last_hidden_state
+        head = model.get_output_embeddings()(hidden).float()
     plain = own.shape == head.shape and torch.allclose(own, head, rtol=1e-4, atol=1e-5)
     if not plain:
         log.info(
@@ -297,17 +306,12 @@ def packing_leak(model: Any, length: int = 8) -> float:
     firsts = [torch.randint(embeddings.shape[0], (length,), generator=generator).tolist() for _ in range(2)]
     second = torch.randint(embeddings.shape[0], (length,), generator=generator).tolist()
     outputs = []
-    was_training = model.training
-    model.eval()  # no dropout: the two rows must see the same network
-    try:
+    with _probing(model):
         for first in firsts:
             row = collate_packed([{"input_ids": ids, "labels": ids} for ids in (first, second)])
             ids, positions = row["input_ids"].to(embeddings.device), row["position_ids"].to(embeddings.device)
-            with torch.no_grad():
-                hidden = _decoder(model)(**model_inputs(model, ids, position_ids=positions), use_cache=False)
+            hidden = _decoder(model)(**model_inputs(model, ids, position_ids=positions), use_cache=False)
             outputs.append(hidden.last_hidden_state[0, length:].float())
-    finally:
-        model.train(was_training)
     moved, scale = (outputs[0] - outputs[1]).abs().max(), outputs[0].abs().max()
     return float(moved / scale) if scale > 0 else float(moved)
 
